@@ -1,0 +1,110 @@
+"""From a data config to checked, de-duplicated, split records, with one summary line."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smse.config import DataConfig
+from smse.data.breakhis import check_counts, scan_breakhis
+from smse.data.hashing import DuplicateReport, inspect_files, resolve_duplicates
+from smse.data.images import default_cache_dir
+from smse.data.manifest import read_manifest
+from smse.data.records import Record
+from smse.data.splits import apply_fold_file, carve_validation, check_split, read_fold_file, seeded_split
+from smse.errors import DataError, ImageError
+
+
+@dataclass
+class LoadedData:
+    """Records ready for training, and what happened on the way."""
+
+    records: list[Record]
+    hashes: dict[str, str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: DuplicateReport = field(default_factory=DuplicateReport)
+    counts_note: str = ""
+    sizes: Counter = field(default_factory=Counter)
+
+    def summary_line(self) -> str:
+        by_label = Counter(r.label for r in self.records)
+        by_mag = Counter(r.magnification for r in self.records)
+        patients = len({r.patient for r in self.records})
+        parts = [f"{len(self.records)} images, {patients} patients",
+                 ", ".join(f"{k} {v}" for k, v in sorted(by_label.items())),
+                 ", ".join(f"{m}X {n}" if m else f"unknown {n}" for m, n in sorted(by_mag.items()))]
+        if self.counts_note:
+            parts.append(self.counts_note)
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} bad file(s) skipped")
+        if self.duplicates.groups:
+            parts.append(self.duplicates.summary())
+        return "; ".join(parts)
+
+
+def cache_dir_of(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+
+
+def scan(cfg: DataConfig) -> tuple[list[Record], list[tuple[str, str]], str]:
+    """Records as found on disk (no checks of image bytes); returns records, skipped, counts note."""
+    root = Path(cfg.root)
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = "manifest" if root.suffix.lower() == ".csv" else "breakhis"
+    if fmt == "manifest":
+        records, skipped = read_manifest(root, cfg.skip_bad)
+        if cfg.magnifications:
+            records = [r for r in records if r.magnification in cfg.magnifications]
+        return records, skipped, ""
+    records, skipped = scan_breakhis(root, cfg.magnifications, cfg.skip_bad)
+    return records, skipped, check_counts(records)
+
+
+def load_data(cfg: DataConfig, split: bool = True) -> LoadedData:
+    """Scan, verify every image once (cached), resolve duplicates, and assign a leak-free split.
+
+    Raises:
+        ImageError: for the first unreadable image, unless ``cfg.skip_bad``.
+        LeakageError: when the split puts a patient or an identical image on both sides.
+    """
+    records, skipped, note = scan(cfg)
+    infos = inspect_files([r.path for r in records], cache_dir_of(cfg))
+    good = []
+    for r in records:
+        error = infos[r.path].error
+        if error is None:
+            good.append(r)
+        elif cfg.skip_bad:
+            skipped.append((r.path, error))
+        else:
+            raise ImageError(r.path, error + " (set data.skip_bad=true to skip bad files)")
+    if not good:
+        raise DataError(f"{cfg.root}: no readable images")
+    hashes = {r.path: infos[r.path].sha1 for r in good}
+    kept, report = resolve_duplicates(good, hashes, cfg.duplicates)
+    sizes = Counter(f"{infos[r.path].width}x{infos[r.path].height} {infos[r.path].mode}" for r in good)
+    data = LoadedData(kept, hashes, skipped, report, note, sizes)
+    if split:
+        data.records = assign_split(kept, cfg)
+        check_split(data.records, hashes)
+    return data
+
+
+def assign_split(records: list[Record], cfg: DataConfig) -> list[Record]:
+    """Apply ``cfg.split``: seeded patient split, official fold file, or the manifest's own column."""
+    s = cfg.split
+    if s.method == "seeded":
+        return seeded_split(records, s.test_fraction, s.val_fraction, s.seed)
+    if s.method == "fold-file":
+        mapped = apply_fold_file(records, read_fold_file(s.fold_file, s.fold))
+        if not mapped:
+            raise DataError(f"{s.fold_file}: lists none of the {len(records)} images found under {cfg.root}")
+        return carve_validation(mapped, s.val_fraction, s.seed)
+    missing = [r.path for r in records if r.split is None]
+    if missing:
+        raise DataError(f"{missing[0]}: data.split.method is manifest but this row has no split")
+    if any(r.split == "val" for r in records):
+        return list(records)
+    return carve_validation(records, s.val_fraction, s.seed)

@@ -1,0 +1,71 @@
+"""The one record type every loader produces, and the label maps of the two tasks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterable, Sequence
+
+MAGNIFICATIONS = (40, 100, 200, 400)
+UNKNOWN_MAGNIFICATION = 0
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image and what is known of it.
+
+    Attributes:
+        path: absolute path of the image file.
+        label: class name (``benign`` / ``malignant`` on BreakHis, any name in a manifest).
+        tumor_type: finer type code (``A``, ``DC``, ...); equal to ``label`` where there is none.
+        patient: patient (slide) identifier; splits never divide a patient.
+        magnification: total magnification (40, 100, ...), 0 where unknown.
+        split: ``train`` / ``val`` / ``test`` where a split is assigned.
+    """
+
+    path: str
+    label: str
+    tumor_type: str
+    patient: str
+    magnification: int = UNKNOWN_MAGNIFICATION
+    split: str | None = None
+
+    def with_split(self, split: str | None) -> "Record":
+        return replace(self, split=split)
+
+    def target_name(self, task: str) -> str:
+        """The class name of this record for ``task`` (``binary`` or ``type``)."""
+        return self.tumor_type if task == "type" else self.label
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """Ordered class names of one task; index = position."""
+
+    task: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_records(cls, records: Iterable[Record], task: str = "binary") -> "ClassMap":
+        return cls(task, tuple(sorted({r.target_name(task) for r in records})))
+
+    def index(self, record: Record) -> int:
+        return self.names.index(record.target_name(self.task))
+
+    def targets(self, records: Sequence[Record]) -> list[int]:
+        lookup = {name: i for i, name in enumerate(self.names)}
+        return [lookup[r.target_name(self.task)] for r in records]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassMap":
+        return cls(d["task"], tuple(d["names"]))
+
+
+def with_splits(records: Sequence[Record], split_of_patient: dict[str, str]) -> list[Record]:
+    """Return records with ``split`` set from a patient -> split mapping."""
+    return [r.with_split(split_of_patient[r.patient]) for r in records]

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny BreakHis-layout trees built on the fly, and the real sample when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from smse.data.breakhis import CLASS_FOLDERS, TYPE_CLASS, TYPE_FOLDERS
+
+SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "breakhis-sample"
+
+
+def breakhis_path(root: Path, ttype: str, slide: str, mag: int, seq: int, year: str = "14") -> Path:
+    cls = TYPE_CLASS[ttype]
+    folder = root / "BreaKHis_v1" / "histology_slides" / "breast" / CLASS_FOLDERS[cls] / "SOB" / TYPE_FOLDERS[ttype]
+    return folder / f"SOB_{cls}_{ttype}_{year}-{slide}" / f"{mag}X" / f"SOB_{cls}_{ttype}-{year}-{slide}-{mag}-{seq:03d}.png"
+
+
+def write_png(path: Path, seed: int, size: tuple[int, int] = (35, 23), mode: str = "RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr, "RGB").convert(mode).save(path)
+    return path
+
+
+def make_tree(root: Path, slides: dict[tuple[str, str], int], mags=(40, 100, 200, 400)) -> list[Path]:
+    """``slides``: (type, slide id) -> images per magnification. Returns the written paths."""
+    paths = []
+    seed = 0
+    for (ttype, slide), n in slides.items():
+        for mag in mags:
+            for seq in range(1, n + 1):
+                seed += 1
+                paths.append(write_png(breakhis_path(root, ttype, slide, mag, seq), seed))
+    return paths
+
+
+TINY = {("A", "22549AB"): 2, ("A", "22549CD"): 2, ("F", "9133"): 2, ("F", "21998CD"): 2,
+        ("DC", "16184"): 2, ("DC", "16184CD"): 2, ("LC", "12204"): 2, ("PC", "190EF"): 2}  # 190EF is filed under year 15 in the archive; here 14
+
+
+@pytest.fixture
+def tiny_tree(tmp_path: Path) -> Path:
+    make_tree(tmp_path / "data", TINY)
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def sample_root() -> Path:
+    if not (SAMPLE / "BreaKHis_v1").is_dir():
+        pytest.skip(f"the real BreakHis sample is not at {SAMPLE} (only present beside the project's own checkout)")
+    return SAMPLE
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SMSE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
