@@ -49,6 +49,43 @@ def data_summary(
     typer.echo(f"wrote {target}")
 
 
+def _size(text: str) -> tuple[int, int]:
+    from smse.errors import ConfigError
+
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size: expected WIDTHxHEIGHT such as 192x128, got {text!r}") from None
+    return w, h
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(Path("smse-demo/data"), "--out", help="Output folder (BreaKHis_v1/... is written inside)."),
+    patients: int = typer.Option(32, help="Number of patients (one virtual slide each)."),
+    seed: int = typer.Option(0, help="Random seed; the output depends only on the arguments."),
+    size: str = typer.Option("192x128", help="Image size WIDTHxHEIGHT."),
+    images_per_mag: int = typer.Option(12, help="Images per patient and magnification."),
+    proportions: Optional[str] = typer.Option(None, help="breakhis (default), balanced, or A=1,F=2,... per type."),
+    workers: Optional[int] = typer.Option(None, help="Processes (default: all cores)."),
+    preview_path: Optional[Path] = typer.Option(None, "--preview", help="Only write a contact sheet PNG here."),
+) -> None:
+    """Generate the synthetic BreakHis-shaped H&E dataset (or, with --preview, a contact sheet)."""
+    import time
+
+    from smse.synth import generate, preview
+
+    wh = _size(size)
+    if preview_path is not None:
+        typer.echo(f"wrote {preview(preview_path, seed=seed, size=wh)}")
+        return
+    start = time.perf_counter()
+    root = generate(out, patients=patients, seed=seed, size=wh, images_per_mag=images_per_mag,
+                    proportions=proportions, workers=workers)
+    n = patients * images_per_mag * 4
+    typer.echo(f"wrote {n} images of {patients} patients under {root} in {time.perf_counter() - start:.1f} s")
+
+
 def main() -> None:
     """Entry point: run the app, turning project errors into one clear line and exit code 2."""
     try:
