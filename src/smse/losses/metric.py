@@ -1,0 +1,155 @@
+"""Pair (contrastive) and triplet losses on embeddings, with in-batch mining across magnifications.
+
+Mining rules: a positive has the anchor's class and, with ``cross_magnification``, another
+magnification (and, with ``same_patient``, the anchor's patient); a negative has another class,
+at any magnification. Strategies: ``all`` valid tuples, ``semihard`` (negatives farther than the
+positive but within the margin), ``hard`` (per anchor, the farthest positive and nearest negative).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from smse.errors import ConfigError
+
+Tuples = tuple[torch.Tensor, ...]
+
+
+def squared_distances(emb: torch.Tensor) -> torch.Tensor:
+    """Pairwise squared Euclidean distances, exact on the diagonal and never negative."""
+    sq = (emb * emb).sum(dim=1)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * emb @ emb.T
+    d2 = d2.clamp_min(0.0)
+    return d2 * (1.0 - torch.eye(len(emb), dtype=emb.dtype, device=emb.device))
+
+
+def positive_mask(labels: torch.Tensor, mags: torch.Tensor | None, patients: torch.Tensor | None,
+                  cross_magnification: bool, same_patient: bool) -> torch.Tensor:
+    """[i, j] is True where j is a valid positive for anchor i."""
+    n = len(labels)
+    mask = (labels[:, None] == labels[None, :]) & ~torch.eye(n, dtype=torch.bool, device=labels.device)
+    if cross_magnification and mags is not None:
+        mask &= mags[:, None] != mags[None, :]
+    if same_patient and patients is not None:
+        mask &= patients[:, None] == patients[None, :]
+    return mask
+
+
+def mine_triplets(emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | None = None,
+                  patients: torch.Tensor | None = None, strategy: str = "all", margin: float = 1.0,
+                  cross_magnification: bool = True, same_patient: bool = False) -> Tuples:
+    """Indices (a, p, n) of the triplets of a batch chosen by ``strategy``."""
+    with torch.no_grad():
+        pos = positive_mask(labels, mags, patients, cross_magnification, same_patient)
+        neg = labels[:, None] != labels[None, :]
+        if strategy == "hard":
+            d2 = squared_distances(emb.detach())
+            big = torch.finfo(d2.dtype).max
+            hp = torch.where(pos, d2, torch.full_like(d2, -1.0)).argmax(dim=1)
+            hn = torch.where(neg, d2, torch.full_like(d2, big)).argmin(dim=1)
+            ok = pos.any(dim=1) & neg.any(dim=1)
+            a = torch.nonzero(ok).flatten()
+            return a, hp[a], hn[a]
+        valid = pos[:, :, None] & neg[:, None, :]
+        if strategy == "semihard":
+            d2 = squared_distances(emb.detach())
+            dap, dan = d2[:, :, None], d2[:, None, :]
+            valid &= (dan > dap) & (dan < dap + margin)
+        elif strategy != "all":
+            raise ConfigError(f"loss.mining: unknown strategy {strategy!r}")
+        a, p, n = torch.nonzero(valid, as_tuple=True)
+        return a, p, n
+
+
+def mine_pairs(emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | None = None,
+               patients: torch.Tensor | None = None, strategy: str = "all", margin: float = 1.0,
+               cross_magnification: bool = True, same_patient: bool = False) -> Tuples:
+    """Indices (i, j) and same-class flags y of the pairs of a batch chosen by ``strategy``."""
+    with torch.no_grad():
+        pos = positive_mask(labels, mags, patients, cross_magnification, same_patient)
+        neg = labels[:, None] != labels[None, :]
+        if strategy == "hard":
+            d2 = squared_distances(emb.detach())
+            hp = torch.where(pos, d2, torch.full_like(d2, -1.0)).argmax(dim=1)
+            hn = torch.where(neg, d2, torch.full_like(d2, torch.finfo(d2.dtype).max)).argmin(dim=1)
+            ap = torch.nonzero(pos.any(dim=1)).flatten()
+            an = torch.nonzero(neg.any(dim=1)).flatten()
+            i = torch.cat([ap, an])
+            j = torch.cat([hp[ap], hn[an]])
+            y = torch.cat([torch.ones_like(ap), torch.zeros_like(an)])
+            return i, j, y
+        if strategy == "semihard":  # negatives inside the margin (the only ones with a loss)
+            d2 = squared_distances(emb.detach())
+            neg = neg & (d2 < margin * margin)
+        elif strategy != "all":
+            raise ConfigError(f"loss.mining: unknown strategy {strategy!r}")
+        pi, pj = torch.nonzero(torch.triu(pos | pos.T, diagonal=1), as_tuple=True)
+        ni, nj = torch.nonzero(torch.triu(neg, diagonal=1), as_tuple=True)
+        return (torch.cat([pi, ni]), torch.cat([pj, nj]),
+                torch.cat([torch.ones_like(pi), torch.zeros_like(ni)]))
+
+
+class MetricLoss(nn.Module):
+    """Shared plumbing: mine (or take given) tuples, compute the maths, return the mean and the count."""
+
+    miner: Callable[..., Tuples]
+
+    def __init__(self, margin: float = 1.0, strategy: str = "all", cross_magnification: bool = True,
+                 same_patient: bool = False):
+        super().__init__()
+        self.margin = margin
+        self.strategy = strategy
+        self.cross_magnification = cross_magnification
+        self.same_patient = same_patient
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | None = None,
+                patients: torch.Tensor | None = None, tuples: Tuples | None = None) -> tuple[torch.Tensor, int]:
+        if emb.ndim != 2 or len(emb) != len(labels):
+            raise ValueError(f"embeddings {tuple(emb.shape)} and labels {tuple(labels.shape)} do not match")
+        if tuples is None:
+            tuples = type(self).miner(emb, labels, mags, patients, self.strategy, self.margin,
+                                      self.cross_magnification, self.same_patient)
+        if len(tuples[0]) == 0:  # no valid tuple: a zero that keeps the graph
+            return emb.sum() * 0.0, 0
+        return self.compute(emb, *tuples).mean(), len(tuples[0])
+
+    def compute(self, emb: torch.Tensor, *tuples: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TripletLoss(MetricLoss):
+    """max(0, ||f(a) - f(p)||^2 - ||f(a) - f(n)||^2 + m)."""
+
+    miner = staticmethod(mine_triplets)
+
+    def compute(self, emb, a, p, n):
+        dap = (emb[a] - emb[p]).pow(2).sum(dim=1)
+        dan = (emb[a] - emb[n]).pow(2).sum(dim=1)
+        return torch.relu(dap - dan + self.margin)
+
+
+class PairLoss(MetricLoss):
+    """1/2 [y d^2 + (1 - y) max(0, m - d)^2], d = ||f(x1) - f(x2)||."""
+
+    miner = staticmethod(mine_pairs)
+
+    def compute(self, emb, i, j, y):
+        d2 = (emb[i] - emb[j]).pow(2).sum(dim=1)
+        d = torch.sqrt(d2 + 1e-12)  # gradient-safe at d = 0
+        y = y.to(emb.dtype)
+        return 0.5 * (y * d2 + (1 - y) * torch.relu(self.margin - d).pow(2))
+
+
+METRIC_LOSSES: dict[str, type[MetricLoss]] = {"pair": PairLoss, "triplet": TripletLoss}
+
+
+def make_metric_loss(name: str, **kwargs) -> MetricLoss | None:
+    """The metric loss called ``name`` (``none`` gives None)."""
+    if name == "none":
+        return None
+    if name not in METRIC_LOSSES:
+        raise ConfigError(f"loss.metric: unknown metric loss {name!r} (known: none, {', '.join(METRIC_LOSSES)})")
+    return METRIC_LOSSES[name](**kwargs)

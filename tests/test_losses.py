@@ -1,0 +1,215 @@
+"""Reference tests: every loss recomputed by a plain Python loop on tiny tensors, float32 and float64."""
+
+import math
+
+import pytest
+import torch
+
+from smse.losses import Objective, PairLoss, TripletLoss, class_balance, make_classification_loss, mine_pairs, mine_triplets
+from smse.losses.classification import CrossEntropy, FocalLoss, OHEMLoss, ReinforcedFocalLoss
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def batch(dtype, n=7, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n, d, generator=g, dtype=dtype)
+    labels = torch.tensor([0, 0, 1, 1, 0, 1, 1][:n])
+    mags = torch.tensor([40, 100, 40, 200, 40, 40, 400][:n])
+    patients = torch.tensor([1, 1, 2, 2, 3, 4, 2][:n])
+    return emb, labels, mags, patients
+
+
+def sqd(x, y):
+    return sum((float(a) - float(b)) ** 2 for a, b in zip(x, y))
+
+
+def loop_triplets(emb, labels, mags, patients, margin, cross=True, same_patient=False, strategy="all"):
+    out = []
+    n = len(labels)
+    for a in range(n):
+        for p in range(n):
+            if p == a or labels[p] != labels[a]:
+                continue
+            if cross and mags[p] == mags[a]:
+                continue
+            if same_patient and patients[p] != patients[a]:
+                continue
+            for q in range(n):
+                if labels[q] == labels[a]:
+                    continue
+                dap, dan = sqd(emb[a], emb[p]), sqd(emb[a], emb[q])
+                if strategy == "semihard" and not (dap < dan < dap + margin):
+                    continue
+                out.append(max(0.0, dap - dan + margin))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cross, same_patient", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("strategy", ["all", "semihard"])
+def test_triplet_loss_matches_loop(dtype, cross, same_patient, strategy):
+    emb, labels, mags, patients = batch(dtype)
+    loss_fn = TripletLoss(margin=1.0, strategy=strategy, cross_magnification=cross, same_patient=same_patient)
+    loss, count = loss_fn(emb, labels, mags, patients)
+    ref = loop_triplets(emb, labels, mags, patients, 1.0, cross, same_patient, strategy)
+    assert count == len(ref)
+    expected = sum(ref) / len(ref) if ref else 0.0
+    assert math.isclose(float(loss), expected, rel_tol=1e-5 if dtype == torch.float32 else 1e-12, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hard_triplets_are_hardest(dtype):
+    emb, labels, mags, patients = batch(dtype)
+    a, p, n = mine_triplets(emb, labels, mags, patients, "hard")
+    for ai, pi, ni in zip(a.tolist(), p.tolist(), n.tolist()):
+        pos = [j for j in range(7) if j != ai and labels[j] == labels[ai] and mags[j] != mags[ai]]
+        neg = [j for j in range(7) if labels[j] != labels[ai]]
+        assert sqd(emb[ai], emb[pi]) == pytest.approx(max(sqd(emb[ai], emb[j]) for j in pos))
+        assert sqd(emb[ai], emb[ni]) == pytest.approx(min(sqd(emb[ai], emb[j]) for j in neg))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cross", [True, False])
+def test_pair_loss_matches_loop(dtype, cross):
+    emb, labels, mags, patients = batch(dtype)
+    loss, count = PairLoss(margin=1.5, cross_magnification=cross)(emb, labels, mags, patients)
+    ref = []
+    for i in range(7):
+        for j in range(i + 1, 7):
+            d = math.sqrt(sqd(emb[i], emb[j]))
+            if labels[i] == labels[j]:
+                if cross and mags[i] == mags[j]:
+                    continue
+                ref.append(0.5 * d * d)
+            else:
+                ref.append(0.5 * max(0.0, 1.5 - d) ** 2)
+    assert count == len(ref)
+    assert math.isclose(float(loss), sum(ref) / len(ref), rel_tol=1e-5 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_offline_tuples_and_no_valid_tuple(dtype):
+    emb, labels, mags, patients = batch(dtype)
+    a, p, n = torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([2, 0])
+    loss, count = TripletLoss(margin=0.5)(emb, labels, tuples=(a, p, n))
+    ref = [max(0, sqd(emb[0], emb[1]) - sqd(emb[0], emb[2]) + 0.5), max(0, sqd(emb[2], emb[3]) - sqd(emb[2], emb[0]) + 0.5)]
+    assert count == 2 and math.isclose(float(loss), sum(ref) / 2, rel_tol=1e-5)
+    same = torch.zeros(4, dtype=torch.long)
+    emb4 = emb[:4].clone().requires_grad_(True)
+    loss, count = TripletLoss()(emb4, same, mags[:4])
+    assert count == 0 and loss.item() == 0.0
+    loss.backward()
+    assert emb4.grad is not None and float(emb4.grad.abs().sum()) == 0.0
+
+
+def test_pair_loss_gradient_finite_at_zero_distance():
+    emb = torch.zeros(4, 2, requires_grad=True)
+    loss, _ = PairLoss(margin=1.0, cross_magnification=False)(emb, torch.tensor([0, 0, 1, 1]))
+    loss.backward()
+    assert torch.isfinite(emb.grad).all()
+
+
+@pytest.mark.parametrize("loss_cls", [TripletLoss, PairLoss])
+def test_metric_gradient_step_lowers_the_loss(loss_cls):
+    emb = torch.tensor([[0.0, 0.0], [0.8, 0.1], [0.3, 0.0], [0.5, 0.4]], requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1])
+    fn = loss_cls(margin=1.0, cross_magnification=False)
+    before, _ = fn(emb, labels)
+    before.backward()
+    after, _ = fn((emb - 0.05 * emb.grad).detach(), labels)
+    assert float(after) < float(before)
+    # with one class only, every term is a pull: a step brings all points together
+    same = torch.zeros(4, dtype=torch.long)
+    x = emb.detach().clone().requires_grad_(True)
+    PairLoss(cross_magnification=False)(x, same)[0].backward()
+    assert torch.pdist(x - 0.1 * x.grad).sum() < torch.pdist(x).sum()
+
+
+def loop_softmax(row):
+    m = max(row)
+    e = [math.exp(v - m) for v in row]
+    return [v / sum(e) for v in e]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_classification_losses_match_loop(dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 3, generator=g, dtype=dtype)
+    targets = torch.tensor([0, 1, 2, 1, 1, 0])
+    beta = class_balance([10, 30, 5]).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    ps = [loop_softmax(row.tolist())[t] for row, t in zip(logits, targets.tolist())]
+    b = [float(beta[t]) for t in targets.tolist()]
+    cases = {
+        "rfl": (ReinforcedFocalLoss(beta, 2.0, 1.2), [bt * 2.0 * (1 - p) ** 1.2 for bt, p in zip(b, ps)]),
+        "focal": (FocalLoss(beta, 0.25, 2.0), [-bt * 0.25 * (1 - p) ** 2.0 * math.log(p) for bt, p in zip(b, ps)]),
+        "ce": (CrossEntropy(), [-math.log(p) for p in ps]),
+        "balanced-ce": (CrossEntropy(beta * 3), [-3 * bt * math.log(p) for bt, p in zip(b, ps)]),
+    }
+    for name, (fn, ref) in cases.items():
+        assert math.isclose(float(fn(logits, targets)), sum(ref) / len(ref), rel_tol=tol), name
+    ohem = OHEMLoss(keep=0.5)(logits, targets)
+    hardest = sorted((-math.log(p) for p in ps), reverse=True)[:3]
+    assert math.isclose(float(ohem), sum(hardest) / 3, rel_tol=tol)
+
+
+def test_class_balance_binary_matches_the_method():
+    beta = class_balance([2480, 5429])
+    assert beta[0].item() == pytest.approx(5429 / 7909) and beta[1].item() == pytest.approx(2480 / 7909)
+    assert class_balance([5, 5, 10]).tolist() == pytest.approx([0.4, 0.4, 0.2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rfl_properties(dtype):
+    logits = torch.tensor([[2.0, -1.0], [0.1, 0.3], [-3.0, 3.0]], dtype=dtype)
+    targets = torch.tensor([0, 1, 0])
+    p_t = torch.softmax(logits, 1)[torch.arange(3), targets]
+    plain = ReinforcedFocalLoss(None, alpha=1.0, gamma=1.0)
+    assert torch.allclose(plain.per_sample(logits, targets), 1 - p_t)
+    # gamma > 1: the gradient vanishes as p_t -> 1 and stays large for hard samples
+    rfl = ReinforcedFocalLoss(None, alpha=2.0, gamma=1.5)
+    grads = []
+    for margin in (0.0, 2.0, 6.0, 12.0):
+        x = torch.tensor([[margin, 0.0]], dtype=dtype, requires_grad=True)
+        rfl(x, torch.tensor([0])).backward()
+        grads.append(float(x.grad.abs().sum()))
+    assert grads[3] < 1e-6 < grads[0]
+    assert grads == sorted(grads, reverse=True)
+    hard = torch.tensor([[-6.0, 0.0]], dtype=dtype, requires_grad=True)
+    rfl(hard, torch.tensor([0])).backward()
+    assert float(hard.grad.abs().sum()) > 1e-3
+
+
+def test_make_classification_loss_and_objective_parts():
+    cls = make_classification_loss("rfl", [30, 70], alpha=2.0, gamma=1.2)
+    assert torch.allclose(cls.beta, torch.tensor([0.7, 0.3]))
+    assert make_classification_loss("rfl", [30, 70], balance=False).beta.numel() == 0
+    emb, labels, mags, patients = batch(torch.float32)
+    logits = torch.randn(7, 2)
+    obj = Objective(cls, TripletLoss(), classification_weight=0.5, metric_weight=2.0)
+    parts = obj(emb, logits, labels, mags, patients)
+    assert set(parts) == {"classification", "metric", "tuples", "total"}
+    assert torch.isclose(parts["total"], 0.5 * parts["classification"] + 2.0 * parts["metric"])
+    only_first = obj(emb, logits, labels, mags, patients, classify=torch.tensor([0, 1]))
+    assert torch.isclose(only_first["classification"], cls(logits[:2], labels[:2]))
+    from smse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loss.classification"):
+        make_classification_loss("hinge", [1, 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triplet_agrees_with_pytorch_metric_learning(dtype):
+    pml = pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.losses import TripletMarginLoss
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    emb, labels, mags, patients = batch(dtype)
+    a, p, n = mine_triplets(emb, labels, mags, cross_magnification=False)
+    theirs = TripletMarginLoss(margin=1.0, distance=LpDistance(normalize_embeddings=False, power=2),
+                               reducer=MeanReducer())(emb, labels, indices_tuple=(a, p, n))
+    ours, _ = TripletLoss(margin=1.0, cross_magnification=False)(emb, labels)
+    assert torch.isclose(ours, theirs.to(dtype), rtol=1e-5)
+    assert pml is not None
