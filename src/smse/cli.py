@@ -1,4 +1,4 @@
-"""The ``smse`` command line."""
+"""smse: magnification-independent histopathology classification with similarity-based multi-scale embeddings."""
 
 from __future__ import annotations
 
@@ -47,6 +47,137 @@ def data_summary(
     target = json_out or Path("data-summary.json")
     write_json(target, summary)
     typer.echo(f"wrote {target}")
+
+
+def _config(config: Optional[str], overrides: List[str]):
+    """A config file, or the name of a packaged one (demo, breakhis, breakhis-paper), plus overrides."""
+    from smse.config import load_config
+
+    path = None
+    if config:
+        path = Path(config)
+        if not path.exists():
+            packaged = Path(__file__).parent / "configs" / f"{config.removesuffix('.yaml')}.yaml"
+            path = packaged if packaged.exists() else path
+    return load_config(path, overrides)
+
+
+CONFIG_HELP = "YAML config file, or a packaged config name: demo, breakhis, breakhis-paper."
+OVERRIDES_HELP = "Dotted overrides such as loss.gamma=1.5 data.root=/data/BreaKHis_v1."
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def train(
+    config: Optional[str] = typer.Option(None, "-c", "--config", help=CONFIG_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    evaluate: bool = typer.Option(True, help="Evaluate the best checkpoint on the test split afterwards."),
+) -> None:
+    """Train a model (resumes when the out folder holds an unfinished run of the same config)."""
+    from smse.engine import train as run_train
+    from smse.runtime import Dist
+
+    cfg = _config(config, overrides or [])
+    run = run_train(cfg)
+    if evaluate and Dist.from_env().main:
+        _evaluate(run)
+    typer.echo(f"run folder: {run}")
+
+
+def _evaluate(run: Path, which: str = "best", report: bool = True) -> dict:
+    from smse.evaluate import evaluate_run
+
+    result = evaluate_run(run, which)
+    typer.echo((Path(run) / "eval" / "results.md").read_text())
+    probe = result["magnification_probe"]
+    typer.echo(f"magnification probe: {100 * probe['accuracy']:.1f}% (chance {100 * probe['chance']:.1f}%; lower is more magnification-independent)")
+    if report:
+        try:
+            from smse.report import write_report
+        except ImportError:
+            return result
+        typer.echo(f"report: {write_report(run)}")
+    return result
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="Run folder written by smse train."),
+    which: str = typer.Option("best", help="best or last checkpoint."),
+) -> None:
+    """Evaluate a run on its test split: image/patient accuracy per magnification, k-NN, retrieval."""
+    _evaluate(run, which)
+
+
+@app.command(context_settings={"allow_extra_args": True})
+def cv(
+    config: Optional[str] = typer.Option(None, "-c", "--config", help=CONFIG_HELP),
+    folds: int = typer.Option(5, help="Number of patient-disjoint splits."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """Cross-validate over k patient-disjoint splits; prints mean +- std in the literature's table form."""
+    from smse.cv import cross_validate
+
+    cfg = _config(config, overrides or [])
+    summary = cross_validate(cfg, folds)
+    typer.echo(summary["markdown"])
+    typer.echo(f"wrote {Path(cfg.out) / 'cv.json'} and {Path(cfg.out) / 'cv.md'}")
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
+    images: List[Path] = typer.Argument(..., help="Image files or folders."),
+    out: Path = typer.Option(Path("predictions.csv"), help="CSV to write."),
+    k: int = typer.Option(5, help="Nearest reference images per query."),
+) -> None:
+    """Classify images and list their most similar reference images (CSV)."""
+    from smse.predict import predict as run_predict
+
+    rows = run_predict(run, images, out, k=k)
+    bad = sum(1 for r in rows if r["error"])
+    typer.echo(f"wrote {out}: {len(rows)} images" + (f", {bad} unreadable (see the error column)" if bad else ""))
+
+
+@app.command()
+def embed(
+    run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
+    data: Path = typer.Argument(..., help="BreakHis folder or manifest CSV."),
+    out: Path = typer.Option(Path("embeddings.npz"), help="Output .npz; np.load(out) gives embeddings and metadata."),
+) -> None:
+    """Write the embeddings of every image of a dataset, with label, patient and magnification."""
+    from smse.evaluate import embed_folder
+
+    typer.echo(f"wrote {embed_folder(run, data, out)}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("smse-demo"), help="Folder for the data, the run and the report."),
+    patients: int = typer.Option(32, help="Synthetic patients."),
+    images_per_mag: int = typer.Option(12, help="Images per patient and magnification."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the demo config's)."),
+) -> None:
+    """Generate the synthetic set, train SMSE on it, evaluate, write the report, say where all is."""
+    import json
+    import time
+
+    from smse.synth import generate
+
+    start = time.perf_counter()
+    data = out / "data"
+    meta = data / "smse-synth.json"
+    wanted = {"patients": patients, "images_per_mag": images_per_mag, "seed": 0}
+    have = json.loads(meta.read_text()) if meta.exists() else {}
+    if any(have.get(k) != v for k, v in wanted.items()):
+        typer.echo(f"generating {patients * images_per_mag * 4} synthetic images of {patients} patients ...")
+        generate(data, patients=patients, seed=0, images_per_mag=images_per_mag)
+    overrides = [f"data.root={data}", f"out={out / 'run'}"] + ([f"train.epochs={epochs}"] if epochs else [])
+    from smse.engine import train as run_train
+
+    run = run_train(_config("demo", overrides))
+    _evaluate(run)
+    typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s")
+    typer.echo(f"data: {data}\nrun: {run} (best.safetensors, history.json, eval/)")
 
 
 def _size(text: str) -> tuple[int, int]:

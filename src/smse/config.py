@@ -49,6 +49,7 @@ class ModelConfig:
     pretrained: bool = True
     checkpoint_path: str | None = None
     embedding_dim: int = 128
+    normalize: bool = True
     freeze_backbone: bool = True
     views: int = 4
 

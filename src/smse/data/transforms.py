@@ -8,7 +8,7 @@ import torch
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> 3xHxW float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.array(array, dtype=np.float32)).permute(2, 0, 1).div_(255.0).contiguous()
 
 
 def augment(image: torch.Tensor, rng: np.random.Generator, jitter: float = 0.1) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""Checkpoints: weights as safetensors with their config, class map and preprocessing; written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from smse import __version__
+from smse.config import Config, from_dict, to_dict
+from smse.data.records import ClassMap
+from smse.errors import CheckpointError
+from smse.io import atomic_path
+from smse.models import Embedder, Heads, create_backbone
+from smse.models.backbones import Preprocessing
+
+FORMAT = "smse-checkpoint-1"
+
+
+def save_checkpoint(path: str | Path, model: Embedder, cfg: Config, class_map: ClassMap, epoch: int,
+                    metrics: dict | None = None, backbone_weights: str = "") -> None:
+    """Write ``model``'s weights and everything needed to use them into one safetensors file."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format": FORMAT, "smse_version": __version__, "config": json.dumps(to_dict(cfg)),
+        "class_map": json.dumps(class_map.to_dict()),
+        "preprocessing": json.dumps({"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
+                                     "image_size": cfg.data.image_size}),
+        "epoch": str(epoch), "metrics": json.dumps(metrics or {}), "backbone_weights": backbone_weights,
+    }
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+
+
+def build_model(cfg: Config, num_classes: int, pretrained: bool | None = None) -> tuple[Embedder, str]:
+    """Backbone + heads from a config; returns the model and where the backbone weights came from."""
+    m = cfg.model
+    backbone = create_backbone(m.backbone, m.pretrained if pretrained is None else pretrained,
+                               m.checkpoint_path if pretrained is not False else None)
+    heads = Heads(backbone.num_features, m.embedding_dim, num_classes, normalize=cfg.model.normalize)
+    return Embedder(backbone.module, heads, backbone.preprocessing), backbone.weights
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Embedder, Config, ClassMap, dict]:
+    """Rebuild the model of a checkpoint file; returns model (eval mode), config, class map and metadata.
+
+    Raises:
+        CheckpointError: for a missing or unreadable file, or one from another format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r} is not {FORMAT!r} "
+                              f"(written by smse {meta.get('smse_version', 'unknown')}, this is {__version__})")
+    cfg = from_dict(json.loads(meta["config"]))
+    class_map = ClassMap.from_dict(json.loads(meta["class_map"]))
+    model, _ = build_model(cfg, len(class_map), pretrained=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model its config describes ({exc})") from None
+    prep = json.loads(meta["preprocessing"])
+    model.mean.copy_(torch.tensor(prep["mean"]).view(1, 3, 1, 1))
+    model.std.copy_(torch.tensor(prep["std"]).view(1, 3, 1, 1))
+    return model.to(device).eval(), cfg, class_map, meta
+
+
+def find_checkpoint(run: str | Path, which: str = "best") -> Path:
+    """``run`` may be a run folder (its ``best``/``last`` checkpoint) or a checkpoint file."""
+    run = Path(run)
+    if run.is_file():
+        return run
+    if not run.exists():
+        raise CheckpointError(f"{run}: no such run folder or checkpoint")
+    path = run / f"{which}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{run}: no {which}.safetensors here; is it a finished smse run folder?")
+    return path
+
+
+__all__ = ["FORMAT", "Preprocessing", "build_model", "find_checkpoint", "load_checkpoint", "save_checkpoint"]

@@ -1,0 +1,109 @@
+"""Batch samplers. An epoch is ceil(N / batch_size) batches: about one look at each training image.
+
+- ``MagnificationBalancedSampler``: every batch holds the same number of images of each
+  magnification, classes at their natural frequency, so that every anchor finds positives at
+  other magnifications for in-batch mining (the default, deliberate cross-magnification mode).
+- ``OfflineTupleSampler``: the original's "paper mode": random triplets (anchor, positive of the
+  same class, negative of another class) or pairs drawn from the pooled magnifications, so
+  cross-magnification tuples occur only by chance.
+
+Both are deterministic in (seed, epoch), which is what makes an interrupted run resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+class MagnificationBalancedSampler:
+    """Global batches of indices, ``batch_size // M`` per magnification (remainder spread)."""
+
+    def __init__(self, targets: Sequence[int], mags: Sequence[int], batch_size: int, seed: int = 0,
+                 batches_per_epoch: int | None = None):
+        self.n = len(targets)
+        self.batch_size = batch_size
+        self.seed = seed
+        pools: dict[int, list[int]] = defaultdict(list)
+        for i, m in enumerate(mags):
+            pools[int(m)].append(i)
+        self.pools = [np.array(pools[m]) for m in sorted(pools)]
+        self.batches = batches_per_epoch or max(1, math.ceil(self.n / batch_size))
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def epoch(self, epoch: int) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch, 17])
+        streams = [_Stream(pool, rng) for pool in self.pools]
+        m = len(streams)
+        for b in range(self.batches):
+            sizes = [self.batch_size // m + (1 if (k + b) % m < self.batch_size % m else 0) for k in range(m)]
+            yield np.concatenate([s.take(k) for s, k in zip(streams, sizes)])
+
+
+class OfflineTupleSampler:
+    """Random offline triplets or pairs from the pooled training set, as the original code drew them.
+
+    A batch is the flat index list ``[anchors, positives, negatives]`` (triplets) or
+    ``[firsts, seconds]`` (pairs, same class with probability 1/2).
+    """
+
+    def __init__(self, targets: Sequence[int], batch_size: int, kind: str = "triplet", seed: int = 0,
+                 batches_per_epoch: int | None = None):
+        self.targets = np.asarray(targets)
+        self.kind = kind
+        self.arity = 3 if kind == "triplet" else 2
+        self.tuples_per_batch = max(1, batch_size // self.arity)
+        self.seed = seed
+        self.by_class = {c: np.flatnonzero(self.targets == c) for c in np.unique(self.targets)}
+        self.batches = batches_per_epoch or max(1, math.ceil(len(self.targets) / self.tuples_per_batch))
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def _same(self, c: int, rng) -> int:
+        return int(rng.choice(self.by_class[c]))
+
+    def _other(self, c: int, rng) -> int:
+        others = [k for k in self.by_class if k != c]
+        return int(rng.choice(self.by_class[others[rng.integers(len(others))]]))
+
+    def epoch(self, epoch: int) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch, 29])
+        order = rng.permutation(len(self.targets))
+        stream = _Stream(order, rng)
+        for _ in range(self.batches):
+            anchors = stream.take(self.tuples_per_batch)
+            cols = [anchors]
+            if self.kind == "triplet":
+                cols.append(np.array([self._same(self.targets[a], rng) for a in anchors]))
+                cols.append(np.array([self._other(self.targets[a], rng) for a in anchors]))
+            else:
+                same = rng.random(len(anchors)) < 0.5
+                cols.append(np.array([self._same(self.targets[a], rng) if s else self._other(self.targets[a], rng)
+                                      for a, s in zip(anchors, same)]))
+            yield np.concatenate(cols)
+
+
+class _Stream:
+    """Endless shuffled passes over a pool of indices."""
+
+    def __init__(self, pool: np.ndarray, rng: np.random.Generator):
+        self.pool, self.rng = pool, rng
+        self.order = rng.permutation(pool)
+        self.pos = 0
+
+    def take(self, k: int) -> np.ndarray:
+        out = []
+        while k > 0:
+            if self.pos >= len(self.order):
+                self.order, self.pos = self.rng.permutation(self.pool), 0
+            chunk = self.order[self.pos:self.pos + k]
+            out.append(chunk)
+            self.pos += len(chunk)
+            k -= len(chunk)
+        return np.concatenate(out) if out else np.empty(0, dtype=int)

@@ -1,0 +1,141 @@
+"""Evaluation of a trained run: the literature's image- and patient-level tables, k-NN, retrieval, leakage probe."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smse.checkpoint import find_checkpoint, load_checkpoint
+from smse.data.loading import LoadedData
+from smse.data.manifest import read_manifest
+from smse.engine import embed, prepare
+from smse.io import atomic_path, write_json, write_text
+from smse.metrics import by_magnification, patient_scores
+from smse.retrieval import cross_magnification_matrix, knn_predict, magnification_probe
+from smse.tables import results_table
+
+
+def load_run(run: str | Path, which: str = "best", device: str | None = None):
+    """A run's model, config, class map, checkpoint metadata and its records with their splits."""
+    path = find_checkpoint(run, which)
+    model, cfg, class_map, meta = load_checkpoint(path)
+    if device:
+        cfg.train.device = device
+    split = Path(path).parent / "split.csv"
+    records = read_manifest(split)[0] if split.exists() else None
+    return model, cfg, class_map, meta, records
+
+
+def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, backend: str = "auto") -> dict:
+    """Evaluate the ``which`` checkpoint of ``run`` on its test split; writes ``run/eval/``.
+
+    Returns:
+        The metrics dictionary that is also written to ``eval/metrics.json``.
+    """
+    run = Path(run)
+    model, cfg, class_map, meta, records = load_run(run, which)
+    if records is None:
+        from smse.errors import CheckpointError
+
+        raise CheckpointError(f"{run}: no split.csv; evaluate needs the run folder written by smse train")
+    prep = prepare(cfg, progress=progress, data=LoadedData(records, {}),
+                   trained=(model, class_map, meta.get("backbone_weights", "")))
+    test, train = prep.indices("test"), prep.indices("train")
+    targets = np.asarray(prep.dataset.targets)
+    recs = prep.records
+    emb, probs = embed(prep, test)
+    ref_emb, _ = embed(prep, train)
+    t_test = targets[test]
+    pats = np.array([recs[i].patient for i in test])
+    mags = np.array([recs[i].magnification for i in test])
+    k = cfg.eval.knn_k
+    knn_probs = knn_predict(emb, ref_emb, targets[train], len(class_map), k, backend)
+    out = {
+        "run": str(run), "checkpoint": which, "epoch": int(meta.get("epoch", 0)), "task": class_map.task,
+        "classes": list(class_map.names),
+        "head": by_magnification(t_test, probs, pats, mags, len(class_map)),
+        "knn": by_magnification(t_test, knn_probs, pats, mags, len(class_map)),
+        "knn_k": k,
+        "retrieval": cross_magnification_matrix(emb, t_test, pats, mags, backend),
+        "magnification_probe": magnification_probe(emb, mags, pats, seed=cfg.seed),
+    }
+    pred = probs.argmax(1)
+    scores = patient_scores(t_test, pred, pats)
+    out["patients"] = [
+        {"patient": p, "label": class_map.names[int(np.bincount(t_test[pats == p]).argmax())],
+         "images": int((pats == p).sum()), "score": scores[p],
+         "predicted": class_map.names[int(np.bincount(pred[pats == p], minlength=len(class_map)).argmax())],
+         "magnifications": sorted({int(m) for m in mags[pats == p]})}
+        for p in sorted(scores)]
+    ev = run / "eval"
+    ev.mkdir(parents=True, exist_ok=True)
+    write_json(ev / "metrics.json", out)
+    write_text(ev / "results.md", results_table({"SMSE (classifier head)": out["head"],
+                                                   f"SMSE (k-NN, k={k})": out["knn"]}) + "\n")
+    with atomic_path(ev / "predictions.csv") as tmp, open(tmp, "w", newline="") as handle:
+        w = csv.writer(handle)
+        w.writerow(["path", "patient", "magnification", "label", "predicted"] + [f"p_{c}" for c in class_map.names])
+        for j, i in enumerate(test):
+            w.writerow([recs[i].path, recs[i].patient, recs[i].magnification, class_map.names[t_test[j]],
+                        class_map.names[pred[j]]] + [f"{v:.6f}" for v in probs[j]])
+    save_embeddings(ev / "test-embeddings.npz", emb, [recs[i] for i in test], class_map, probs)
+    save_embeddings(run / "reference.npz", ref_emb, [recs[i] for i in train], class_map)
+    return out
+
+
+def save_embeddings(path: str | Path, emb: np.ndarray, records, class_map, probs: np.ndarray | None = None) -> None:
+    """Embeddings with their metadata in one ``.npz`` (``np.load(path)`` gives every array by name)."""
+    arrays = {
+        "embeddings": np.asarray(emb, dtype=np.float32),
+        "paths": np.array([r.path for r in records], dtype=str),
+        "labels": np.array([r.label for r in records], dtype=str),
+        "tumor_types": np.array([r.tumor_type for r in records], dtype=str),
+        "patients": np.array([r.patient for r in records], dtype=str),
+        "magnifications": np.array([r.magnification for r in records], dtype=np.int64),
+        "splits": np.array([r.split or "" for r in records], dtype=str),
+        "targets": np.array(class_map.targets(records), dtype=np.int64),
+        "class_names": np.array(class_map.names, dtype=str),
+    }
+    if probs is not None:
+        arrays["probabilities"] = np.asarray(probs, dtype=np.float32)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
+@torch.no_grad()
+def embed_folder(run: str | Path, data_root: str | Path, out: str | Path, which: str = "best",
+                 progress: bool = True) -> Path:
+    """Embeddings of every image of a dataset (BreakHis tree or manifest) under a run's model, to ``out`` (.npz)."""
+    from smse.data.loading import load_data
+
+    model, cfg, class_map, meta, _ = load_run(run, which)
+    cfg.data.root = str(data_root)
+    cfg.data.format = "auto"
+    data = load_data(cfg.data, split=False)
+    known = [r for r in data.records if r.target_name(class_map.task) in class_map.names]
+    data.records = known
+    cfg.model.freeze_backbone = False  # embed straight from images through the whole model
+    prep = prepare(cfg, progress=progress, data=data, trained=(model, _Lenient(class_map), ""))
+    emb, probs = embed(prep, np.arange(len(prep.records)))
+    save_embeddings(out, emb, prep.records, class_map, probs)
+    return Path(out)
+
+
+class _Lenient:
+    """A class map stand-in that maps unknown class names to -1 (for embedding foreign data)."""
+
+    def __init__(self, class_map):
+        self.inner = class_map
+        self.names = class_map.names
+        self.task = class_map.task
+
+    def targets(self, records):
+        return [self.names.index(r.target_name(self.task)) if r.target_name(self.task) in self.names else -1
+                for r in records]
+
+    def __len__(self):
+        return len(self.names)

@@ -1,0 +1,96 @@
+"""Predictions for new images: class, probabilities and the most similar reference cases."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from smse.data.breakhis import iter_image_files, parse_name
+from smse.data.images import IMAGE_SUFFIXES, load_resized
+from smse.data.transforms import to_tensor
+from smse.errors import CheckpointError, DataError, ImageError
+from smse.evaluate import load_run
+from smse.io import atomic_path
+from smse.retrieval import search
+from smse.runtime import resolve_device
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders expanded to the images below them (sorted)."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(iter_image_files(p))
+        elif p.exists() or p.suffix.lower() in IMAGE_SUFFIXES:
+            out.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return out
+
+
+def _magnification_of(path: Path) -> str:
+    try:
+        return str(parse_name(path.name)["magnification"])
+    except DataError:
+        return ""
+
+
+@torch.no_grad()
+def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None, k: int = 5,
+            batch_size: int = 32, which: str = "best", device: str = "auto", backend: str = "auto") -> list[dict]:
+    """Classify images and find their ``k`` nearest reference images (the run's training set).
+
+    An unreadable image gets a row with its error and the rest go on.
+    """
+    model, cfg, class_map, _, _ = load_run(run, which)
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    ref_path = Path(run) / "reference.npz" if Path(run).is_dir() else Path(run).parent / "reference.npz"
+    if not ref_path.exists():
+        raise CheckpointError(f"{ref_path}: no reference embeddings; run `smse evaluate {run}` first")
+    ref = np.load(ref_path)
+    files = expand_inputs(inputs)
+    size = tuple(cfg.data.image_size)
+    rows: list[dict] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        images, ok = [], []
+        for f in chunk:
+            row = {"path": str(f), "magnification": _magnification_of(f), "error": ""}
+            try:
+                images.append(to_tensor(load_resized(f, size)))
+                ok.append(row)
+            except ImageError as exc:
+                row["error"] = exc.reason
+            rows.append(row)
+        if not images:
+            continue
+        emb, logits = model(torch.stack(images).to(dev))
+        probs = torch.softmax(logits.float(), 1).cpu().numpy()
+        dist, idx = search(emb.float().cpu().numpy(), ref["embeddings"], k, backend)
+        for row, p, d, nn in zip(ok, probs, dist, idx):
+            row["predicted"] = class_map.names[int(p.argmax())]
+            row.update({f"p_{c}": float(v) for c, v in zip(class_map.names, p)})
+            for r, (j, dj) in enumerate(zip(nn, d), start=1):
+                row[f"nn{r}_path"] = str(ref["paths"][j])
+                row[f"nn{r}_label"] = str(ref["labels"][j] if class_map.task == "binary" else ref["tumor_types"][j])
+                row[f"nn{r}_magnification"] = int(ref["magnifications"][j])
+                row[f"nn{r}_distance"] = float(dj)
+    if out_csv:
+        write_rows(out_csv, rows, ["path", "magnification", "predicted"] + [f"p_{c}" for c in class_map.names]
+                   + [f"nn{r}_{f}" for r in range(1, k + 1) for f in ("path", "label", "magnification", "distance")]
+                   + ["error"])
+    return rows
+
+
+def write_rows(path: str | Path, rows: Iterable[dict], columns: list[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        w = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({c: (f"{row[c]:.6f}" if isinstance(row.get(c), float) else row.get(c, "")) for c in columns})

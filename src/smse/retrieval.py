@@ -1,0 +1,144 @@
+"""Nearest neighbours in embedding space: torch top-k by default, faiss when installed; k-NN votes and retrieval scores."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from smse.errors import ConfigError
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def search(queries: np.ndarray, refs: np.ndarray, k: int, backend: str = "torch",
+           chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest references (squared L2) of each query: (distances, indices), nearest first.
+
+    Args:
+        backend: ``torch`` (exact, chunked top-k), ``faiss`` (exact ``IndexFlatL2``) or ``auto``.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    refs = np.ascontiguousarray(refs, dtype=np.float32)
+    k = min(k, len(refs))
+    if k == 0 or len(queries) == 0:
+        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+    if backend == "auto":
+        backend = "faiss" if faiss_available() else "torch"
+    if backend == "faiss":
+        if not faiss_available():
+            raise ConfigError("retrieval backend faiss: install faiss-cpu (pip install 'smse[faiss]')")
+        import faiss
+
+        index = faiss.IndexFlatL2(refs.shape[1])
+        index.add(refs)
+        d, i = index.search(queries, k)
+        return d, i.astype(np.int64)
+    if backend != "torch":
+        raise ConfigError(f"retrieval backend: unknown {backend!r} (torch, faiss or auto)")
+    r = torch.from_numpy(refs)
+    r_sq = (r * r).sum(1)
+    ds, ids = [], []
+    for start in range(0, len(queries), chunk):
+        q = torch.from_numpy(queries[start:start + chunk])
+        d2 = (q * q).sum(1, keepdim=True) + r_sq[None, :] - 2.0 * q @ r.T
+        d, i = torch.topk(d2.clamp_min_(0), k, dim=1, largest=False, sorted=True)
+        ds.append(d)
+        ids.append(i)
+    return torch.cat(ds).numpy(), torch.cat(ids).numpy().astype(np.int64)
+
+
+def knn_predict(queries: np.ndarray, refs: np.ndarray, ref_labels: Sequence[int], n_classes: int, k: int = 5,
+                backend: str = "torch") -> np.ndarray:
+    """Class probabilities from the labels of the k nearest references (votes / k)."""
+    _, idx = search(queries, refs, k, backend)
+    labels = np.asarray(ref_labels)[idx]
+    probs = np.zeros((len(queries), n_classes))
+    for c in range(n_classes):
+        probs[:, c] = (labels == c).mean(axis=1)
+    return probs
+
+
+def average_precision_at_r(relevant: np.ndarray, r: int) -> float:
+    """AP@R of one ranked list: mean over the first R ranks of precision@i at relevant ranks."""
+    if r == 0:
+        return float("nan")
+    rel = relevant[:r].astype(float)
+    precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
+    return float((precision * rel).sum() / r)
+
+
+def retrieval_scores(q_emb: np.ndarray, q_labels: np.ndarray, q_patients: np.ndarray,
+                     g_emb: np.ndarray, g_labels: np.ndarray, g_patients: np.ndarray,
+                     exclude_same_patient: bool = True, backend: str = "torch") -> dict[str, float]:
+    """Precision@1 and mAP@R of queries against a gallery (relevant = same class).
+
+    Gallery items of the query's own patient are excluded by default, so a score measures
+    finding similar tissue, not recognising the same slide.
+    """
+    if len(q_emb) == 0 or len(g_emb) == 0:
+        return {"precision_at_1": float("nan"), "map_at_r": float("nan"), "queries": 0}
+    _, order = search(q_emb, g_emb, len(g_emb), backend)
+    p1, aps = [], []
+    for qi in range(len(q_emb)):
+        ranked = order[qi]
+        if exclude_same_patient:
+            ranked = ranked[g_patients[ranked] != q_patients[qi]]
+        if len(ranked) == 0:
+            continue
+        rel = g_labels[ranked] == q_labels[qi]
+        r = int(rel.sum())
+        if r == 0:
+            continue
+        p1.append(float(rel[0]))
+        aps.append(average_precision_at_r(rel, r))
+    return {"precision_at_1": float(np.mean(p1)) if p1 else float("nan"),
+            "map_at_r": float(np.mean(aps)) if aps else float("nan"), "queries": len(p1)}
+
+
+def cross_magnification_matrix(emb: np.ndarray, labels: np.ndarray, patients: np.ndarray, mags: np.ndarray,
+                               backend: str = "torch") -> dict:
+    """Rows: query magnification; columns: gallery magnification; cells: precision@1 and mAP@R."""
+    levels = sorted(set(mags.tolist()))
+    p1 = np.full((len(levels), len(levels)), np.nan)
+    mapr = np.full((len(levels), len(levels)), np.nan)
+    for i, qm in enumerate(levels):
+        for j, gm in enumerate(levels):
+            q, g = mags == qm, mags == gm
+            s = retrieval_scores(emb[q], labels[q], patients[q], emb[g], labels[g], patients[g], True, backend)
+            p1[i, j], mapr[i, j] = s["precision_at_1"], s["map_at_r"]
+    return {"magnifications": [f"{m}X" for m in levels], "precision_at_1": p1.tolist(), "map_at_r": mapr.tolist()}
+
+
+def magnification_probe(emb: np.ndarray, mags: np.ndarray, patients: np.ndarray, folds: int = 3,
+                        seed: int = 0) -> dict[str, float]:
+    """How well a linear classifier predicts magnification from the embedding (patient-grouped CV).
+
+    Lower accuracy (towards ``chance``, the majority share) means a more magnification-independent embedding.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+    from sklearn.preprocessing import StandardScaler
+
+    levels = sorted(set(mags.tolist()))
+    chance = max((mags == m).mean() for m in levels) if len(mags) else float("nan")
+    n_groups = len(set(patients.tolist()))
+    if len(levels) < 2 or n_groups < 2:
+        return {"accuracy": float("nan"), "chance": float(chance), "folds": 0}
+    folds = min(folds, n_groups)
+    right = 0
+    for train, test in GroupKFold(n_splits=folds).split(emb, mags, patients):
+        if len(set(mags[train].tolist())) < 2:
+            right += int((mags[test] == mags[train][0]).sum())
+            continue
+        scaler = StandardScaler().fit(emb[train])
+        clf = LogisticRegression(max_iter=2000, random_state=seed).fit(scaler.transform(emb[train]), mags[train])
+        right += int((clf.predict(scaler.transform(emb[test])) == mags[test]).sum())
+    return {"accuracy": right / len(mags), "chance": float(chance), "folds": folds}

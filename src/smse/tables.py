@@ -1,0 +1,54 @@
+"""Results tables in the literature's form: rows are methods, columns 40X/100X/200X/400X/all, image and patient level."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+LEVELS = (("image_accuracy", "image"), ("patient_accuracy", "patient"))
+
+
+def _columns(results: Mapping[str, Mapping[str, dict]]) -> list[str]:
+    cols: list[str] = []
+    for per_mag in results.values():
+        for key in per_mag:
+            if key not in cols:
+                cols.append(key)
+    mags = sorted((c for c in cols if c != "all"), key=lambda c: (not c[:-1].isdigit(), int(c[:-1]) if c[:-1].isdigit() else 0))
+    return mags + (["all"] if "all" in cols else [])
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def results_table(results: Mapping[str, Mapping[str, dict]]) -> str:
+    """Markdown table of one evaluation: ``results[method][magnification][metric]``."""
+    cols = _columns(results)
+    head = "| method | level | " + " | ".join(cols) + " |"
+    lines = [head, "|---|---|" + "---|" * len(cols)]
+    for method, per_mag in results.items():
+        for key, name in LEVELS:
+            lines.append(f"| {method} | {name} | " + " | ".join(_pct(per_mag.get(c, {}).get(key)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def mean_std_table(runs: Mapping[str, Sequence[Mapping[str, dict]]]) -> tuple[str, dict]:
+    """Markdown table of mean +- std over repeated splits, and the same numbers as plain data."""
+    import numpy as np
+
+    cols = _columns({m: r[0] for m, r in runs.items() if r})
+    data: dict = {}
+    head = "| method | level | " + " | ".join(cols) + " |"
+    lines = [head, "|---|---|" + "---|" * len(cols)]
+    for method, reps in runs.items():
+        data[method] = {}
+        for key, name in LEVELS:
+            cells = []
+            for c in cols:
+                vals = np.array([r[c][key] for r in reps if c in r and not math.isnan(r[c][key])], dtype=float)
+                mean, std = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0) if len(vals) else (float("nan"), float("nan"))
+                data[method].setdefault(c, {})[name] = {"mean": mean, "std": std, "n": int(len(vals))}
+                cells.append("-" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}")
+            lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), data
