@@ -59,3 +59,22 @@ def sample_root() -> Path:
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SMSE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """A tiny synthetic BreakHis-layout set shared by the training tests (generated once)."""
+    from smse.synth import generate
+
+    return generate(tmp_path_factory.mktemp("synth-data"), patients=10, seed=1, size=(48, 32), images_per_mag=3,
+                    workers=1)
+
+
+def tiny_config(data_root: Path, out: Path, *overrides: str):
+    """A seconds-fast config: random paper CNN frozen as a feature extractor on 32x48 images."""
+    from smse.config import load_config
+
+    return load_config(None, [f"data.root={data_root}", f"out={out}", "data.image_size=[32, 48]",
+                              "model.backbone=paper-cnn", "model.pretrained=false", "model.embedding_dim=16",
+                              "model.views=2", "train.epochs=3", "sampler.batch_size=16", "train.device=cpu",
+                              "data.split.val_fraction=0.25", *overrides])

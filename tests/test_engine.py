@@ -1,0 +1,206 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smse.checkpoint import load_checkpoint
+from smse.config import load_config
+from smse.engine import train
+from smse.errors import CheckpointError, ConfigError, TrainingDiverged
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def weights(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def same_weights(a: Path, b: Path, atol: float = 0.0) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=atol, rtol=0) for k in wa)
+
+
+def test_train_writes_a_complete_run(synth_data, tmp_path):
+    cfg = tiny_config(synth_data, tmp_path / "run")
+    run = train(cfg, progress=False)
+    for name in ("best.safetensors", "last.safetensors", "history.json", "config.yaml", "versions.json",
+                 "split.csv", "data.json", "state.pt", "run.json"):
+        assert (run / name).exists(), name
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert {"loss_classification", "loss_metric", "loss_total", "val_patient_accuracy"} <= set(history[0])
+    model, cfg2, class_map, meta = load_checkpoint(run / "last.safetensors")
+    assert class_map.names == ("benign", "malignant") and cfg2.model.backbone == "paper-cnn"
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*tmp"))
+    # same seed, same result: the run is reproducible
+    again = train(tiny_config(synth_data, tmp_path / "again"), progress=False)
+    assert same_weights(run / "last.safetensors", again / "last.safetensors")
+
+
+def test_validation_never_uses_test_patients(synth_data, tmp_path):
+    run = train(tiny_config(synth_data, tmp_path / "run", "train.epochs=1"), progress=False)
+    rows = (run / "split.csv").read_text().splitlines()[1:]
+    sides = {}
+    for row in rows:
+        parts = row.split(",")
+        sides.setdefault(parts[3], set()).add(parts[5])
+    assert all(len(s) == 1 for s in sides.values())
+    assert {"train", "val", "test"} == set().union(*sides.values())
+
+
+@pytest.mark.parametrize("mode, metric", [("pooled", "triplet"), ("pooled", "pair"), ("single", "triplet"),
+                                          ("cross-magnification", "pair"), ("cross-magnification", "none")])
+def test_sampling_modes_train(synth_data, tmp_path, mode, metric):
+    cfg = tiny_config(synth_data, tmp_path / "run", f"sampler.mode={mode}", f"loss.metric={metric}",
+                      "train.epochs=1", "sampler.batch_size=15" if mode == "pooled" else "sampler.batch_size=16")
+    run = train(cfg, progress=False)
+    history = json.loads((run / "history.json").read_text())
+    assert np.isfinite(history[0]["loss_total"])
+    if metric != "none":
+        assert history[0]["tuples_per_step"] > 0
+
+
+def test_full_fine_tuning_runs(synth_data, tmp_path):
+    cfg = tiny_config(synth_data, tmp_path / "run", "model.freeze_backbone=false", "train.epochs=1",
+                      "train.batches_per_epoch=2")
+    run = train(cfg, progress=False)
+    before = load_checkpoint(run / "last.safetensors")[0]
+    fresh = tiny_config(synth_data, tmp_path / "x")
+    from smse.checkpoint import build_model
+
+    torch.manual_seed(0)
+    assert before.backbone.features[0].weight.shape == build_model(fresh, 2)[0].backbone.features[0].weight.shape
+
+
+def test_nan_stops_with_clear_message_and_keeps_last_good(synth_data, tmp_path):
+    cfg = tiny_config(synth_data, tmp_path / "run", "train.epochs=3")
+    good = train(cfg, progress=False)
+    last = (good / "last.safetensors").read_bytes()
+    cfg = tiny_config(synth_data, tmp_path / "run", "train.epochs=5")
+
+    def poison(epoch, step, parts):
+        if epoch == 3 and step == 1:
+            with torch.no_grad():
+                for p in poison.model.parameters():
+                    p.fill_(float("nan"))
+
+    import smse.engine as engine
+
+    real_prepare = engine.prepare
+
+    def spy(*args, **kwargs):
+        prep = real_prepare(*args, **kwargs)
+        poison.model = prep.model.heads
+        return prep
+
+    engine.prepare = spy
+    try:
+        with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 4, step 3.*last.safetensors"):
+            train(cfg, callbacks=[poison], progress=False)
+    finally:
+        engine.prepare = real_prepare
+    assert (good / "last.safetensors").read_bytes() == last  # the diverged epoch 4 wrote nothing
+    model, _, _, meta = load_checkpoint(good / "last.safetensors")
+    assert meta["epoch"] == "3"  # the last good checkpoint is kept and loads
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_refuses_another_config(synth_data, tmp_path):
+    train(tiny_config(synth_data, tmp_path / "run", "train.epochs=1"), progress=False)
+    with pytest.raises(ConfigError, match="another config"):
+        train(tiny_config(synth_data, tmp_path / "run", "loss.gamma=2.0"), progress=False)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from tests.conftest import tiny_config
+    from smse.engine import train
+    def die(epoch, step, parts):
+        if epoch == 2 and step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    train(tiny_config({data!r}, {out!r}, "train.epochs=4"), callbacks=[die], progress=False)
+""")
+
+
+def test_sigkill_mid_epoch_then_resume_reaches_same_weights(synth_data, tmp_path):
+    out = tmp_path / "killed"
+    script = KILL_SCRIPT.format(root=str(ROOT), data=str(synth_data), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert json.loads((out / "history.json").read_text())[-1]["epoch"] == 2
+    resumed = train(tiny_config(synth_data, out, "train.epochs=4"), progress=False)
+    straight = train(tiny_config(synth_data, tmp_path / "straight", "train.epochs=4"), progress=False)
+    assert same_weights(resumed / "last.safetensors", straight / "last.safetensors")
+    assert same_weights(resumed / "best.safetensors", straight / "best.safetensors")
+
+
+def test_two_process_torchrun_matches_one_process(synth_data, tmp_path):
+    common = ["-c", "none", f"data.root={synth_data}", "data.image_size=[32, 48]", "model.backbone=paper-cnn",
+              "model.pretrained=false", "model.embedding_dim=16", "model.views=2", "train.epochs=2",
+              "sampler.batch_size=16", "train.device=cpu", "data.split.val_fraction=0.25", "loss.mining=all"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SMSE_CACHE_DIR": str(tmp_path / "cache")}
+    one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "smse.cli",
+                          "train", "--no-evaluate", *common[2:], f"out={tmp_path / 'one'}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "smse.cli",
+                          "train", "--no-evaluate", *common[2:], f"out={tmp_path / 'two'}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert same_weights(tmp_path / "one" / "last.safetensors", tmp_path / "two" / "last.safetensors", atol=1e-5)
+    h1 = json.loads((tmp_path / "one" / "history.json").read_text())
+    h2 = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert [round(h["loss_total"], 4) for h in h1] == [round(h["loss_total"], 4) for h in h2]
+
+
+def test_bad_config_values_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="loss.gama: unknown field"):
+        load_config(None, ["loss.gama=1.5"])
+    with pytest.raises(ConfigError, match="loss.metric: 'quadruplet' is not one of"):
+        load_config(None, ["loss.metric=quadruplet"])
+    with pytest.raises(ConfigError, match="train.lr: must be positive"):
+        load_config(None, ["train.lr=0"])
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        load_config(None, ["train.epochs=many"])
+    with pytest.raises(ConfigError, match="model.backbone: unknown backbone 'no_such_net'"):
+        from smse.models import create_backbone
+
+        create_backbone("no_such_net")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(junk)
+
+
+def test_checkpoint_from_another_version_is_refused(synth_data, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = train(tiny_config(synth_data, tmp_path / "run", "train.epochs=1"), progress=False)
+    with safe_open(str(run / "last.safetensors"), "pt") as f:
+        meta = dict(f.metadata())
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    meta["format"] = "smse-checkpoint-0"
+    old = tmp_path / "old.safetensors"
+    save_file(state, str(old), metadata=meta)
+    with pytest.raises(CheckpointError, match="format 'smse-checkpoint-0' is not 'smse-checkpoint-1'"):
+        load_checkpoint(old)
+
+
+def test_every_shipped_config_parses():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.train.epochs > 0, path
