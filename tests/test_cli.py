@@ -1,0 +1,88 @@
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from smse.cli import app
+
+TINY = ["data.image_size=[32, 48]", "model.backbone=paper-cnn", "model.pretrained=false", "model.embedding_dim=16",
+        "model.views=2", "train.epochs=2", "sampler.batch_size=16", "train.device=cpu", "data.split.val_fraction=0.25"]
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    output = invoke("train", f"data.root={synth_data}", f"out={out}", *TINY)
+    assert "| SMSE (classifier head) | patient |" in output and "magnification probe" in output
+    return out
+
+
+def test_train_then_evaluate_writes_tables(trained_run):
+    metrics = json.loads((trained_run / "eval" / "metrics.json").read_text())
+    assert set(metrics["head"]) == {"40X", "100X", "200X", "400X", "all"}
+    assert 0 <= metrics["head"]["all"]["patient_accuracy"] <= 1
+    assert np.array(metrics["retrieval"]["map_at_r"]).shape == (4, 4)
+    assert (trained_run / "reference.npz").exists()
+    output = invoke("evaluate", trained_run, "--which", "last")
+    assert "| SMSE (k-NN, k=5) | image |" in output
+
+
+def test_predict_csv_with_neighbours_and_a_broken_file(trained_run, synth_data, tmp_path):
+    some = sorted(synth_data.rglob("*-400-00*.png"))[:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(some[0].read_bytes()[:100])
+    out = tmp_path / "pred.csv"
+    output = invoke("predict", trained_run, *some, broken, "--out", out, "--k", 3)
+    assert "1 unreadable" in output
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 4
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 3 and all(r["predicted"] in ("benign", "malignant") for r in good)
+    assert all(Path(r["nn1_path"]).exists() and r["nn3_magnification"] for r in good)
+    assert float(good[0]["p_benign"]) + float(good[0]["p_malignant"]) == pytest.approx(1, abs=1e-5)
+    bad = [r for r in rows if r["error"]][0]
+    assert bad["path"] == str(broken) and "corrupt or truncated" in bad["error"]
+    folder = invoke("predict", trained_run, some[0].parent, "--out", tmp_path / "folder.csv")
+    assert "wrote" in folder
+
+
+def test_predict_errors_for_wrong_run(tmp_path):
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "nope"), str(tmp_path)])
+    assert result.exit_code != 0
+    assert "no such run folder" in str(result.exception)
+
+
+def test_embed_loads_in_one_line(trained_run, synth_data, tmp_path):
+    out = tmp_path / "emb.npz"
+    invoke("embed", trained_run, synth_data, "--out", out)
+    z = np.load(out)
+    assert z["embeddings"].shape == (120, 16)
+    assert set(z["magnifications"].tolist()) == {40, 100, 200, 400} and len(z["patients"]) == 120
+
+
+def test_cv_prints_mean_std_table(synth_data, tmp_path):
+    output = invoke("cv", "--folds", 2, f"data.root={synth_data}", f"out={tmp_path / 'cv'}", *TINY, "train.epochs=1")
+    assert "±" in output and "| SMSE (classifier head) | patient |" in output
+    summary = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    assert summary["folds"] == 2
+    assert summary["table"]["SMSE (classifier head)"]["all"]["image"]["n"] == 2
+    assert (tmp_path / "cv" / "fold1" / "best.safetensors").exists() and (tmp_path / "cv" / "fold2" / "eval").exists()
+
+
+def test_train_on_real_sample(sample_root, tmp_path):
+    output = invoke("train", f"data.root={sample_root}", f"out={tmp_path / 'real'}", *TINY)
+    assert "| SMSE (classifier head) | image |" in output
+
+
+def test_bad_override_is_named():
+    result = CliRunner().invoke(app, ["train", "loss.gama=1"])
+    assert result.exit_code != 0 and "loss.gama: unknown field" in str(result.exception)
