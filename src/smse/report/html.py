@@ -1,0 +1,189 @@
+"""Assemble the run report: one HTML file with every image embedded, plus the PNGs beside it."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from smse.errors import CheckpointError
+from smse.io import write_text
+from smse.report import plots
+from smse.retrieval import search
+from smse.tables import results_table
+
+SELF_CHECK = """
+<script>
+window.__errors = [];
+window.addEventListener('error', function (e) { window.__errors.push(String(e.message || e)); });
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
+  var sections = document.querySelectorAll('section').length;
+  var el = document.getElementById('selfcheck');
+  el.textContent = (broken.length || window.__errors.length ? 'FAILED' : 'OK') + ': ' + imgs.length +
+    ' images, ' + broken.length + ' broken, ' + sections + ' sections, ' + window.__errors.length + ' script errors';
+});
+</script>
+"""
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f6f8;color:#222}
+header{background:#3b2a55;color:#fff;padding:18px 28px}header h1{margin:0;font-size:22px}
+header p{margin:4px 0 0;opacity:.85}main{padding:8px 28px 40px;max-width:1250px}
+section{background:#fff;border-radius:8px;padding:14px 20px;margin:16px 0;box-shadow:0 1px 3px rgba(0,0,0,.08)}
+h2{font-size:17px;margin:0 0 10px;color:#3b2a55}img{max-width:100%;height:auto}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}
+th{background:#f0edf5}td:first-child,th:first-child{text-align:left}.note{color:#666;font-size:13px}
+.kpi{display:inline-block;margin:0 26px 8px 0}.kpi b{display:block;font-size:24px;color:#3b2a55}
+pre{background:#f7f7f7;padding:10px;overflow:auto;font-size:12px;max-height:400px}
+#selfcheck{font-size:11px;color:#999}
+"""
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None:
+        return f'<p class="note">({alt}: nothing to show for this run)</p>'
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _md_table(markdown: str) -> str:
+    rows = [r.strip().strip("|").split("|") for r in markdown.strip().splitlines() if not set(r) <= set("|-")]
+    head, body = rows[0], rows[1:]
+    out = "<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr>"
+    for r in body:
+        out += "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>"
+    return out + "</table>"
+
+
+def _project(emb: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
+    """2-D map of embeddings: UMAP when installed, t-SNE otherwise."""
+    if len(emb) < 5:
+        return np.zeros((len(emb), 2)), "none"
+    try:
+        import umap
+
+        return umap.UMAP(random_state=seed, n_neighbors=min(15, len(emb) - 1)).fit_transform(emb), "UMAP"
+    except ImportError:
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30, max(2, (len(emb) - 1) / 3)))
+        return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(emb), "t-SNE"
+
+
+def _gallery_queries(test: dict, ref: dict, per_cell: int = 1, k: int = 5) -> list[dict]:
+    """One query per (magnification, class) of the test set with its k nearest training images."""
+    chosen = []
+    for mag in sorted(set(test["magnifications"].tolist())):
+        for label in sorted(set(test["labels"].tolist())):
+            idx = np.flatnonzero((test["magnifications"] == mag) & (test["labels"] == label))[:per_cell]
+            chosen.extend(idx.tolist())
+    if not chosen or len(ref["embeddings"]) == 0:
+        return []
+    dist, nn = search(test["embeddings"][chosen], ref["embeddings"], k)
+    out = []
+    for qi, row_d, row_n in zip(chosen, dist, nn):
+        out.append({"path": str(test["paths"][qi]), "label": str(test["labels"][qi]),
+                    "magnification": int(test["magnifications"][qi]),
+                    "neighbours": [{"path": str(ref["paths"][j]), "label": str(ref["labels"][j]),
+                                    "magnification": int(ref["magnifications"][j]), "distance": float(d)}
+                                   for j, d in zip(row_n, row_d)]})
+    return out[:8]
+
+
+def write_report(run: str | Path, projection_seed: int = 0) -> Path:
+    """Write ``run/report/report.html`` and its PNGs from what train and evaluate left in ``run``."""
+    run = Path(run)
+    metrics_path = run / "eval" / "metrics.json"
+    if not metrics_path.exists():
+        raise CheckpointError(f"{run}: no eval/metrics.json; run `smse evaluate {run}` first")
+    m = json.loads(metrics_path.read_text())
+    out = run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    history = json.loads((run / "history.json").read_text()) if (run / "history.json").exists() else []
+    classes = m["classes"]
+    # confusion matrices: the task's own, and true tumour type x predicted class
+    types = {}
+    if (run / "split.csv").exists():
+        with open(run / "split.csv", newline="") as handle:
+            types = {row["path"]: row["tumor_type"] for row in csv.DictReader(handle)}
+    with open(run / "eval" / "predictions.csv", newline="") as handle:
+        preds = list(csv.DictReader(handle))
+    type_names = sorted({types.get(p["path"], p["label"]) for p in preds},
+                        key=lambda t: ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC").index(t)
+                        if t in ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC") else 99)
+    by_type = np.zeros((len(type_names), len(classes)), dtype=int)
+    for p in preds:
+        by_type[type_names.index(types.get(p["path"], p["label"])), classes.index(p["predicted"])] += 1
+    figs = {
+        "curves": plots.training_curves(history, out / "training-curves.png"),
+        "cm": plots.confusion(np.array(m["head"]["all"]["confusion_matrix"]), classes, classes,
+                              f"{m['task']} task, all magnifications", out / "confusion.png"),
+        "cm_types": plots.confusion(by_type, type_names, classes, "true tumour type x predicted class",
+                                    out / "confusion-by-type.png") if type_names != classes else None,
+        "bars": plots.magnification_bars({"classifier head": m["head"], f"k-NN (k={m['knn_k']})": m["knn"]},
+                                         out / "accuracy-by-magnification.png"),
+        "retrieval": plots.retrieval_heatmap(m["retrieval"], out / "cross-magnification-retrieval.png"),
+    }
+    test = dict(np.load(run / "eval" / "test-embeddings.npz"))
+    coords, method = _project(test["embeddings"], projection_seed)
+    label_key = "labels" if m["task"] == "binary" else "tumor_types"
+    figs["map"] = plots.embedding_map(coords, test[label_key].tolist(), [f"{v}X" for v in test["magnifications"]],
+                                      method, out / "embedding-map.png") if method != "none" else None
+    ref = dict(np.load(run / "reference.npz")) if (run / "reference.npz").exists() else None
+    figs["gallery"] = plots.gallery(_gallery_queries(test, ref), out / "nearest-references.png") if ref else None
+
+    head_all = m["head"]["all"]
+    probe = m["magnification_probe"]
+    kpis = [("patient-level accuracy", f"{100 * head_all['patient_accuracy']:.1f}%"),
+            ("image-level accuracy", f"{100 * head_all['image_accuracy']:.1f}%"),
+            ("balanced accuracy", f"{100 * head_all['balanced_accuracy']:.1f}%"),
+            ("magnification probe", "n/a (one magnification)" if probe["accuracy"] != probe["accuracy"]
+             else f"{100 * probe['accuracy']:.0f}% (chance {100 * probe['chance']:.0f}%)")]
+    if "roc_auc" in head_all:
+        kpis.insert(3, ("ROC-AUC", f"{head_all['roc_auc']:.3f}"))
+    patients_rows = "".join(
+        f"<tr><td>{html.escape(p['patient'])}</td><td>{html.escape(p['label'])}</td><td>{html.escape(p['predicted'])}</td>"
+        f"<td>{p['images']}</td><td>{', '.join(f'{x}X' for x in p['magnifications'])}</td><td>{100 * p['score']:.1f}%</td></tr>"
+        for p in m["patients"])
+    config_text = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
+    versions = json.loads((run / "versions.json").read_text()) if (run / "versions.json").exists() else {}
+    data_note = json.loads((run / "data.json").read_text()).get("summary", "") if (run / "data.json").exists() else ""
+    sections = [
+        ("results", "Results on the test patients",
+         "".join(f'<div class="kpi"><b>{v}</b>{html.escape(k)}</div>' for k, v in kpis)
+         + _md_table(results_table({"classifier head": m["head"], f"k-NN (k={m['knn_k']})": m["knn"]}))
+         + f'<p class="note">Patient-level accuracy is the mean over test patients of each patient\'s share of '
+           f'correctly classified images. Data: {html.escape(data_note)}</p>'),
+        ("curves", "Training curves", _img(figs["curves"], "training curves")),
+        ("confusion", "Confusion matrices", _img(figs["cm"], "confusion matrix") + " " + _img(figs["cm_types"], "confusion by tumour type")),
+        ("magnification", "Accuracy per magnification", _img(figs["bars"], "accuracy per magnification")),
+        ("embedding", "Embedding map", _img(figs["map"], "embedding map")
+         + '<p class="note">Left: classes should form separate groups. Right: magnifications should mix within each '
+           'group; separate islands per magnification mean the embedding still encodes the microscope, not the tissue.</p>'),
+        ("retrieval", "Cross-magnification retrieval", _img(figs["retrieval"], "retrieval heat map")
+         + '<p class="note">Queries from test patients at one magnification against test images of other patients at '
+           'another; relevant = same class.</p>'),
+        ("gallery", "Nearest reference cases", _img(figs["gallery"], "nearest references")
+         + '<p class="note">Each row: a test image, then its nearest training images (any magnification); '
+           'green frame = same class, red = other class.</p>'),
+        ("patients", "Per-patient results", "<table><tr><th>patient</th><th>label</th><th>majority prediction</th>"
+         f"<th>images</th><th>magnifications</th><th>patient score</th></tr>{patients_rows}</table>"),
+        ("config", "Configuration and versions", f"<pre>{html.escape(config_text)}</pre><pre>"
+         f"{html.escape(json.dumps(versions, indent=2))}</pre>"),
+    ]
+    body = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>' for sid, title, content in sections)
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>smse report: {html.escape(run.name)}</title>"
+            f"<style>{STYLE}</style></head><body><header><h1>smse report: {html.escape(str(run))}</h1>"
+            f"<p>{html.escape(m['task'])} task, classes {', '.join(map(html.escape, classes))}; checkpoint "
+            f"{html.escape(m['checkpoint'])} (epoch {m['epoch']})</p></header><main>{body}"
+            f'<p id="selfcheck">pending</p></main>{SELF_CHECK}</body></html>')
+    path = out / "report.html"
+    write_text(path, page)
+    return path

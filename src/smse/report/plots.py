@@ -1,0 +1,136 @@
+"""Matplotlib figures of a run; each returns the PNG path it wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def training_curves(history: Sequence[dict], path: Path) -> Path | None:
+    if not history:
+        return None
+    epochs = [h["epoch"] for h in history]
+    losses = sorted({k for h in history for k in h if k.startswith("loss_")})
+    vals = [k for k in ("val_image_accuracy", "val_patient_accuracy") if k in history[0]]
+    fig, axes = plt.subplots(1, 2 if vals else 1, figsize=(11 if vals else 6, 3.6), squeeze=False)
+    for k in losses:
+        axes[0, 0].plot(epochs, [h.get(k, np.nan) for h in history], marker="o", ms=3, label=k.removeprefix("loss_"))
+    axes[0, 0].set(xlabel="epoch", ylabel="loss", title="training loss parts")
+    axes[0, 0].legend()
+    if vals:
+        for k in vals:
+            axes[0, 1].plot(epochs, [100 * h[k] for h in history], marker="o", ms=3, label=k.removeprefix("val_"))
+        axes[0, 1].set(xlabel="epoch", ylabel="%", title="validation accuracy (validation patients)")
+        axes[0, 1].legend()
+    return _save(fig, path)
+
+
+def confusion(cm: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, path: Path) -> Path:
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.55 * len(rows)))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    return _save(fig, path)
+
+
+def magnification_bars(results: dict[str, dict], path: Path) -> Path:
+    """Grouped bars: per magnification, image- and patient-level accuracy of each method."""
+    methods = list(results)
+    cols = list(next(iter(results.values())).keys())
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols) * len(methods)), 3.8))
+    width = 0.8 / (2 * len(methods))
+    x = np.arange(len(cols))
+    k = 0
+    for method in methods:
+        for key, hatch in (("image_accuracy", ""), ("patient_accuracy", "//")):
+            vals = [100 * results[method][c][key] for c in cols]
+            bars = ax.bar(x + (k - len(methods) + 0.5) * width, vals, width, label=f"{method}, {key.split('_')[0]}",
+                          color=PALETTE[methods.index(method)], hatch=hatch, alpha=0.85, edgecolor="white")
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+            k += 1
+    ax.set_xticks(x, cols)
+    ax.set(ylabel="accuracy (%)", ylim=(0, 105), title="accuracy per magnification and pooled")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def embedding_map(coords: np.ndarray, labels: Sequence[str], mags: Sequence[str], method: str, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, values, title in ((axes[0], labels, "coloured by class"), (axes[1], mags, "coloured by magnification")):
+        levels = sorted(set(values), key=lambda v: (len(v), v))
+        for i, level in enumerate(levels):
+            sel = np.array([v == level for v in values])
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=10, alpha=0.75, color=PALETTE[i % len(PALETTE)], label=level)
+        ax.set(title=f"{method} of test embeddings, {title}", xticks=[], yticks=[])
+        ax.legend(fontsize=8, markerscale=2)
+    return _save(fig, path)
+
+
+def retrieval_heatmap(matrix: dict, path: Path) -> Path | None:
+    mags = matrix["magnifications"]
+    if not mags:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, key, title in ((axes[0], "map_at_r", "mAP@R"), (axes[1], "precision_at_1", "precision@1")):
+        m = np.array(matrix[key], dtype=float)
+        ax.imshow(np.nan_to_num(m, nan=0.0), cmap="viridis", vmin=0, vmax=1)
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, "-" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center",
+                        color="white" if not np.isnan(m[i, j]) and m[i, j] < 0.6 else "black")
+        ax.set_xticks(range(len(mags)), mags)
+        ax.set_yticks(range(len(mags)), mags)
+        ax.set(xlabel="gallery magnification", ylabel="query magnification", title=f"cross-magnification {title}")
+    return _save(fig, path)
+
+
+def gallery(queries: list[dict], path: Path, thumb: tuple[int, int] = (150, 100)) -> Path | None:
+    """Rows: a query image, then its nearest references; green frame = same class, red = other class."""
+    if not queries:
+        return None
+    k = max(len(q["neighbours"]) for q in queries)
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.9 * (k + 1), 1.55 * len(queries)), squeeze=False)
+    for r, q in enumerate(queries):
+        cells = [(q["path"], f"query: {q['label']}\n{q['magnification']}X", "black")] + [
+            (n["path"], f"{n['label']} {n['magnification']}X\nd={n['distance']:.2f}",
+             "#2ca02c" if n["label"] == q["label"] else "#d62728") for n in q["neighbours"]]
+        for c in range(k + 1):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(cells):
+                ax.axis("off")
+                continue
+            image_path, text, colour = cells[c]
+            try:
+                with Image.open(image_path) as im:
+                    ax.imshow(im.convert("RGB").resize(thumb))
+            except OSError:
+                ax.text(0.5, 0.5, "unreadable", ha="center")
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3)
+            ax.set_title(text, fontsize=7)
+    return _save(fig, path)

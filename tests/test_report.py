@@ -1,0 +1,54 @@
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from smse.engine import train
+from smse.evaluate import evaluate_run
+from smse.report import write_report
+from tests.conftest import tiny_config
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no headless Chromium on this machine (Debian package `chromium`; .ci/run installs it)")
+
+
+def report_of(synth_data, out, *overrides) -> Path:
+    run = train(tiny_config(synth_data, out, *overrides), progress=False)
+    evaluate_run(run, progress=False)
+    return write_report(run)
+
+
+@pytest.mark.parametrize("overrides", [(), ("loss.metric=none", "data.magnifications=[100]", "sampler.batch_size=8")],
+                         ids=["full", "no-metric-one-magnification"])
+def test_report_renders_in_chromium(synth_data, tmp_path, overrides):
+    report = report_of(synth_data, tmp_path / "run", *overrides)
+    assert report.exists() and (report.parent / "accuracy-by-magnification.png").exists()
+    text = report.read_text()
+    assert "http://" not in text and "https://" not in text  # self-contained, no network
+    browser = chromium()
+    dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile1'}",
+                          "--virtual-time-budget=10000", "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert 'id="selfcheck">OK:' in dom, dom[-500:]
+    assert "0 broken" in dom and "0 script errors" in dom and "9 sections" in dom
+    for section in ("results", "curves", "confusion", "magnification", "embedding", "retrieval", "gallery",
+                    "patients", "config"):
+        assert f'<section id="{section}">' in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1300,4000",
+                    f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 50_000
+    keep = os.environ.get("SMSE_SCREENSHOT_DIR")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(keep) / f"report-{'-'.join(overrides) or 'full'}.png".replace("=", "_").replace("/", "_"))
