@@ -13,7 +13,7 @@ from smse.data.breakhis import iter_image_files, parse_name
 from smse.data.images import IMAGE_SUFFIXES, load_resized
 from smse.data.transforms import to_tensor
 from smse.errors import CheckpointError, DataError, ImageError
-from smse.evaluate import load_run
+from smse.checkpoint import find_checkpoint, load_checkpoint
 from smse.io import atomic_path
 from smse.retrieval import search
 from smse.runtime import resolve_device
@@ -47,7 +47,7 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
 
     An unreadable image gets a row with its error and the rest go on.
     """
-    model, cfg, class_map, _, _ = load_run(run, which)
+    model, cfg, class_map, _ = load_checkpoint(find_checkpoint(run, which))
     dev = resolve_device(device)
     model.to(dev).eval()
     ref_path = Path(run) / "reference.npz" if Path(run).is_dir() else Path(run).parent / "reference.npz"

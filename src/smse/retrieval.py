@@ -19,7 +19,7 @@ def faiss_available() -> bool:
 
 
 def search(queries: np.ndarray, refs: np.ndarray, k: int, backend: str = "torch",
-           chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+           chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest references (squared L2) of each query: (distances, indices), nearest first.
 
     Args:
@@ -45,6 +45,7 @@ def search(queries: np.ndarray, refs: np.ndarray, k: int, backend: str = "torch"
         raise ConfigError(f"retrieval backend: unknown {backend!r} (torch, faiss or auto)")
     r = torch.from_numpy(refs)
     r_sq = (r * r).sum(1)
+    chunk = chunk or max(1, min(1024, int(64e6 // len(refs))))  # at most ~256 MB of distances at a time
     ds, ids = [], []
     for start in range(0, len(queries), chunk):
         q = torch.from_numpy(queries[start:start + chunk])
