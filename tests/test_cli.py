@@ -33,7 +33,8 @@ def test_train_then_evaluate_writes_tables(trained_run):
     assert np.array(metrics["retrieval"]["map_at_r"]).shape == (4, 4)
     assert (trained_run / "reference.npz").exists()
     output = invoke("evaluate", trained_run, "--which", "last")
-    assert "| SMSE (k-NN, k=5) | image |" in output
+    assert "| SMSE (k-NN, k=5) | image |" in output and "report:" in output
+    assert "report.html" in invoke("report", trained_run)
 
 
 def test_predict_csv_with_neighbours_and_a_broken_file(trained_run, synth_data, tmp_path):

@@ -150,11 +150,11 @@ def test_two_process_torchrun_matches_one_process(synth_data, tmp_path):
               "model.pretrained=false", "model.embedding_dim=16", "model.views=2", "train.epochs=2",
               "sampler.batch_size=16", "train.device=cpu", "data.split.val_fraction=0.25", "loss.mining=all"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SMSE_CACHE_DIR": str(tmp_path / "cache")}
-    one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "smse.cli",
+    one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "smse.cli",
                           "train", "--no-evaluate", *common[2:], f"out={tmp_path / 'one'}"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "smse.cli",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "smse.cli",
                           "train", "--no-evaluate", *common[2:], f"out={tmp_path / 'two'}"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]

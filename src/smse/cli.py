@@ -91,10 +91,8 @@ def _evaluate(run: Path, which: str = "best", report: bool = True) -> dict:
     probe = result["magnification_probe"]
     typer.echo(f"magnification probe: {100 * probe['accuracy']:.1f}% (chance {100 * probe['chance']:.1f}%; lower is more magnification-independent)")
     if report:
-        try:
-            from smse.report import write_report
-        except ImportError:
-            return result
+        from smse.report import write_report
+
         typer.echo(f"report: {write_report(run)}")
     return result
 
@@ -106,6 +104,14 @@ def evaluate(
 ) -> None:
     """Evaluate a run on its test split: image/patient accuracy per magnification, k-NN, retrieval."""
     _evaluate(run, which)
+
+
+@app.command()
+def report(run: Path = typer.Argument(..., help="Run folder (evaluated).")) -> None:
+    """Write the run's self-contained HTML report (and its plots as PNG files)."""
+    from smse.report import write_report
+
+    typer.echo(f"report: {write_report(run)}")
 
 
 @app.command(context_settings={"allow_extra_args": True})

@@ -9,6 +9,7 @@ from smse.config import Config
 from smse.engine import train
 from smse.evaluate import evaluate_run
 from smse.io import write_json, write_text
+from smse.report import write_report
 from smse.tables import mean_std_table
 
 
@@ -32,6 +33,7 @@ def cross_validate(cfg: Config, folds: int = 5, progress: bool = True) -> dict:
             s.seed = cfg.data.split.seed + k - 1
         train(c, progress=progress)
         result = evaluate_run(c.out, progress=progress)
+        write_report(c.out)
         heads.append(result["head"])
         knns.append(result["knn"])
     table, data = mean_std_table({"SMSE (classifier head)": heads, f"SMSE (k-NN, k={cfg.eval.knn_k})": knns})

@@ -43,7 +43,7 @@ class VirtualSlide:
         self.h_vec = _unit(H_VECTOR + rng.normal(0, 0.04, 3).clip(-0.1, 0.1))
         self.e_vec = _unit(E_VECTOR + rng.normal(0, 0.04, 3).clip(-0.1, 0.1))
         self.h_gain = float(rng.uniform(0.75, 1.3))
-        self.e_gain = float(rng.uniform(0.7, 1.3))
+        self.e_gain = float(rng.uniform(0.45, 0.85))
         self.background = np.clip(rng.normal(0.03, 0.015, 3), 0.0, 0.08)
         self.vignette = float(rng.uniform(0.0, 0.15))
         self.blur = float(rng.uniform(0.3, 0.9))
@@ -303,8 +303,8 @@ class VirtualSlide:
         Hc = np.zeros((gh, gw))
         se = p["stroma_eosin"]
         E[reg == STROMA] = (se * (0.45 + 0.7 * fibres + 0.3 * patchy))[reg == STROMA]
-        Hc[reg == STROMA] = 0.07
-        for region, e_val, h_val in ((EPI, 0.3, 0.14), (TUMOR, 0.26, 0.18), (MYO, 0.36, 0.1),
+        Hc[reg == STROMA] = 0.13
+        for region, e_val, h_val in ((EPI, 0.3, 0.22), (TUMOR, 0.26, 0.26), (MYO, 0.36, 0.16),
                                      (LUMEN, 0.02, 0.01), (FAT, 0.0, 0.0)):
             m = reg == region
             E[m] = e_val * (0.85 + 0.3 * patchy[m])
@@ -348,7 +348,7 @@ class VirtualSlide:
         edge = np.clip((1 - q) * np.minimum(a, b)[:, None, None] * 1.5 + 0.5, 0, 1)
         texture = 0.75 + 0.5 * rng.random(edge.shape, dtype=np.float32)
         rim = 1.0 + 0.35 * np.clip(q - 0.6, 0, 0.4) / 0.4  # chromatin gathers at the membrane
-        value = edge * texture * rim * nuc["dark"][:, None, None]
+        value = 0.7 * edge * texture * rim * nuc["dark"][:, None, None]
         ok = (cols >= 0) & (cols < gw) & (rows >= 0) & (rows < gh) & (value > 0)
         r_idx, c_idx = np.broadcast_to(rows, value.shape)[ok], np.broadcast_to(cols, value.shape)[ok]
         layer = np.zeros_like(Hc)
