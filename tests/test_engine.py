@@ -116,8 +116,10 @@ def test_nan_stops_with_clear_message_and_keeps_last_good(synth_data, tmp_path):
 
 def test_resume_refuses_another_config(synth_data, tmp_path):
     train(tiny_config(synth_data, tmp_path / "run", "train.epochs=1"), progress=False)
+    before = (tmp_path / "run" / "config.yaml").read_text()
     with pytest.raises(ConfigError, match="another config"):
         train(tiny_config(synth_data, tmp_path / "run", "loss.gamma=2.0"), progress=False)
+    assert (tmp_path / "run" / "config.yaml").read_text() == before  # nothing of the refused run was written
 
 
 KILL_SCRIPT = textwrap.dedent("""

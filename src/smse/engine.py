@@ -147,6 +147,11 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
     run = Path(cfg.out)
     if cfg.sampler.batch_size % dist.world:
         raise ConfigError(f"sampler.batch_size: {cfg.sampler.batch_size} is not divisible by the {dist.world} processes")
+    state_path = run / "state.pt"
+    state = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
+    if state is not None and state["config"] != _resume_key(cfg):
+        raise ConfigError(f"{state_path}: this run folder holds a run with another config; "
+                          "use another out folder or delete it")
     device = resolve_device(cfg.train.device, dist.local_rank)
     dist.init(device)
     prep = prepare(cfg, dist, progress and dist.main, data)
@@ -183,7 +188,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
     else:
         sampler = MagnificationBalancedSampler(targets[train_idx].tolist(), mags[train_idx].tolist(),
                                                cfg.sampler.batch_size, cfg.seed, cfg.train.batches_per_epoch)
-    if paper and cfg.sampler.batch_size // 3 * (3 if L.metric == "triplet" else 2) % dist.world:
+    arity = 3 if L.metric == "triplet" else 2
+    if paper and (cfg.sampler.batch_size // arity * arity) % dist.world:
         raise ConfigError("sampler.batch_size: paper-mode tuples do not split evenly over the processes")
 
     model = prep.model
@@ -194,13 +200,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.train.step_size, cfg.train.lr_gamma)
     amp_ctx, amp_dtype = _amp(device, cfg.train.amp and not cfg.model.freeze_backbone)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    state_path = run / "state.pt"
     start_epoch, history, best = 0, [], -math.inf
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["config"] != _resume_key(cfg):
-            raise ConfigError(f"{state_path}: this run folder holds a run with another config; "
-                              "use another out folder or delete it")
+    if state is not None:
         trainable.load_state_dict(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -236,7 +237,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
             b_t, b_m, b_p = targets[batch].to(device), mags[batch].to(device), patients[batch].to(device)
             tuples = classify = None
             if paper:
-                T = len(batch) // (3 if L.metric == "triplet" else 2)
+                T = len(batch) // arity
                 ar = torch.arange(T, device=device)
                 tuples = (ar, ar + T, ar + 2 * T) if L.metric == "triplet" else (ar, ar + T, (b_t[:T] == b_t[T:2 * T]).long())
                 classify = ar

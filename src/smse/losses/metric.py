@@ -38,6 +38,14 @@ def positive_mask(labels: torch.Tensor, mags: torch.Tensor | None, patients: tor
     return mask
 
 
+def hardest(emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per anchor, the index of the farthest valid positive and of the nearest valid negative."""
+    d2 = squared_distances(emb.detach())
+    hp = torch.where(pos, d2, torch.full_like(d2, -1.0)).argmax(dim=1)
+    hn = torch.where(neg, d2, torch.full_like(d2, torch.finfo(d2.dtype).max)).argmin(dim=1)
+    return hp, hn
+
+
 def mine_triplets(emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | None = None,
                   patients: torch.Tensor | None = None, strategy: str = "all", margin: float = 1.0,
                   cross_magnification: bool = True, same_patient: bool = False) -> Tuples:
@@ -46,10 +54,7 @@ def mine_triplets(emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | 
         pos = positive_mask(labels, mags, patients, cross_magnification, same_patient)
         neg = labels[:, None] != labels[None, :]
         if strategy == "hard":
-            d2 = squared_distances(emb.detach())
-            big = torch.finfo(d2.dtype).max
-            hp = torch.where(pos, d2, torch.full_like(d2, -1.0)).argmax(dim=1)
-            hn = torch.where(neg, d2, torch.full_like(d2, big)).argmin(dim=1)
+            hp, hn = hardest(emb, pos, neg)
             ok = pos.any(dim=1) & neg.any(dim=1)
             a = torch.nonzero(ok).flatten()
             return a, hp[a], hn[a]
@@ -72,9 +77,7 @@ def mine_pairs(emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | Non
         pos = positive_mask(labels, mags, patients, cross_magnification, same_patient)
         neg = labels[:, None] != labels[None, :]
         if strategy == "hard":
-            d2 = squared_distances(emb.detach())
-            hp = torch.where(pos, d2, torch.full_like(d2, -1.0)).argmax(dim=1)
-            hn = torch.where(neg, d2, torch.full_like(d2, torch.finfo(d2.dtype).max)).argmin(dim=1)
+            hp, hn = hardest(emb, pos, neg)
             ap = torch.nonzero(pos.any(dim=1)).flatten()
             an = torch.nonzero(neg.any(dim=1)).flatten()
             i = torch.cat([ap, an])

@@ -1,0 +1,52 @@
+from collections import Counter
+
+import numpy as np
+import torch
+
+from smse.data.samplers import MagnificationBalancedSampler, OfflineTupleSampler
+from smse.losses import mine_pairs
+
+TARGETS = [0] * 30 + [1] * 70
+MAGS = [40, 100, 200, 400] * 25
+
+
+def test_magnification_balanced_batches_and_epoch_length():
+    s = MagnificationBalancedSampler(TARGETS, MAGS, batch_size=32, seed=3)
+    batches = list(s.epoch(0))
+    assert len(batches) == len(s) == 4  # ceil(100 / 32): one epoch is about one look at each image
+    for b in batches:
+        assert len(b) == 32 and Counter(MAGS[i] for i in b) == {40: 8, 100: 8, 200: 8, 400: 8}
+    assert all(np.array_equal(a, b) for a, b in zip(batches, s.epoch(0)))  # deterministic in (seed, epoch)
+    assert not np.array_equal(batches[0], next(iter(s.epoch(1))))
+    seen = Counter(int(i) for b in batches for i in b)
+    assert max(seen.values()) <= 2 and len(seen) >= 90  # without replacement within a pass
+
+
+def test_offline_triplets_follow_the_paper():
+    s = OfflineTupleSampler(TARGETS, batch_size=30, kind="triplet", seed=1)
+    for batch in s.epoch(0):
+        a, p, n = np.split(batch, 3)
+        assert all(TARGETS[i] == TARGETS[j] for i, j in zip(a, p))
+        assert all(TARGETS[i] != TARGETS[j] for i, j in zip(a, n))
+    pairs = OfflineTupleSampler(TARGETS, batch_size=40, kind="pair", seed=1)
+    same = []
+    for batch in pairs.epoch(0):
+        x, y = np.split(batch, 2)
+        same += [TARGETS[i] == TARGETS[j] for i, j in zip(x, y)]
+    assert 0.3 < np.mean(same) < 0.7  # same class with probability 1/2
+
+
+def test_hard_pairs_by_loop():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(8, 3, generator=g)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 0, 1])
+    mags = torch.tensor([40, 100, 40, 100, 40, 100, 200, 200])
+    i, j, y = mine_pairs(emb, labels, mags, strategy="hard")
+    d = torch.cdist(emb, emb) ** 2
+    for a, b, same in zip(i.tolist(), j.tolist(), y.tolist()):
+        if same:
+            cands = [k for k in range(8) if k != a and labels[k] == labels[a] and mags[k] != mags[a]]
+            assert torch.isclose(d[a, b], max(d[a, k] for k in cands))
+        else:
+            cands = [k for k in range(8) if labels[k] != labels[a]]
+            assert torch.isclose(d[a, b], min(d[a, k] for k in cands))
