@@ -54,6 +54,12 @@ def test_scan_accepts_nested_copy_and_breast_folder(tmp_path):
     assert len(scan_breakhis(breast)[0]) == 4
 
 
+def test_relative_root_gives_absolute_paths(tiny_tree, monkeypatch):
+    monkeypatch.chdir(tiny_tree.parent)
+    records, _ = scan_breakhis(tiny_tree.name)
+    assert all(Path(r.path).is_absolute() and Path(r.path).is_file() for r in records)
+
+
 def test_scan_selects_magnifications(tiny_tree):
     records, _ = scan_breakhis(tiny_tree, magnifications=[40, 400])
     assert {r.magnification for r in records} == {40, 400} and len(records) == 32

@@ -60,7 +60,7 @@ def parse_name(name: str) -> dict:
 
 def find_breast_root(path: str | os.PathLike) -> Path:
     """Locate ``histology_slides/breast`` at or below ``path`` (official tree or the doubly nested copy)."""
-    path = Path(path)
+    path = Path(path).absolute()
     if not path.exists():
         raise DataError(f"{path}: folder does not exist")
     if not path.is_dir():
