@@ -52,3 +52,17 @@ def test_report_renders_in_chromium(synth_data, tmp_path, overrides):
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / f"report-{'-'.join(overrides) or 'full'}.png".replace("=", "_").replace("/", "_"))
+
+
+def test_report_for_a_manifest_without_magnifications(synth_data, tmp_path):
+    """Any organ: a CSV manifest whose images have no magnification still gives a full report."""
+    from smse.config import DataConfig
+    from smse.data.loading import load_data
+
+    records = load_data(DataConfig(root=str(synth_data)), split=False).records
+    csv = tmp_path / "liver.csv"
+    csv.write_text("path,label,patient\n" + "".join(f"{r.path},{'tumour' if r.label == 'malignant' else 'normal'},"
+                                                   f"{r.patient}\n" for r in records))
+    report = report_of(csv, tmp_path / "run")
+    text = report.read_text()
+    assert "<th>unknown</th>" in text and "<th>0X</th>" not in text and text.count("<section") == 9

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from smse.data.records import mag_name
+
 
 def image_accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     """Correct images / all images."""
@@ -139,6 +141,6 @@ def by_magnification(y_true: Sequence[int], probs: np.ndarray, patients: Sequenc
     out = {}
     for m in sorted(set(mags.tolist())):
         sel = mags == m
-        out[f"{m}X" if m else "unknown"] = classification_metrics(y_true[sel], probs[sel], patients[sel].tolist(), n_classes)
+        out[mag_name(m)] = classification_metrics(y_true[sel], probs[sel], patients[sel].tolist(), n_classes)
     out["all"] = classification_metrics(y_true, probs, patients.tolist(), n_classes)
     return out

@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from smse.data.records import mag_name
 from smse.errors import ConfigError
 
 
@@ -115,7 +116,7 @@ def cross_magnification_matrix(emb: np.ndarray, labels: np.ndarray, patients: np
             q, g = mags == qm, mags == gm
             s = retrieval_scores(emb[q], labels[q], patients[q], emb[g], labels[g], patients[g], True, backend)
             p1[i, j], mapr[i, j] = s["precision_at_1"], s["map_at_r"]
-    return {"magnifications": [f"{m}X" for m in levels], "precision_at_1": p1.tolist(), "map_at_r": mapr.tolist()}
+    return {"magnifications": [mag_name(m) for m in levels], "precision_at_1": p1.tolist(), "map_at_r": mapr.tolist()}
 
 
 def magnification_probe(emb: np.ndarray, mags: np.ndarray, patients: np.ndarray, folds: int = 3,

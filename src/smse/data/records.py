@@ -9,6 +9,11 @@ MAGNIFICATIONS = (40, 100, 200, 400)
 UNKNOWN_MAGNIFICATION = 0
 
 
+def mag_name(magnification: int) -> str:
+    """``40`` -> ``40X``; the unknown magnification (0) -> ``unknown``."""
+    return f"{magnification}X" if magnification else "unknown"
+
+
 @dataclass(frozen=True)
 class Record:
     """One image and what is known of it.

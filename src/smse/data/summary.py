@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from smse.data.records import Record
+from smse.data.records import Record, mag_name
 
 
 def summarize(records: Sequence[Record]) -> dict:
@@ -21,7 +21,7 @@ def summarize(records: Sequence[Record]) -> dict:
         label_of[r.tumor_type] = r.label
     table = []
     for t in sorted(rows, key=lambda t: (label_of[t], _type_order(t))):
-        table.append({"type": t, "label": label_of[t], **{f"{m}X": rows[t][m] for m in mags},
+        table.append({"type": t, "label": label_of[t], **{mag_name(m): rows[t][m] for m in mags},
                       "total": sum(rows[t].values()), "folders": len(folders[t])})
     return {
         "images": len(records),
@@ -30,8 +30,8 @@ def summarize(records: Sequence[Record]) -> dict:
         "by_label": dict(sorted(Counter(r.label for r in records).items())),
         "patients_by_label": {lab: len({r.patient for r in records if r.label == lab})
                               for lab in sorted({r.label for r in records})},
-        "by_magnification": {f"{m}X": n for m, n in sorted(Counter(r.magnification for r in records).items())},
-        "magnifications": [f"{m}X" for m in mags],
+        "by_magnification": {mag_name(m): n for m, n in sorted(Counter(r.magnification for r in records).items())},
+        "magnifications": [mag_name(m) for m in mags],
         "table": table,
     }
 

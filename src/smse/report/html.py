@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from smse.data.records import mag_name
 from smse.errors import CheckpointError
 from smse.io import write_text
 from smse.report import plots
@@ -134,7 +135,7 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
     test = dict(np.load(run / "eval" / "test-embeddings.npz"))
     coords, method = _project(test["embeddings"], projection_seed)
     label_key = "labels" if m["task"] == "binary" else "tumor_types"
-    figs["map"] = plots.embedding_map(coords, test[label_key].tolist(), [f"{v}X" for v in test["magnifications"]],
+    figs["map"] = plots.embedding_map(coords, test[label_key].tolist(), [mag_name(int(v)) for v in test["magnifications"]],
                                       method, out / "embedding-map.png") if method != "none" else None
     ref = dict(np.load(run / "reference.npz")) if (run / "reference.npz").exists() else None
     figs["gallery"] = plots.gallery(_gallery_queries(test, ref), out / "nearest-references.png") if ref else None

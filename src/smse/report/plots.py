@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from smse.data.records import mag_name  # noqa: E402
+
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
 
@@ -113,8 +115,8 @@ def gallery(queries: list[dict], path: Path, thumb: tuple[int, int] = (150, 100)
     k = max(len(q["neighbours"]) for q in queries)
     fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.9 * (k + 1), 1.55 * len(queries)), squeeze=False)
     for r, q in enumerate(queries):
-        cells = [(q["path"], f"query: {q['label']}\n{q['magnification']}X", "black")] + [
-            (n["path"], f"{n['label']} {n['magnification']}X\nd={n['distance']:.2f}",
+        cells = [(q["path"], f"query: {q['label']}\n{mag_name(q['magnification'])}", "black")] + [
+            (n["path"], f"{n['label']} {mag_name(n['magnification'])}\nd={n['distance']:.2f}",
              "#2ca02c" if n["label"] == q["label"] else "#d62728") for n in q["neighbours"]]
         for c in range(k + 1):
             ax = axes[r, c]
