@@ -4,7 +4,7 @@ import pytest
 
 from smse.data.breakhis import find_breast_root, parse_name, scan_breakhis
 from smse.errors import DataError
-from tests.conftest import TINY, breakhis_path, make_tree, write_png
+from tests.conftest import breakhis_path, make_tree, write_png
 
 
 def test_parse_name_keeps_suffixes_and_fields():

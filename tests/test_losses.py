@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from smse.losses import Objective, PairLoss, TripletLoss, class_balance, make_classification_loss, mine_pairs, mine_triplets
+from smse.losses import Objective, PairLoss, TripletLoss, class_balance, make_classification_loss, mine_triplets
 from smse.losses.classification import CrossEntropy, FocalLoss, OHEMLoss, ReinforcedFocalLoss
 
 DTYPES = [torch.float32, torch.float64]

@@ -164,7 +164,6 @@ def demo(
     epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the demo config's)."),
 ) -> None:
     """Generate the synthetic set, train SMSE on it, evaluate, write the report, say where all is."""
-    import json
     import time
 
     from smse.synth import generate

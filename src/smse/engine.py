@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -298,7 +297,3 @@ def _resume_key(cfg: Config) -> dict:
         d["train"].pop(k)
     return d
 
-
-def load_history(run: str | Path) -> list[dict]:
-    path = Path(run) / "history.json"
-    return json.loads(path.read_text()) if path.exists() else []

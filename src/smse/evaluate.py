@@ -116,26 +116,9 @@ def embed_folder(run: str | Path, data_root: str | Path, out: str | Path, which:
     cfg.data.root = str(data_root)
     cfg.data.format = "auto"
     data = load_data(cfg.data, split=False)
-    known = [r for r in data.records if r.target_name(class_map.task) in class_map.names]
-    data.records = known
     cfg.model.freeze_backbone = False  # embed straight from images through the whole model
-    prep = prepare(cfg, progress=progress, data=data, trained=(model, _Lenient(class_map), ""))
+    prep = prepare(cfg, progress=progress, data=data, trained=(model, class_map, ""))
     emb, probs = embed(prep, np.arange(len(prep.records)))
     save_embeddings(out, emb, prep.records, class_map, probs)
     return Path(out)
 
-
-class _Lenient:
-    """A class map stand-in that maps unknown class names to -1 (for embedding foreign data)."""
-
-    def __init__(self, class_map):
-        self.inner = class_map
-        self.names = class_map.names
-        self.task = class_map.task
-
-    def targets(self, records):
-        return [self.names.index(r.target_name(self.task)) if r.target_name(self.task) in self.names else -1
-                for r in records]
-
-    def __len__(self):
-        return len(self.names)

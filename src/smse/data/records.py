@@ -53,12 +53,10 @@ class ClassMap:
     def from_records(cls, records: Iterable[Record], task: str = "binary") -> "ClassMap":
         return cls(task, tuple(sorted({r.target_name(task) for r in records})))
 
-    def index(self, record: Record) -> int:
-        return self.names.index(record.target_name(self.task))
-
     def targets(self, records: Sequence[Record]) -> list[int]:
+        """Class index of each record; -1 for a class this map does not know (foreign data to embed)."""
         lookup = {name: i for i, name in enumerate(self.names)}
-        return [lookup[r.target_name(self.task)] for r in records]
+        return [lookup.get(r.target_name(self.task), -1) for r in records]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -70,7 +68,3 @@ class ClassMap:
     def from_dict(cls, d: dict) -> "ClassMap":
         return cls(d["task"], tuple(d["names"]))
 
-
-def with_splits(records: Sequence[Record], split_of_patient: dict[str, str]) -> list[Record]:
-    """Return records with ``split`` set from a patient -> split mapping."""
-    return [r.with_split(split_of_patient[r.patient]) for r in records]

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from smse.data.records import mag_name
 from smse.errors import CheckpointError

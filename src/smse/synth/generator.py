@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from smse.data.breakhis import ARCHIVE_COUNTS, CLASS_FOLDERS, TYPE_CLASS, TYPE_FOLDERS, TYPES
+from smse.data.breakhis import CLASS_FOLDERS, TYPE_CLASS, TYPE_FOLDERS, TYPES
 from smse.data.records import MAGNIFICATIONS
 from smse.errors import ConfigError
 from smse.io import atomic_path, write_json
@@ -205,4 +204,4 @@ def preview(out: str | os.PathLike, seed: int = 0, size: tuple[int, int] = (192,
     return path
 
 
-__all__ = ["ARCHIVE_COUNTS", "generate", "preview", "plan_patients", "nested_fields", "allocate"]
+__all__ = ["generate", "preview", "plan_patients", "nested_fields", "allocate"]
