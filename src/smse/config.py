@@ -100,6 +100,7 @@ class EvalConfig:
     """Evaluation extras."""
 
     knn_k: int = 5
+    knn_backend: str = "torch"  # torch | faiss (pip install 'smse[faiss]')
 
 
 @dataclass
@@ -126,6 +127,7 @@ CHOICES = {
     "loss.mining": ("all", "semihard", "hard"),
     "sampler.mode": ("cross-magnification", "pooled", "single"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
+    "eval.knn_backend": ("torch", "faiss"),
 }
 POSITIVE = ("model.embedding_dim", "model.views", "sampler.batch_size", "train.epochs", "train.lr",
             "train.step_size", "loss.margin", "loss.alpha", "eval.knn_k")

@@ -29,7 +29,7 @@ def load_run(run: str | Path, which: str = "best", device: str | None = None):
     return model, cfg, class_map, meta, records
 
 
-def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, backend: str = "auto") -> dict:
+def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, backend: str | None = None) -> dict:
     """Evaluate the ``which`` checkpoint of ``run`` on its test split; writes ``run/eval/``.
 
     Returns:
@@ -41,6 +41,7 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
         from smse.errors import CheckpointError
 
         raise CheckpointError(f"{run}: no split.csv; evaluate needs the run folder written by smse train")
+    backend = backend or cfg.eval.knn_backend
     prep = prepare(cfg, progress=progress, data=LoadedData(records, {}),
                    trained=(model, class_map, meta.get("backbone_weights", "")))
     test, train = prep.indices("test"), prep.indices("train")

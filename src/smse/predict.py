@@ -42,7 +42,7 @@ def _magnification_of(path: Path) -> str:
 
 @torch.no_grad()
 def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None, k: int = 5,
-            batch_size: int = 32, which: str = "best", device: str = "auto", backend: str = "auto") -> list[dict]:
+            batch_size: int = 32, which: str = "best", device: str = "auto", backend: str | None = None) -> list[dict]:
     """Classify images and find their ``k`` nearest reference images (the run's training set).
 
     An unreadable image gets a row with its error and the rest go on.
@@ -53,7 +53,8 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
     ref_path = Path(run) / "reference.npz" if Path(run).is_dir() else Path(run).parent / "reference.npz"
     if not ref_path.exists():
         raise CheckpointError(f"{ref_path}: no reference embeddings; run `smse evaluate {run}` first")
-    ref = np.load(ref_path)
+    with np.load(ref_path) as npz:
+        ref = {k: npz[k] for k in npz.files}  # an NpzFile would re-read an array on every access
     files = expand_inputs(inputs)
     size = tuple(cfg.data.image_size)
     rows: list[dict] = []
@@ -72,7 +73,7 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
             continue
         emb, logits = model(torch.stack(images).to(dev))
         probs = torch.softmax(logits.float(), 1).cpu().numpy()
-        dist, idx = search(emb.float().cpu().numpy(), ref["embeddings"], k, backend)
+        dist, idx = search(emb.float().cpu().numpy(), ref["embeddings"], k, backend or cfg.eval.knn_backend)
         for row, p, d, nn in zip(ok, probs, dist, idx):
             row["predicted"] = class_map.names[int(p.argmax())]
             row.update({f"p_{c}": float(v) for c, v in zip(class_map.names, p)})

@@ -24,15 +24,14 @@ def search(queries: np.ndarray, refs: np.ndarray, k: int, backend: str = "torch"
     """The ``k`` nearest references (squared L2) of each query: (distances, indices), nearest first.
 
     Args:
-        backend: ``torch`` (exact, chunked top-k), ``faiss`` (exact ``IndexFlatL2``) or ``auto``.
+        backend: ``torch`` (exact, chunked top-k; the default, as fast as or faster than faiss's
+            flat index at every size measured in BENCHMARKS.md) or ``faiss`` (exact ``IndexFlatL2``).
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     refs = np.ascontiguousarray(refs, dtype=np.float32)
     k = min(k, len(refs))
     if k == 0 or len(queries) == 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-    if backend == "auto":
-        backend = "faiss" if faiss_available() else "torch"
     if backend == "faiss":
         if not faiss_available():
             raise ConfigError("retrieval backend faiss: install faiss-cpu (pip install 'smse[faiss]')")
@@ -43,7 +42,7 @@ def search(queries: np.ndarray, refs: np.ndarray, k: int, backend: str = "torch"
         d, i = index.search(queries, k)
         return d, i.astype(np.int64)
     if backend != "torch":
-        raise ConfigError(f"retrieval backend: unknown {backend!r} (torch, faiss or auto)")
+        raise ConfigError(f"retrieval backend: unknown {backend!r} (torch or faiss)")
     r = torch.from_numpy(refs)
     r_sq = (r * r).sum(1)
     chunk = chunk or max(1, min(1024, int(64e6 // len(refs))))  # at most ~256 MB of distances at a time
