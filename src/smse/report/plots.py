@@ -45,7 +45,7 @@ def training_curves(history: Sequence[dict], path: Path) -> Path | None:
 
 def confusion(cm: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, path: Path) -> Path:
     cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.55 * len(rows)))
+    fig, ax = plt.subplots(figsize=(max(4.2, 1.2 + 0.9 * len(cols)), max(3.0, 1.0 + 0.55 * len(rows))))
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(cm.shape[0]):
