@@ -215,3 +215,11 @@ def test_every_shipped_config_parses():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.train.epochs > 0, path
+
+
+def test_fine_tuning_is_the_same_with_loader_workers(synth_data, tmp_path):
+    """Augmentations are seeded per (seed, epoch, image), so worker processes change nothing."""
+    common = ("model.freeze_backbone=false", "train.epochs=2", "train.batches_per_epoch=2")
+    a = train(tiny_config(synth_data, tmp_path / "w0", *common, "train.num_workers=0"), progress=False)
+    b = train(tiny_config(synth_data, tmp_path / "w2", *common, "train.num_workers=2"), progress=False)
+    assert same_weights(a / "last.safetensors", b / "last.safetensors")

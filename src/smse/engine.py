@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from smse.checkpoint import build_model, save_checkpoint
@@ -220,16 +221,19 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
         sums: dict[str, float] = {}
         steps = 0
         started = time.perf_counter()
-        bar = tqdm(sampler.epoch(epoch), total=len(sampler), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+        batches = [train_idx[b] for b in sampler.epoch(epoch)]
+        per = len(batches[0]) // dist.world
+        mine_of = [b[dist.rank * per:(dist.rank + 1) * per] for b in batches]  # this process's share
+        images = None if cfg.model.freeze_backbone else iter(DataLoader(
+            prep.dataset, batch_sampler=mine_of, num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda"))
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=None if progress and dist.main else True, leave=False)
-        for step, local_batch in enumerate(bar):
-            batch = train_idx[local_batch]
-            per = len(batch) // dist.world
-            mine = batch[dist.rank * per:(dist.rank + 1) * per]
-            if cfg.model.freeze_backbone:
+        for step, batch in enumerate(bar):
+            mine = mine_of[step]
+            if images is None:
                 inputs = prep.features[mine, view_of[mine]].to(device)
             else:
-                inputs = torch.stack([prep.dataset[i][0] for i in mine]).to(device)
+                inputs = next(images)[0].to(device, non_blocking=True)
             with amp_ctx:
                 emb, logits = net(inputs)
             emb, logits = _gather(emb.float(), dist), _gather(logits.float(), dist)

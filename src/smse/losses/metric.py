@@ -26,16 +26,17 @@ def squared_distances(emb: torch.Tensor) -> torch.Tensor:
     return d2 * (1.0 - torch.eye(len(emb), dtype=emb.dtype, device=emb.device))
 
 
-def positive_mask(labels: torch.Tensor, mags: torch.Tensor | None, patients: torch.Tensor | None,
-                  cross_magnification: bool, same_patient: bool) -> torch.Tensor:
-    """[i, j] is True where j is a valid positive for anchor i."""
+def tuple_masks(labels: torch.Tensor, mags: torch.Tensor | None, patients: torch.Tensor | None,
+                cross_magnification: bool, same_patient: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[i, j] is True where j is a valid positive (first mask) or negative (second) for anchor i."""
     n = len(labels)
-    mask = (labels[:, None] == labels[None, :]) & ~torch.eye(n, dtype=torch.bool, device=labels.device)
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~torch.eye(n, dtype=torch.bool, device=labels.device)
     if cross_magnification and mags is not None:
-        mask &= mags[:, None] != mags[None, :]
+        pos &= mags[:, None] != mags[None, :]
     if same_patient and patients is not None:
-        mask &= patients[:, None] == patients[None, :]
-    return mask
+        pos &= patients[:, None] == patients[None, :]
+    return pos, ~same
 
 
 def hardest(emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +52,7 @@ def mine_triplets(emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | 
                   cross_magnification: bool = True, same_patient: bool = False) -> Tuples:
     """Indices (a, p, n) of the triplets of a batch chosen by ``strategy``."""
     with torch.no_grad():
-        pos = positive_mask(labels, mags, patients, cross_magnification, same_patient)
-        neg = labels[:, None] != labels[None, :]
+        pos, neg = tuple_masks(labels, mags, patients, cross_magnification, same_patient)
         if strategy == "hard":
             hp, hn = hardest(emb, pos, neg)
             ok = pos.any(dim=1) & neg.any(dim=1)
@@ -74,8 +74,7 @@ def mine_pairs(emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | Non
                cross_magnification: bool = True, same_patient: bool = False) -> Tuples:
     """Indices (i, j) and same-class flags y of the pairs of a batch chosen by ``strategy``."""
     with torch.no_grad():
-        pos = positive_mask(labels, mags, patients, cross_magnification, same_patient)
-        neg = labels[:, None] != labels[None, :]
+        pos, neg = tuple_masks(labels, mags, patients, cross_magnification, same_patient)
         if strategy == "hard":
             hp, hn = hardest(emb, pos, neg)
             ap = torch.nonzero(pos.any(dim=1)).flatten()
