@@ -118,7 +118,7 @@ def test_metric_gradient_step_lowers_the_loss(loss_cls):
     before, _ = fn(emb, labels)
     before.backward()
     after, _ = fn((emb - 0.05 * emb.grad).detach(), labels)
-    assert float(after) < float(before)
+    assert after.item() < before.item()
     # with one class only, every term is a pull: a step brings all points together
     same = torch.zeros(4, dtype=torch.long)
     x = emb.detach().clone().requires_grad_(True)

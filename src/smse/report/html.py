@@ -69,7 +69,7 @@ def _project(emb: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
     try:
         import umap
 
-        return umap.UMAP(random_state=seed, n_neighbors=min(15, len(emb) - 1)).fit_transform(emb), "UMAP"
+        return umap.UMAP(random_state=seed, n_jobs=1, n_neighbors=min(15, len(emb) - 1)).fit_transform(emb), "UMAP"
     except ImportError:
         from sklearn.manifold import TSNE
 
