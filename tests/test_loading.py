@@ -175,3 +175,11 @@ def test_cli_reports_errors_in_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'nope'}: folder does not exist"
+
+
+def test_type_task_split_keeps_every_type_in_training(tiny_tree):
+    records = load_data(DataConfig(root=str(tiny_tree)), split=False).records
+    for seed in range(5):
+        split = seeded_split(records, 0.3, 0.15, seed=seed, task="type")
+        check_split(split)
+        assert {r.tumor_type for r in split if r.split == "train"} == {r.tumor_type for r in records}

@@ -66,3 +66,10 @@ def test_report_for_a_manifest_without_magnifications(synth_data, tmp_path):
     report = report_of(csv, tmp_path / "run")
     text = report.read_text()
     assert "<th>unknown</th>" in text and "<th>0X</th>" not in text and text.count("<section") == 9
+
+
+def test_report_for_the_eight_type_task(synth_data, tmp_path):
+    report = report_of(synth_data, tmp_path / "run", "data.task=type")
+    text = report.read_text()
+    assert (report.parent / "confusion-second.png").exists()  # the 8 types collapsed to benign / malignant
+    assert text.count("<section") == 9

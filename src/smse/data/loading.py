@@ -96,15 +96,15 @@ def assign_split(records: list[Record], cfg: DataConfig) -> list[Record]:
     """Apply ``cfg.split``: seeded patient split, official fold file, or the manifest's own column."""
     s = cfg.split
     if s.method == "seeded":
-        return seeded_split(records, s.test_fraction, s.val_fraction, s.seed)
+        return seeded_split(records, s.test_fraction, s.val_fraction, s.seed, cfg.task)
     if s.method == "fold-file":
         mapped = apply_fold_file(records, read_fold_file(s.fold_file, s.fold))
         if not mapped:
             raise DataError(f"{s.fold_file}: lists none of the {len(records)} images found under {cfg.root}")
-        return carve_validation(mapped, s.val_fraction, s.seed)
+        return carve_validation(mapped, s.val_fraction, s.seed, cfg.task)
     missing = [r.path for r in records if r.split is None]
     if missing:
         raise DataError(f"{missing[0]}: data.split.method is manifest but this row has no split")
     if any(r.split == "val" for r in records):
         return list(records)
-    return carve_validation(records, s.val_fraction, s.seed)
+    return carve_validation(records, s.val_fraction, s.seed, cfg.task)

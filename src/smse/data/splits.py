@@ -14,11 +14,11 @@ from smse.data.records import Record
 from smse.errors import DataError, LeakageError
 
 
-def patient_labels(records: Sequence[Record]) -> dict[str, str]:
-    """Majority class of each patient (ties broken by name)."""
+def patient_labels(records: Sequence[Record], task: str = "binary") -> dict[str, str]:
+    """Majority class of each patient for ``task`` (ties broken by name)."""
     votes: dict[str, Counter] = defaultdict(Counter)
     for r in records:
-        votes[r.patient][r.label] += 1
+        votes[r.patient][r.target_name(task)] += 1
     return {p: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for p, c in votes.items()}
 
 
@@ -35,16 +35,18 @@ def stratified_patient_split(patients: dict[str, str], fraction: float, seed: in
         group = by_class[label]
         order = rng.permutation(len(group))
         n = int(round(fraction * len(group)))
-        if len(group) >= 2:
-            n = min(max(n, 1), len(group) - 1)
+        n = 0 if len(group) == 1 else min(max(n, 1), len(group) - 1)
         picked.update(group[i] for i in order[:n])
     return picked
 
 
 def seeded_split(records: Sequence[Record], test_fraction: float = 0.3, val_fraction: float = 0.15,
-                 seed: int = 0) -> list[Record]:
-    """Assign train/val/test by patient, stratified by class; val is carved out of the training patients."""
-    patients = patient_labels(records)
+                 seed: int = 0, task: str = "binary") -> list[Record]:
+    """Assign train/val/test by patient, stratified by the task's class; val is carved out of the training patients.
+
+    A class with a single patient keeps it in training.
+    """
+    patients = patient_labels(records, task)
     test = stratified_patient_split(patients, test_fraction, seed)
     rest = {p: c for p, c in patients.items() if p not in test}
     val = stratified_patient_split(rest, val_fraction, seed + 7919) if val_fraction > 0 else set()
@@ -52,12 +54,12 @@ def seeded_split(records: Sequence[Record], test_fraction: float = 0.3, val_frac
     return [r.with_split(split[r.patient]) for r in records]
 
 
-def carve_validation(records: Sequence[Record], val_fraction: float, seed: int) -> list[Record]:
+def carve_validation(records: Sequence[Record], val_fraction: float, seed: int, task: str = "binary") -> list[Record]:
     """Move about ``val_fraction`` of the training patients to ``val`` (test is untouched)."""
     train = [r for r in records if r.split == "train"]
     if val_fraction <= 0 or not train:
         return list(records)
-    val = stratified_patient_split(patient_labels(train), val_fraction, seed + 7919)
+    val = stratified_patient_split(patient_labels(train, task), val_fraction, seed + 7919)
     return [r.with_split("val") if r.split == "train" and r.patient in val else r for r in records]
 
 

@@ -108,25 +108,37 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     history = json.loads((run / "history.json").read_text()) if (run / "history.json").exists() else []
     classes = m["classes"]
-    # confusion matrices: the task's own, and true tumour type x predicted class
-    types = {}
+    # confusion matrices: the task's own, plus true tumour type x predicted class (binary task)
+    # or the 8-type predictions collapsed to benign/malignant (type task)
+    rows = {}
     if (run / "split.csv").exists():
         with open(run / "split.csv", newline="") as handle:
-            types = {row["path"]: row["tumor_type"] for row in csv.DictReader(handle)}
+            rows = {row["path"]: row for row in csv.DictReader(handle)}
     with open(run / "eval" / "predictions.csv", newline="") as handle:
         preds = list(csv.DictReader(handle))
-    type_names = sorted({types.get(p["path"], p["label"]) for p in preds},
-                        key=lambda t: ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC").index(t)
-                        if t in ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC") else 99)
-    by_type = np.zeros((len(type_names), len(classes)), dtype=int)
-    for p in preds:
-        by_type[type_names.index(types.get(p["path"], p["label"])), classes.index(p["predicted"])] += 1
+    second = None
+    if rows and m["task"] == "binary":
+        order = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")
+        type_names = sorted({rows[p["path"]]["tumor_type"] for p in preds},
+                            key=lambda t: (order.index(t) if t in order else len(order), t))
+        if type_names != classes:
+            cm = np.zeros((len(type_names), len(classes)), dtype=int)
+            for p in preds:
+                cm[type_names.index(rows[p["path"]]["tumor_type"]), classes.index(p["predicted"])] += 1
+            second = (cm, type_names, classes, "true tumour type x predicted class")
+    elif rows:
+        label_of = {r["tumor_type"]: r["label"] for r in rows.values()}
+        labels = sorted(set(label_of.values()))
+        if len(labels) < len(classes):
+            cm = np.zeros((len(labels), len(labels)), dtype=int)
+            for p in preds:
+                cm[labels.index(rows[p["path"]]["label"]), labels.index(label_of[p["predicted"]])] += 1
+            second = (cm, labels, labels, "types collapsed to their class")
     figs = {
         "curves": plots.training_curves(history, out / "training-curves.png"),
         "cm": plots.confusion(np.array(m["head"]["all"]["confusion_matrix"]), classes, classes,
                               f"{m['task']} task, all magnifications", out / "confusion.png"),
-        "cm_types": plots.confusion(by_type, type_names, classes, "true tumour type x predicted class",
-                                    out / "confusion-by-type.png") if type_names != classes else None,
+        "cm_types": plots.confusion(*second, out / "confusion-second.png") if second else None,
         "bars": plots.magnification_bars({"classifier head": m["head"], f"k-NN (k={m['knn_k']})": m["knn"]},
                                          out / "accuracy-by-magnification.png"),
         "retrieval": plots.retrieval_heatmap(m["retrieval"], out / "cross-magnification-retrieval.png"),
