@@ -15,7 +15,6 @@ from smse.data.records import ClassMap
 from smse.errors import CheckpointError
 from smse.io import atomic_path
 from smse.models import Embedder, Heads, create_backbone
-from smse.models.backbones import Preprocessing
 
 FORMAT = "smse-checkpoint-1"
 
@@ -88,4 +87,4 @@ def find_checkpoint(run: str | Path, which: str = "best") -> Path:
     return path
 
 
-__all__ = ["FORMAT", "Preprocessing", "build_model", "find_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["FORMAT", "build_model", "find_checkpoint", "load_checkpoint", "save_checkpoint"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -79,39 +79,27 @@ def prepare(cfg: Config, dist: Dist = Dist(), progress: bool = True, data: Loade
                         patient_ids={p: i for i, p in enumerate(sorted({r.patient for r in data.records}))})
     if cfg.model.freeze_backbone:
         key = feature_key(data.records, f"{cfg.model.backbone}|{weights}", size, cfg.model.views, cfg.seed)
-        extract = _FeatureExtractor(model)
-        if dist.main or dist.world == 1:
-            prepared.features = cached_features(extract, dataset, cfg.model.views, cache_dir_of(cfg.data), key,
-                                                device=device, progress=progress)
-        dist.barrier()
-        if prepared.features is None:
-            prepared.features = cached_features(extract, dataset, cfg.model.views, cache_dir_of(cfg.data), key,
-                                                device=device, progress=False)
+        if not dist.main:
+            dist.barrier()  # the main process fills the cache first; the others then read it
+        prepared.features = cached_features(model, dataset, cfg.model.views, cache_dir_of(cfg.data), key,
+                                            device=device, progress=progress)
+        if dist.main:
+            dist.barrier()
     return prepared
 
 
-class _FeatureExtractor(nn.Module):
-    def __init__(self, model: Embedder):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.features(images)
-
-
 @torch.no_grad()
-def embed(prep: Prepared, indices: Sequence[int], model: Embedder | None = None, batch_size: int = 256,
-          view: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings and class probabilities of ``indices`` (from cached features in frozen mode)."""
-    model = model or prep.model
+def embed(prep: Prepared, indices: Sequence[int], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and class probabilities of the plain view of ``indices`` (from cached features in frozen mode)."""
+    model = prep.model
     model.eval()
     embs, probs = [], []
     for start in range(0, len(indices), batch_size):
         idx = list(indices[start:start + batch_size])
         if prep.features is not None:
-            emb, logits = model.heads(prep.features[idx, view].to(prep.device))
+            emb, logits = model.heads(prep.features[idx, 0].to(prep.device))
         else:
-            images = torch.stack([prep.dataset.view(i, view) for i in idx]).to(prep.device)
+            images = torch.stack([prep.dataset.view(i, 0) for i in idx]).to(prep.device)
             emb, logits = model(images)
         embs.append(emb.float().cpu())
         probs.append(torch.softmax(logits.float(), dim=1).cpu())
@@ -161,7 +149,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
         write_json(run / "versions.json", versions())
         write_manifest(run / "split.csv", prep.records)
         write_json(run / "data.json", {"summary": prep.data.summary_line(), "skipped": prep.data.skipped,
-                                       "duplicates": prep.data.duplicates.__dict__, "backbone_weights": prep.weights,
+                                       "duplicates": asdict(prep.data.duplicates), "backbone_weights": prep.weights,
                                        "class_map": prep.class_map.to_dict()})
     single = cfg.sampler.magnification if cfg.sampler.mode == "single" else None
     train_idx, val_idx = prep.indices("train", single), prep.indices("val", single)
@@ -263,7 +251,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
         scheduler.step()
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
                **{f"loss_{k}" if k != "tuples" else "tuples_per_step": v / max(steps, 1) for k, v in sums.items()}}
-        if len(val_idx):
+        if len(val_idx) and dist.main:  # validation and checkpoints are the main process's job
             _, probs = embed(prep, val_idx)
             pred = probs.argmax(1)
             t_val = targets[val_idx].numpy()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +11,17 @@ from smse.checkpoint import find_checkpoint, load_checkpoint
 from smse.data.loading import LoadedData
 from smse.data.manifest import read_manifest
 from smse.engine import embed, prepare
-from smse.io import atomic_path, write_json, write_text
+from smse.errors import CheckpointError
+from smse.io import atomic_path, write_csv, write_json, write_text
 from smse.metrics import by_magnification, patient_scores
 from smse.retrieval import cross_magnification_matrix, knn_predict, magnification_probe
 from smse.tables import results_table
 
 
-def load_run(run: str | Path, which: str = "best", device: str | None = None):
+def load_run(run: str | Path, which: str = "best"):
     """A run's model, config, class map, checkpoint metadata and its records with their splits."""
     path = find_checkpoint(run, which)
     model, cfg, class_map, meta = load_checkpoint(path)
-    if device:
-        cfg.train.device = device
     split = Path(path).parent / "split.csv"
     records = read_manifest(split)[0] if split.exists() else None
     return model, cfg, class_map, meta, records
@@ -38,8 +36,6 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     run = Path(run)
     model, cfg, class_map, meta, records = load_run(run, which)
     if records is None:
-        from smse.errors import CheckpointError
-
         raise CheckpointError(f"{run}: no split.csv; evaluate needs the run folder written by smse train")
     backend = backend or cfg.eval.knn_backend
     prep = prepare(cfg, progress=progress, data=LoadedData(records, {}),
@@ -76,12 +72,10 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     write_json(ev / "metrics.json", out)
     write_text(ev / "results.md", results_table({"SMSE (classifier head)": out["head"],
                                                    f"SMSE (k-NN, k={k})": out["knn"]}) + "\n")
-    with atomic_path(ev / "predictions.csv") as tmp, open(tmp, "w", newline="") as handle:
-        w = csv.writer(handle)
-        w.writerow(["path", "patient", "magnification", "label", "predicted"] + [f"p_{c}" for c in class_map.names])
-        for j, i in enumerate(test):
-            w.writerow([recs[i].path, recs[i].patient, recs[i].magnification, class_map.names[t_test[j]],
-                        class_map.names[pred[j]]] + [f"{v:.6f}" for v in probs[j]])
+    write_csv(ev / "predictions.csv",
+              ["path", "patient", "magnification", "label", "predicted"] + [f"p_{c}" for c in class_map.names],
+              ([recs[i].path, recs[i].patient, recs[i].magnification, class_map.names[t_test[j]],
+                class_map.names[pred[j]]] + [f"{v:.6f}" for v in probs[j]] for j, i in enumerate(test)))
     save_embeddings(ev / "test-embeddings.npz", emb, [recs[i] for i in test], class_map, probs)
     save_embeddings(run / "reference.npz", ref_emb, [recs[i] for i in train], class_map)
     return out

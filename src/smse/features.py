@@ -10,12 +10,12 @@ from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 from tqdm.auto import tqdm
 
 from smse.data.dataset import RecordDataset
 from smse.data.records import Record
 from smse.io import atomic_path
+from smse.models import Embedder
 
 
 def feature_key(records: Sequence[Record], backbone_id: str, size: Sequence[int], views: int, seed: int) -> str:
@@ -28,21 +28,21 @@ def feature_key(records: Sequence[Record], backbone_id: str, size: Sequence[int]
 
 
 @torch.no_grad()
-def compute_features(extract: nn.Module, dataset: RecordDataset, views: int, batch_size: int = 64,
+def compute_features(model: Embedder, dataset: RecordDataset, views: int, batch_size: int = 64,
                      device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
-    """Features of view 0 (plain) .. views-1 (fixed augmentations) of every image: [N, views, F] float32."""
-    extract.eval().to(device)
+    """Backbone features of view 0 (plain) .. views-1 (fixed augmentations) of every image: [N, views, F] float32."""
+    model.eval().to(device)
     out = []
     pairs = [(i, v) for i in range(len(dataset)) for v in range(views)]
     for start in tqdm(range(0, len(pairs), batch_size), desc="features", disable=None if progress else True, leave=False):
         chunk = pairs[start:start + batch_size]
         images = torch.stack([dataset.view(i, v) for i, v in chunk]).to(device)
-        out.append(extract(images).float().cpu())
+        out.append(model.features(images).float().cpu())
     feats = torch.cat(out) if out else torch.empty(0, 0)
     return feats.view(len(dataset), views, -1)
 
 
-def cached_features(extract: nn.Module, dataset: RecordDataset, views: int, cache_dir: str | Path, key: str,
+def cached_features(model: Embedder, dataset: RecordDataset, views: int, cache_dir: str | Path, key: str,
                     batch_size: int = 64, device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
     """``compute_features`` through an on-disk cache (safetensors, written atomically)."""
     path = Path(cache_dir) / "features" / f"{key}.safetensors"
@@ -51,7 +51,7 @@ def cached_features(extract: nn.Module, dataset: RecordDataset, views: int, cach
             return load_file(str(path))["features"]
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
             path.unlink(missing_ok=True)
-    feats = compute_features(extract, dataset, views, batch_size, device, progress)
+    feats = compute_features(model, dataset, views, batch_size, device, progress)
     with atomic_path(path) as tmp:
         save_file({"features": feats.contiguous()}, str(tmp))
     return feats

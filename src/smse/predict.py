@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from smse.checkpoint import find_checkpoint, load_checkpoint
 from smse.data.breakhis import iter_image_files, parse_name
 from smse.data.images import IMAGE_SUFFIXES, load_resized
 from smse.data.transforms import to_tensor
 from smse.errors import CheckpointError, DataError, ImageError
-from smse.checkpoint import find_checkpoint, load_checkpoint
-from smse.io import atomic_path
+from smse.io import write_csv
 from smse.retrieval import search
 from smse.runtime import resolve_device
 
@@ -47,10 +46,11 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
 
     An unreadable image gets a row with its error and the rest go on.
     """
-    model, cfg, class_map, _ = load_checkpoint(find_checkpoint(run, which))
+    checkpoint = find_checkpoint(run, which)
+    model, cfg, class_map, _ = load_checkpoint(checkpoint)
     dev = resolve_device(device)
     model.to(dev).eval()
-    ref_path = Path(run) / "reference.npz" if Path(run).is_dir() else Path(run).parent / "reference.npz"
+    ref_path = checkpoint.parent / "reference.npz"
     if not ref_path.exists():
         raise CheckpointError(f"{ref_path}: no reference embeddings; run `smse evaluate {run}` first")
     with np.load(ref_path) as npz:
@@ -83,15 +83,10 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
                 row[f"nn{r}_magnification"] = int(ref["magnifications"][j])
                 row[f"nn{r}_distance"] = float(dj)
     if out_csv:
-        write_rows(out_csv, rows, ["path", "magnification", "predicted"] + [f"p_{c}" for c in class_map.names]
+        columns = (["path", "magnification", "predicted"] + [f"p_{c}" for c in class_map.names]
                    + [f"nn{r}_{f}" for r in range(1, k + 1) for f in ("path", "label", "magnification", "distance")]
                    + ["error"])
+        write_csv(out_csv, columns, ([f"{row[c]:.6f}" if isinstance(row.get(c), float) else row.get(c, "")
+                                      for c in columns] for row in rows))
     return rows
 
-
-def write_rows(path: str | Path, rows: Iterable[dict], columns: list[str]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        w = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({c: (f"{row[c]:.6f}" if isinstance(row.get(c), float) else row.get(c, "")) for c in columns})

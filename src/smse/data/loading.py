@@ -12,7 +12,13 @@ from smse.data.hashing import DuplicateReport, inspect_files, resolve_duplicates
 from smse.data.images import default_cache_dir
 from smse.data.manifest import read_manifest
 from smse.data.records import Record
-from smse.data.splits import apply_fold_file, carve_validation, check_split, read_fold_file, seeded_split
+from smse.data.splits import (
+    apply_fold_file,
+    carve_validation,
+    check_split,
+    read_fold_file,
+    seeded_split,
+)
 from smse.errors import DataError, ImageError
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from smse.data.records import UNKNOWN_MAGNIFICATION, Record
 from smse.errors import DataError
+from smse.io import write_csv
 
 REQUIRED = ("path", "label", "patient")
 SPLITS = ("train", "val", "test")
@@ -73,10 +74,5 @@ def read_manifest(path: str | os.PathLike, skip_bad: bool = False) -> tuple[list
 
 def write_manifest(path: str | os.PathLike, records: list[Record]) -> None:
     """Write records as a manifest CSV (absolute paths)."""
-    from smse.io import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "tumor_type", "patient", "magnification", "split"])
-        for r in records:
-            writer.writerow([r.path, r.label, r.tumor_type, r.patient, r.magnification or "", r.split or ""])
+    write_csv(path, ["path", "label", "tumor_type", "patient", "magnification", "split"],
+              ([r.path, r.label, r.tumor_type, r.patient, r.magnification or "", r.split or ""] for r in records))

@@ -1,7 +1,18 @@
 """Metric losses (pair, triplet) with in-batch mining, classification losses (RFL and baselines), the objective."""
 
-from smse.losses.classification import CLASSIFICATION_LOSSES, class_balance, make_classification_loss
-from smse.losses.metric import METRIC_LOSSES, PairLoss, TripletLoss, make_metric_loss, mine_pairs, mine_triplets
+from smse.losses.classification import (
+           CLASSIFICATION_LOSSES,
+           class_balance,
+           make_classification_loss,
+)
+from smse.losses.metric import (
+           METRIC_LOSSES,
+           PairLoss,
+           TripletLoss,
+           make_metric_loss,
+           mine_pairs,
+           mine_triplets,
+)
 from smse.losses.objective import Objective
 
 __all__ = ["CLASSIFICATION_LOSSES", "METRIC_LOSSES", "Objective", "PairLoss", "TripletLoss", "class_balance",
