@@ -32,6 +32,7 @@ from smse.data.images import load_resized  # noqa: E402
 from smse.data.transforms import to_tensor  # noqa: E402
 from smse.losses import Objective, TripletLoss, make_classification_loss  # noqa: E402
 from smse.retrieval import faiss_available, search  # noqa: E402
+from smse.runtime import seed_everything  # noqa: E402
 
 
 def batch_of(files, size, n):
@@ -199,6 +200,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer steps and sizes (a smoke run)")
     args = parser.parse_args()
+    seed_everything(0)  # deterministic kernels, as the trainer runs by default (train.deterministic)
     steps = 2 if args.quick else 5
     data = synthetic_set()
     files = list(iter_image_files(data))

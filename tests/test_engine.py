@@ -223,3 +223,26 @@ def test_fine_tuning_is_the_same_with_loader_workers(synth_data, tmp_path):
     a = train(tiny_config(synth_data, tmp_path / "w0", *common, "train.num_workers=0"), progress=False)
     b = train(tiny_config(synth_data, tmp_path / "w2", *common, "train.num_workers=2"), progress=False)
     assert same_weights(a / "last.safetensors", b / "last.safetensors")
+
+
+RUN_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from tests.conftest import tiny_config
+    from smse.engine import train
+    train(tiny_config({data!r}, {out!r}, "train.epochs=3", "sampler.batch_size=32", "loss.mining=all", {extra!r}),
+          progress=False)
+""")
+
+
+def test_two_processes_reproduce_a_run_bit_for_bit(synth_data, tmp_path):
+    """Separate processes (not just two runs in one) must give the same weights."""
+    def run(name):
+        script = RUN_SCRIPT.format(root=str(ROOT), data=str(synth_data), out=str(tmp_path / name),
+                                   extra="train.deterministic=true")
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "SMSE_CACHE_DIR": str(tmp_path / "cache")})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return tmp_path / name / "last.safetensors"
+
+    assert same_weights(run("a"), run("b"))

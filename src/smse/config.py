@@ -92,6 +92,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     amp: bool = True
     num_workers: int = 0
+    deterministic: bool = True  # bit-identical reruns; false lets torch pick faster nondeterministic kernels
     batches_per_epoch: int | None = None
 
 

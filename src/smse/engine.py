@@ -66,7 +66,7 @@ def prepare(cfg: Config, dist: Dist = Dist(), progress: bool = True, data: Loade
     """
     device = resolve_device(cfg.train.device, dist.local_rank)
     data = data or load_data(cfg.data)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.train.deterministic)
     if trained is not None:
         model, class_map, weights = trained
     else:

@@ -11,11 +11,19 @@ import numpy as np
 import torch
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices). The only place global RNG state is set."""
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch (all devices). The only place global RNG state is set.
+
+    ``deterministic`` also makes torch use deterministic kernels: without it, the backward pass of
+    the metric losses' index gathers (a scatter-add over thousands of tuples) sums in an order that
+    changes from one process to the next, so two runs of one config drift apart after the first step.
+    """
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
