@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,15 @@ def sample_root() -> Path:
     if not (SAMPLE / "BreaKHis_v1").is_dir():
         pytest.skip(f"the real BreakHis sample is not at {SAMPLE} (only present beside the project's own checkout)")
     return SAMPLE
+
+
+def sample_facts(root: Path) -> dict:
+    """What the sample's README states: total images, slide folders, and images per size."""
+    readme = (root / "README.md").read_text()
+    total_row = next(line for line in readme.splitlines() if line.startswith("| all |"))
+    cells = [c.strip() for c in total_row.strip("|").split("|")]
+    sizes = {f"{m[2]} RGB": int(m[1]) for m in re.finditer(r"(\d+) are (\d+x\d+)", readme)}
+    return {"images": int(cells[-2]), "slide_folders": int(cells[-1]), "sizes": sizes}
 
 
 @pytest.fixture(autouse=True)

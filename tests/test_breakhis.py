@@ -4,7 +4,7 @@ import pytest
 
 from smse.data.breakhis import find_breast_root, parse_name, scan_breakhis
 from smse.errors import DataError
-from tests.conftest import breakhis_path, make_tree, write_png
+from tests.conftest import breakhis_path, make_tree, sample_facts, write_png
 
 
 def test_parse_name_keeps_suffixes_and_fields():
@@ -93,9 +93,10 @@ def test_scan_bad_name_and_misfiled_image(tiny_tree):
 
 
 def test_sample_parsed_exactly(sample_root):
+    facts = sample_facts(sample_root)
     records, skipped = scan_breakhis(sample_root)
-    assert len(records) == 169 and not skipped
-    assert len({Path(r.path).parent.parent for r in records}) == 39
+    assert len(records) == facts["images"] and not skipped
+    assert len({Path(r.path).parent.parent for r in records}) == facts["slide_folders"] == 39
     assert len({r.patient for r in records}) == 38
     both = {r.tumor_type for r in records if r.patient == "14-13412"}
     assert both == {"DC", "LC"}
