@@ -53,13 +53,7 @@ def _config(config: Optional[str], overrides: List[str]):
     """A config file, or the name of a packaged one (demo, breakhis, breakhis-paper), plus overrides."""
     from smse.config import load_config
 
-    path = None
-    if config:
-        path = Path(config)
-        if not path.exists():
-            packaged = Path(__file__).parent / "configs" / f"{config.removesuffix('.yaml')}.yaml"
-            path = packaged if packaged.exists() else path
-    return load_config(path, overrides)
+    return load_config(config, overrides)
 
 
 CONFIG_HELP = "YAML config file, or a packaged config name: demo, breakhis, breakhis-paper."

@@ -264,13 +264,29 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+PACKAGED = Path(__file__).parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped with the package (``demo``, ``breakhis``, ...)."""
+    return sorted(p.stem for p in PACKAGED.glob("*.yaml"))
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (or the defaults), apply overrides, and validate."""
+    """Read a YAML config (a file, or the name of a packaged one such as ``breakhis``), apply overrides, validate.
+
+    Args:
+        path: a YAML file, a packaged config name, or None for the defaults.
+        overrides: dotted ``field.name=value`` strings, values parsed as YAML.
+    """
     data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+            packaged = PACKAGED / f"{path.name.removesuffix('.yaml')}.yaml"
+            if path.parent != Path(".") or not packaged.is_file():
+                raise ConfigError(f"{path}: config file not found (packaged configs: {', '.join(packaged_configs())})")
+            path = packaged
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

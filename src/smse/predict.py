@@ -5,16 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from smse.checkpoint import find_checkpoint, load_checkpoint
+from smse.api import ReferenceIndex, load_model
 from smse.data.breakhis import iter_image_files, parse_name
-from smse.data.images import IMAGE_SUFFIXES, load_resized
-from smse.data.transforms import to_tensor
-from smse.errors import CheckpointError, DataError, ImageError
+from smse.data.images import IMAGE_SUFFIXES
+from smse.errors import DataError, ImageError
 from smse.io import write_csv
-from smse.retrieval import search
 from smse.runtime import resolve_device
 
 
@@ -39,24 +36,16 @@ def _magnification_of(path: Path) -> str:
         return ""
 
 
-@torch.no_grad()
 def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None, k: int = 5,
             batch_size: int = 32, which: str = "best", device: str = "auto", backend: str | None = None) -> list[dict]:
     """Classify images and find their ``k`` nearest reference images (the run's training set).
 
     An unreadable image gets a row with its error and the rest go on.
     """
-    checkpoint = find_checkpoint(run, which)
-    model, cfg, class_map, _ = load_checkpoint(checkpoint)
-    dev = resolve_device(device)
-    model.to(dev).eval()
-    ref_path = checkpoint.parent / "reference.npz"
-    if not ref_path.exists():
-        raise CheckpointError(f"{ref_path}: no reference embeddings; run `smse evaluate {run}` first")
-    with np.load(ref_path) as npz:
-        ref = {k: npz[k] for k in npz.files}  # an NpzFile would re-read an array on every access
+    model = load_model(run, which, resolve_device(device))
+    index = ReferenceIndex.from_run(run, model, backend)
     files = expand_inputs(inputs)
-    size = tuple(cfg.data.image_size)
+    class_map = model.class_map
     rows: list[dict] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
@@ -64,24 +53,24 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
         for f in chunk:
             row = {"path": str(f), "magnification": _magnification_of(f), "error": ""}
             try:
-                images.append(to_tensor(load_resized(f, size)))
+                images.append(model.transform(f))
                 ok.append(row)
             except ImageError as exc:
                 row["error"] = exc.reason
             rows.append(row)
         if not images:
             continue
-        emb, logits = model(torch.stack(images).to(dev))
-        probs = torch.softmax(logits.float(), 1).cpu().numpy()
-        dist, idx = search(emb.float().cpu().numpy(), ref["embeddings"], k, backend or cfg.eval.knn_backend)
-        for row, p, d, nn in zip(ok, probs, dist, idx):
+        emb, probs = model.infer(torch.stack(images), batch_size)
+        hits = index.search(emb, k)
+        label_of = hits.labels if class_map.task == "binary" else hits.tumor_types
+        for q, (row, p) in enumerate(zip(ok, probs)):
             row["predicted"] = class_map.names[int(p.argmax())]
             row.update({f"p_{c}": float(v) for c, v in zip(class_map.names, p)})
-            for r, (j, dj) in enumerate(zip(nn, d), start=1):
-                row[f"nn{r}_path"] = str(ref["paths"][j])
-                row[f"nn{r}_label"] = str(ref["labels"][j] if class_map.task == "binary" else ref["tumor_types"][j])
-                row[f"nn{r}_magnification"] = int(ref["magnifications"][j])
-                row[f"nn{r}_distance"] = float(dj)
+            for r in range(hits.indices.shape[1]):
+                row[f"nn{r + 1}_path"] = str(hits.paths[q, r])
+                row[f"nn{r + 1}_label"] = str(label_of[q, r])
+                row[f"nn{r + 1}_magnification"] = int(hits.magnifications[q, r])
+                row[f"nn{r + 1}_distance"] = float(hits.distances[q, r])
     if out_csv:
         columns = (["path", "magnification", "predicted"] + [f"p_{c}" for c in class_map.names]
                    + [f"nn{r}_{f}" for r in range(1, k + 1) for f in ("path", "label", "magnification", "distance")]
@@ -89,4 +78,3 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
         write_csv(out_csv, columns, ([f"{row[c]:.6f}" if isinstance(row.get(c), float) else row.get(c, "")
                                       for c in columns] for row in rows))
     return rows
-

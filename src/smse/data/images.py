@@ -61,13 +61,17 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     return rgb
 
 
-def load_resized(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
-    """Decode ``path`` and resize it to ``size`` = (height, width); returns HxWx3 uint8."""
+def resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to ``size`` = (height, width) the way every training image is resized (bilinear, antialiased)."""
     height, width = size
-    image = read_image(path)
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(image, dtype=np.uint8)
+    return image
+
+
+def load_resized(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
+    """Decode ``path`` and resize it to ``size`` = (height, width); returns HxWx3 uint8."""
+    return np.asarray(resize_image(read_image(path), size), dtype=np.uint8)
 
 
 class ImageCache:

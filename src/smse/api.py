@@ -1,0 +1,252 @@
+"""The Python API: train a run, load its model, embed and classify images, search reference cases."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from smse.checkpoint import find_checkpoint, load_checkpoint
+from smse.config import Config
+from smse.data.images import read_image, resize_image
+from smse.data.records import ClassMap
+from smse.data.transforms import to_tensor
+from smse.errors import CheckpointError, ImageError
+from smse.models import Embedder
+
+log = logging.getLogger(__name__)
+
+ImageLike = Any  # a path, a PIL image, an HxWx3 uint8 array or a 3xHxW float tensor in [0, 1]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run folder written by ``train``: checkpoints, history, split and (once evaluated) metrics."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def history(self) -> list[dict]:
+        """One row per epoch: losses, learning rate, validation accuracy."""
+        file = self.path / "history.json"
+        return json.loads(file.read_text()) if file.exists() else []
+
+    @property
+    def metrics(self) -> dict | None:
+        """The test-split metrics of ``evaluate`` (None before evaluation)."""
+        file = self.path / "eval" / "metrics.json"
+        return json.loads(file.read_text()) if file.exists() else None
+
+    def checkpoint(self, which: str = "best") -> Path:
+        return find_checkpoint(self.path, which)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def train(cfg: Config, evaluate: bool = True, progress: bool = False) -> Run:
+    """Train (resuming where ``cfg.out`` holds an unfinished run of the same config), then evaluate.
+
+    The only API call that changes process-wide state: it seeds the random generators and sets
+    torch's deterministic-kernel switch as ``cfg`` says.
+    """
+    from smse.engine import train as run_training
+
+    path = run_training(cfg, progress=progress)
+    if evaluate:
+        from smse.evaluate import evaluate_run
+
+        evaluate_run(path, progress=progress)
+    return Run(path)
+
+
+class Model:
+    """A trained embedding network with its class map and preprocessing, ready for inference.
+
+    Attributes:
+        module: the ``Embedder`` (backbone, embedding head, classifier head) in eval mode.
+        config: the run's resolved config.
+        class_map: class names in the order of ``predict_proba``'s columns.
+        data_config: input size (height, width) and the normalisation inside the module.
+        transform: one image (path, PIL image, uint8 array or tensor) -> the 3xHxW tensor the module takes.
+    """
+
+    def __init__(self, module: Embedder, config: Config, class_map: ClassMap, device: str | torch.device = "cpu",
+                 metadata: dict | None = None):
+        self.module = module.eval().to(device)
+        self.config = config
+        self.class_map = class_map
+        self.device = torch.device(device)
+        self.metadata = metadata or {}
+        self.size = (int(config.data.image_size[0]), int(config.data.image_size[1]))
+        self.data_config = {"input_size": (3, *self.size), "mean": tuple(module.mean.flatten().tolist()),
+                            "std": tuple(module.std.flatten().tolist()), "interpolation": "bilinear"}
+        self.transform: Callable[[ImageLike], torch.Tensor] = self._to_input
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.class_map.names
+
+    def _to_input(self, image: ImageLike) -> torch.Tensor:
+        """Resize like the training images (PIL bilinear, the image cache's path) and scale to [0, 1]."""
+        if isinstance(image, (str, os.PathLike)):
+            image = read_image(image)
+        if isinstance(image, Image.Image):
+            image = np.asarray(resize_image(image if image.mode == "RGB" else image.convert("RGB"), self.size))
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ImageError("<array>", f"expected an HxWx3 uint8 array, got {image.dtype} {image.shape}")
+            if image.shape[:2] != self.size:
+                image = np.asarray(resize_image(Image.fromarray(image, "RGB"), self.size))
+            return to_tensor(image)
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise ImageError("<tensor>", f"expected a 3xHxW tensor in [0, 1], got shape {tuple(image.shape)}")
+            image = image.float()
+            if tuple(image.shape[1:]) != self.size:
+                image = F.interpolate(image[None], size=self.size, mode="bilinear", antialias=True,
+                                      align_corners=False)[0].clamp_(0, 1)
+            return image
+        raise ImageError(repr(type(image)), "not an image: give a path, a PIL image, a uint8 array or a tensor")
+
+    def _batches(self, images: ImageLike | Sequence[ImageLike], batch_size: int):
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            images = list(images)
+        elif isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        for start in range(0, len(images), batch_size):
+            yield torch.stack([self.transform(x) for x in images[start:start + batch_size]])
+
+    @torch.no_grad()
+    def infer(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings [N, d] and class probabilities [N, C] of ``images`` (one image or a sequence)."""
+        embs, probs = [], []
+        for batch in self._batches(images, batch_size):
+            emb, logits = self.module(batch.to(self.device))
+            embs.append(emb.float().cpu())
+            probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        if not embs:
+            return (np.zeros((0, self.module.heads.embed.out_features), np.float32),
+                    np.zeros((0, len(self.class_map)), np.float32))
+        return torch.cat(embs).numpy(), torch.cat(probs).numpy()
+
+    def embed(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
+        """Embeddings [N, d]: similar tissue lies close, whatever the magnification."""
+        return self.infer(images, batch_size)[0]
+
+    def predict_proba(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
+        """Class probabilities [N, C], columns in the order of ``classes``."""
+        return self.infer(images, batch_size)[1]
+
+    def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> list[str]:
+        """The most probable class name of each image."""
+        return [self.class_map.names[i] for i in self.predict_proba(images, batch_size).argmax(1)]
+
+    def __repr__(self) -> str:
+        return (f"Model({self.config.model.backbone}, classes={list(self.classes)}, "
+                f"input={self.size[0]}x{self.size[1]}, device={self.device})")
+
+
+def load_model(run: str | os.PathLike | Run, which: str = "best", device: str | torch.device = "cpu") -> Model:
+    """The model of a run folder (its ``best`` or ``last`` checkpoint) or of a ``.safetensors`` file."""
+    path = find_checkpoint(Path(run), which)
+    module, cfg, class_map, meta = load_checkpoint(path)
+    return Model(module, cfg, class_map, device, meta)
+
+
+@dataclass
+class Hits:
+    """The nearest references of each query, nearest first: arrays of shape [queries, k]."""
+
+    distances: np.ndarray
+    indices: np.ndarray
+    labels: np.ndarray
+    tumor_types: np.ndarray
+    magnifications: np.ndarray
+    patients: np.ndarray
+    paths: np.ndarray
+
+    def rows(self, query: int = 0) -> list[dict]:
+        """The hits of one query as a list of dicts (rank, label, tumour type, magnification, patient, path, distance)."""
+        return [{"rank": r + 1, "index": int(self.indices[query, r]), "label": str(self.labels[query, r]),
+                 "tumor_type": str(self.tumor_types[query, r]), "magnification": int(self.magnifications[query, r]),
+                 "patient": str(self.patients[query, r]), "path": str(self.paths[query, r]),
+                 "distance": float(self.distances[query, r])} for r in range(self.indices.shape[1])]
+
+
+class ReferenceIndex:
+    """Embeddings of reference images with their metadata; ``search`` finds the nearest ones (squared L2)."""
+
+    FIELDS = ("labels", "tumor_types", "magnifications", "patients", "paths")
+
+    def __init__(self, embeddings: np.ndarray, backend: str = "torch", **metadata: np.ndarray):
+        self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        n = len(self.embeddings)
+        self.metadata = {}
+        for name in self.FIELDS:
+            values = metadata.get(name)
+            default = np.zeros(n, np.int64) if name == "magnifications" else np.full(n, "", dtype=object)
+            self.metadata[name] = np.asarray(values) if values is not None else default
+            if len(self.metadata[name]) != n:
+                raise ValueError(f"{name}: {len(self.metadata[name])} values for {n} embeddings")
+        self.backend = backend
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: str = "torch") -> "ReferenceIndex":
+        """An index from a ``.npz`` written by ``smse evaluate`` or ``smse embed``."""
+        with np.load(path) as npz:
+            arrays = {k: npz[k] for k in npz.files}  # read once: an NpzFile re-reads on every access
+        return cls(arrays["embeddings"], backend, **{k: arrays[k] for k in cls.FIELDS if k in arrays})
+
+    @classmethod
+    def from_run(cls, run: str | os.PathLike | Run, model: Model | None = None,
+                 backend: str | None = None) -> "ReferenceIndex":
+        """The training images of a run as references (``reference.npz``, computed and saved when missing)."""
+        folder = Path(run)
+        folder = folder.parent if folder.is_file() else folder
+        path = folder / "reference.npz"
+        if not path.exists():
+            build_reference(folder, model)
+        model_cfg = model.config if model is not None else None
+        return cls.load(path, backend or (model_cfg.eval.knn_backend if model_cfg else "torch"))
+
+    def search(self, queries: np.ndarray, k: int = 5) -> Hits:
+        """The ``k`` nearest references of each query embedding (one [d] vector or an [N, d] array)."""
+        from smse.retrieval import search
+
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        dist, idx = search(queries, self.embeddings, k, self.backend)
+        return Hits(dist, idx, *(self.metadata[name][idx] for name in self.FIELDS))
+
+
+def build_reference(run: str | os.PathLike, model: Model | None = None, which: str = "best") -> Path:
+    """Embed the training images of a run (from its ``split.csv``) into ``run/reference.npz``."""
+    from smse.data.manifest import read_manifest
+    from smse.evaluate import save_embeddings
+
+    run = Path(run)
+    split = run / "split.csv"
+    if not split.exists():
+        raise CheckpointError(f"{run}: no split.csv, so no reference images; is it a run folder written by smse train?")
+    model = model or load_model(run, which)
+    records = [r for r in read_manifest(split)[0] if r.split == "train"]
+    log.info("embedding %d reference images of %s", len(records), run)
+    emb = model.embed([r.path for r in records])
+    save_embeddings(run / "reference.npz", emb, records, model.class_map)
+    return run / "reference.npz"

@@ -1,0 +1,80 @@
+"""The public Python API: train, load a model, embed and classify any image form, search references."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import smse
+from smse.errors import CheckpointError, ConfigError, ImageError
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(synth_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("api") / "run"
+    return smse.train(tiny_config(synth_data, out))
+
+
+def test_load_config_by_name_path_and_overrides(tmp_path):
+    cfg = smse.load_config("breakhis", ["data.root=/data/x", "loss.gamma=1.5"])
+    assert cfg.data.root == "/data/x" and cfg.loss.gamma == 1.5 and cfg.model.backbone == "efficientnet_lite0"
+    path = tmp_path / "mine.yaml"
+    path.write_text("loss: {margin: 0.25}\n")
+    assert smse.load_config(path).loss.margin == 0.25
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found .*packaged configs: .*breakhis"):
+        smse.load_config("nope.yaml")
+
+
+def test_run_has_history_and_metrics(run):
+    assert isinstance(run, smse.Run)
+    assert len(run.history) == 3 and "val_patient_accuracy" in run.history[-1]
+    assert 0 <= run.metrics["head"]["all"]["patient_accuracy"] <= 1
+    assert run.checkpoint("last").name == "last.safetensors"
+
+
+def test_every_image_form_gives_the_same_embedding(run):
+    model = smse.load_model(run)
+    assert model.classes == ("benign", "malignant") and model.data_config["input_size"] == (3, 32, 48)
+    test = np.load(run.path / "eval" / "test-embeddings.npz")
+    paths = [str(p) for p in test["paths"][:4]]
+    from_paths = model.embed(paths)
+    # the frozen-feature path of training/evaluation and the image path of the API agree
+    np.testing.assert_allclose(from_paths, test["embeddings"][:4], atol=1e-4)
+    pil = [Image.open(p) for p in paths]
+    arrays = [np.asarray(im.convert("RGB")) for im in pil]
+    tensors = torch.stack([torch.from_numpy(np.array(Image.fromarray(a).resize((48, 32), Image.BILINEAR)))
+                           .permute(2, 0, 1).float() / 255 for a in arrays])
+    np.testing.assert_allclose(model.embed(pil), from_paths, atol=1e-5)
+    np.testing.assert_allclose(model.embed(arrays), from_paths, atol=1e-5)
+    np.testing.assert_allclose(model.embed(tensors), from_paths, atol=1e-5)
+    assert model.embed(paths[0]).shape == (1, 16)
+    probs = model.predict_proba(paths)
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(probs, test["probabilities"][:4], atol=1e-4)
+    assert model.predict(paths) == [model.classes[i] for i in probs.argmax(1)]
+    with pytest.raises(ImageError, match="HxWx3 uint8"):
+        model.embed(np.zeros((4, 4), np.float32))
+
+
+def test_reference_index_searches_training_images(run, tmp_path):
+    model = smse.load_model(run)
+    index = smse.ReferenceIndex.from_run(run)
+    train_paths = {line.split(",")[0] for line in (run.path / "split.csv").read_text().splitlines()[1:]
+                   if line.endswith(",train")}
+    assert len(index) == len(train_paths)
+    query = sorted(train_paths)[0]
+    hits = index.search(model.embed(query), k=3)
+    assert hits.indices.shape == (1, 3)
+    assert hits.paths[0, 0] == query and hits.distances[0, 0] == pytest.approx(0, abs=1e-4)
+    assert np.all(np.diff(hits.distances[0]) >= 0)
+    rows = hits.rows(0)
+    assert rows[0]["rank"] == 1 and rows[0]["label"] in model.classes and rows[0]["magnification"] in (40, 100, 200, 400)
+    # without reference.npz the index is computed from split.csv and saved; the same embeddings come back
+    saved = index.embeddings.copy()
+    (run.path / "reference.npz").unlink()
+    rebuilt = smse.ReferenceIndex.from_run(run, model)
+    assert (run.path / "reference.npz").exists()
+    np.testing.assert_allclose(rebuilt.embeddings, saved, atol=1e-4)
+    with pytest.raises(CheckpointError, match="no split.csv"):
+        smse.ReferenceIndex.from_run(tmp_path)
