@@ -207,7 +207,7 @@ def test_checkpoint_from_another_version_is_refused(synth_data, tmp_path):
     meta["format"] = "smse-checkpoint-0"
     old = tmp_path / "old.safetensors"
     save_file(state, str(old), metadata=meta)
-    with pytest.raises(CheckpointError, match="format 'smse-checkpoint-0' is not 'smse-checkpoint-1'"):
+    with pytest.raises(CheckpointError, match="format 'smse-checkpoint-0' is not 'smse-checkpoint-2'"):
         load_checkpoint(old)
 
 

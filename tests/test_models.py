@@ -60,3 +60,68 @@ def test_any_timm_model_from_a_local_checkpoint(tmp_path):
     save_file({"x": torch.zeros(3)}, str(unrelated))
     with pytest.raises(CheckpointError, match="shares no tensor"):
         create_backbone("resnet10t", checkpoint_path=str(unrelated))
+
+
+NATURAL_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")  # CC0 photographs shipped with scikit-image
+LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+
+
+def natural_batch(side: int) -> torch.Tensor:
+    """Centre and corner crops of natural photographs, as [N, 3, side, side] in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    data = pytest.importorskip("skimage.data", reason="scikit-image ships the CC0 photographs")
+    crops = []
+    for name in NATURAL_PHOTOS:
+        image = Image.fromarray(getattr(data, name)()).convert("RGB")
+        scale = side * 1.15 / min(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+        for left, top in ((0, 0), ((image.width - side) // 2, (image.height - side) // 2),
+                          (image.width - side, image.height - side)):
+            crops.append(np.asarray(image.crop((left, top, left + side, top + side))))
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
+
+
+class _Stop(Exception):
+    pass
+
+
+def stem_variance_shift(module: torch.nn.Module, images: torch.Tensor, mean, std) -> float:
+    """|median over channels of log(batch variance / running variance)| at the first batch-norm layer.
+
+    The batch-norm layer after the stem convolution recorded the variance of what the network saw in
+    training. Fed the way it was trained, natural photographs land near it (|log| about 0.4); fed
+    with another scaling, the variance moves by the square of the scale ratio.
+    """
+    first = next(m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+
+    def grab(mod, inputs):
+        seen.append(inputs[0])
+        raise _Stop
+
+    hook = first.register_forward_pre_hook(grab)
+    x = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    try:
+        with torch.no_grad():
+            module.eval()(x)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    var = seen[0].var(dim=(0, 2, 3))
+    ok = (first.running_var > 1e-3) & (var > 1e-6)
+    return abs(torch.log(var[ok] / first.running_var[ok]).median().item())
+
+
+@pytest.mark.parametrize("name", sorted(LITE_SIZES))
+def test_offline_lite_weights_are_fed_the_scaling_they_were_trained_with(name):
+    """The Lite checkpoints were trained on (x - 127) / 128; ImageNet mean/std (the old default) is wrong for them."""
+    backbone = create_backbone(name, pretrained=True)
+    images = natural_batch(LITE_SIZES[name])
+    p = backbone.preprocessing
+    assert stem_variance_shift(backbone.module, images, p.mean, p.std) < 0.8
+    # the check can fail: the ImageNet mean/std that these weights were once given misses it widely
+    imagenet = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    assert stem_variance_shift(backbone.module, images, *imagenet) > 1.0

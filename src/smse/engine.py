@@ -78,7 +78,8 @@ def prepare(cfg: Config, dist: Dist = Dist(), progress: bool = True, data: Loade
     prepared = Prepared(cfg, data, class_map, model.to(device), weights, dataset, device,
                         patient_ids={p: i for i, p in enumerate(sorted({r.patient for r in data.records}))})
     if cfg.model.freeze_backbone:
-        key = feature_key(data.records, f"{cfg.model.backbone}|{weights}", size, cfg.model.views, cfg.seed)
+        scaling = f"{model.mean.flatten().tolist()}|{model.std.flatten().tolist()}"
+        key = feature_key(data.records, f"{cfg.model.backbone}|{weights}|{scaling}", size, cfg.model.views, cfg.seed)
         if not dist.main:
             dist.barrier()  # the main process fills the cache first; the others then read it
         prepared.features = cached_features(model, dataset, cfg.model.views, cache_dir_of(cfg.data), key,
