@@ -125,3 +125,43 @@ def test_offline_lite_weights_are_fed_the_scaling_they_were_trained_with(name):
     # the check can fail: the ImageNet mean/std that these weights were once given misses it widely
     imagenet = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     assert stem_variance_shift(backbone.module, images, *imagenet) > 1.0
+
+
+def test_a_timm_model_saved_in_hub_format_trains_by_name_offline(synth_data, tmp_path):
+    """A local folder in Hugging Face hub format (config.json + weights), as pathology foundation models ship."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    import smse
+    from tests.conftest import tiny_config
+
+    donor = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=0)
+    torch.nn.init.constant_(donor.patch_embed.proj.bias, 0.125)
+    folder = tmp_path / "tiny-vit"
+    save_for_hf(donor, folder, model_args={"depth": 2},
+                model_config={"pretrained_cfg": {**donor.pretrained_cfg, "mean": (0.6, 0.5, 0.4), "std": (0.2, 0.25, 0.3)}})
+    name = f"local-dir:{folder}"
+    backbone = create_backbone(name, pretrained=True)
+    assert backbone.weights == f"timm:{name}" and backbone.input_size == (224, 224)
+    assert backbone.preprocessing.mean == (0.6, 0.5, 0.4)  # from the folder's config, not hard-coded
+    assert torch.equal(backbone.module.patch_embed.proj.bias, donor.patch_embed.proj.bias)
+    run = smse.train(tiny_config(synth_data, tmp_path / "run", f"model.backbone={name}", "model.pretrained=true",
+                                 "train.epochs=1"), evaluate=False)
+    model = smse.load_model(run)
+    assert model.data_config["mean"] == pytest.approx((0.6, 0.5, 0.4))
+    assert model.predict_proba(sorted(synth_data.rglob("*.png"))[:2]).shape == (2, 2)
+
+
+def test_a_fixed_size_backbone_names_the_size_it_needs(monkeypatch):
+    from smse.checkpoint import build_model
+    from smse.config import load_config
+    from smse.models.backbones import Backbone, Preprocessing, register_backbone
+
+    monkeypatch.setitem(BACKBONES, "fixed-net", None)  # removed again after the test
+    register_backbone("fixed-net")(lambda pretrained, path: Backbone(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(8)), 8, Preprocessing(), "random", (64, 64), True))
+    with pytest.raises(ConfigError, match=r"data.image_size: fixed-net takes 64x64 images only, not 32x48"):
+        build_model(load_config(None, ["model.backbone=fixed-net", "data.image_size=[32, 48]"]), 2)
+    build_model(load_config(None, ["model.backbone=fixed-net", "data.image_size=[64, 64]"]), 2)
+    # a vision transformer is made dynamic: position embeddings are resampled to any size
+    assert not create_backbone("vit_tiny_patch16_224", pretrained=False).fixed_input_size

@@ -15,24 +15,28 @@ def test_magnification_balanced_batches_and_epoch_length():
     batches = list(s.epoch(0))
     assert len(batches) == len(s) == 4  # ceil(100 / 32): one epoch is about one look at each image
     for b in batches:
-        assert len(b) == 32 and Counter(MAGS[i] for i in b) == {40: 8, 100: 8, 200: 8, 400: 8}
-    assert all(np.array_equal(a, b) for a, b in zip(batches, s.epoch(0)))  # deterministic in (seed, epoch)
-    assert not np.array_equal(batches[0], next(iter(s.epoch(1))))
-    seen = Counter(int(i) for b in batches for i in b)
+        assert len(b) == 32 and Counter(MAGS[i] for i in b.indices) == {40: 8, 100: 8, 200: 8, 400: 8}
+        assert b.tuples is None and b.classify is None  # tuples are mined in the batch
+    assert all(np.array_equal(a.indices, b.indices) for a, b in zip(batches, s.epoch(0)))  # deterministic in (seed, epoch)
+    assert not np.array_equal(batches[0].indices, next(iter(s.epoch(1))).indices)
+    seen = Counter(int(i) for b in batches for i in b.indices)
     assert max(seen.values()) <= 2 and len(seen) >= 90  # without replacement within a pass
 
 
 def test_offline_triplets_follow_the_paper():
     s = OfflineTupleSampler(TARGETS, batch_size=30, kind="triplet", seed=1)
     for batch in s.epoch(0):
-        a, p, n = np.split(batch, 3)
+        a, p, n = (batch.indices[t] for t in batch.tuples)  # the sampler yields the tuples itself
         assert all(TARGETS[i] == TARGETS[j] for i, j in zip(a, p))
         assert all(TARGETS[i] != TARGETS[j] for i, j in zip(a, n))
+        assert np.array_equal(batch.indices[batch.classify], a)  # the anchors are classified, as in the original
     pairs = OfflineTupleSampler(TARGETS, batch_size=40, kind="pair", seed=1)
     same = []
     for batch in pairs.epoch(0):
-        x, y = np.split(batch, 2)
-        same += [TARGETS[i] == TARGETS[j] for i, j in zip(x, y)]
+        i, j, flag = batch.tuples
+        x, y = batch.indices[i], batch.indices[j]
+        same += [TARGETS[a] == TARGETS[b] for a, b in zip(x, y)]
+        assert [bool(f) for f in flag] == [TARGETS[a] == TARGETS[b] for a, b in zip(x, y)]
     assert 0.3 < np.mean(same) < 0.7  # same class with probability 1/2
 
 

@@ -23,9 +23,9 @@ FORMAT = "smse-checkpoint-2"  # 2: EfficientNet-Lite as TensorFlow-padded timm m
 
 
 def save_checkpoint(path: str | Path, model: Embedder, cfg: Config, class_map: ClassMap, epoch: int,
-                    metrics: dict | None = None, backbone_weights: str = "") -> None:
-    """Write ``model``'s weights and everything needed to use them into one safetensors file."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                    metrics: dict | None = None, backbone_weights: str = "", state: dict | None = None) -> None:
+    """Write ``model``'s weights (or ``state``, a state dict of that model) and everything needed to use them."""
+    state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
     meta = {
         "format": FORMAT, "smse_version": __version__, "config": json.dumps(to_dict(cfg)),
         "class_map": json.dumps(class_map.to_dict()),

@@ -16,6 +16,21 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
 
 
+@app.callback()
+def _options(quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warnings and errors only.")) -> None:
+    """Show the library's log (epochs, resumes, warnings) on standard error."""
+    import logging
+
+    logger = logging.getLogger("smse")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
 @data_app.command("summary")
 def data_summary(
     path: Path = typer.Argument(..., help="BreakHis folder (official or nested copy) or manifest CSV."),

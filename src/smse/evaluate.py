@@ -10,7 +10,7 @@ import torch
 from smse.checkpoint import find_checkpoint, load_checkpoint
 from smse.data.loading import LoadedData
 from smse.data.manifest import read_manifest
-from smse.engine import embed, prepare
+from smse.prepare import embed, prepare
 from smse.errors import CheckpointError
 from smse.io import atomic_path, write_csv, write_json, write_text
 from smse.metrics import by_magnification, patient_scores

@@ -14,9 +14,29 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One global batch: positions in the training set, and for offline tuples their structure.
+
+    Attributes:
+        indices: positions in the training set, in batch order.
+        tuples: offline tuples as positions within the batch: ``(a, p, n)`` triplets or ``(i, j, y)``
+            pairs (y = 1 for a same-class pair); None where the loss mines its own tuples in the batch.
+        classify: the batch rows the classification loss sees (None: every row).
+    """
+
+    indices: np.ndarray
+    tuples: tuple[np.ndarray, ...] | None = None
+    classify: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class MagnificationBalancedSampler:
@@ -36,20 +56,21 @@ class MagnificationBalancedSampler:
     def __len__(self) -> int:
         return self.batches
 
-    def epoch(self, epoch: int) -> Iterator[np.ndarray]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch, 17])
         streams = [_Stream(pool, rng) for pool in self.pools]
         m = len(streams)
         for b in range(self.batches):
             sizes = [self.batch_size // m + (1 if (k + b) % m < self.batch_size % m else 0) for k in range(m)]
-            yield np.concatenate([s.take(k) for s, k in zip(streams, sizes)])
+            yield Batch(np.concatenate([s.take(k) for s, k in zip(streams, sizes)]))
 
 
 class OfflineTupleSampler:
     """Random offline triplets or pairs from the pooled training set, as the original code drew them.
 
-    A batch is the flat index list ``[anchors, positives, negatives]`` (triplets) or
-    ``[firsts, seconds]`` (pairs, same class with probability 1/2).
+    A batch holds the flat index list ``[anchors, positives, negatives]`` (triplets) or
+    ``[firsts, seconds]`` (pairs, same class with probability 1/2), the tuples as positions in it,
+    and the anchors (first images) as the rows to classify, as in the original.
     """
 
     def __init__(self, targets: Sequence[int], batch_size: int, kind: str = "triplet", seed: int = 0,
@@ -72,21 +93,24 @@ class OfflineTupleSampler:
         others = [k for k in self.by_class if k != c]
         return int(rng.choice(self.by_class[others[rng.integers(len(others))]]))
 
-    def epoch(self, epoch: int) -> Iterator[np.ndarray]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch, 29])
         order = rng.permutation(len(self.targets))
         stream = _Stream(order, rng)
         for _ in range(self.batches):
             anchors = stream.take(self.tuples_per_batch)
+            t = np.arange(len(anchors))
             cols = [anchors]
             if self.kind == "triplet":
                 cols.append(np.array([self._same(self.targets[a], rng) for a in anchors]))
                 cols.append(np.array([self._other(self.targets[a], rng) for a in anchors]))
+                tuples = (t, t + len(t), t + 2 * len(t))
             else:
                 same = rng.random(len(anchors)) < 0.5
                 cols.append(np.array([self._same(self.targets[a], rng) if s else self._other(self.targets[a], rng)
                                       for a, s in zip(anchors, same)]))
-            yield np.concatenate(cols)
+                tuples = (t, t + len(t), same.astype(np.int64))
+            yield Batch(np.concatenate(cols), tuples, t)
 
 
 class _Stream:
