@@ -125,8 +125,8 @@ BAD = {
     "not an image": (b"just some text, not pixels\n" * 20, "notes.png", "not an image file"),
     "truncated": (truncated_png(), "cut.png", "corrupt or truncated"),
     "zero bytes": (b"", "empty.png", "file is empty"),
-    "huge image": (flat_png((2000, 1001)), "huge.png", "2000x1001 pixels (2.0 megapixels), over the limit of 2.0"),
-    "decompression bomb": (png_bomb(5000, 5000), "bomb.png", "5000x5000 pixels (25.0 megapixels), over the limit"),
+    "huge image": (flat_png((2000, 1001)), "huge.png", "image is 2000x1001 = 2,002,000 pixels, over the limit of 2,000,000"),
+    "decompression bomb": (png_bomb(5000, 5000), "bomb.png", "image is 5000x5000 = 25,000,000 pixels, over the limit of 2,000,000"),
     "too small": (png_bytes((4, 4)), "tiny.png", "only 4x4 pixels"),
 }
 
@@ -214,8 +214,12 @@ def test_token_guards_every_api_call_but_not_the_page(service, run):
 
 
 def test_without_a_token_only_local_host_names_are_answered(client):
-    assert client.get("/api/health", headers={"Host": "localhost:8000"}).status_code == 200
-    assert client.get("/api/health", headers={"Host": "rebound.example"}).status_code == 400
+    for host in ("localhost:8000", "127.0.0.1", "127.0.0.2:80", "[::1]:8000", "LOCALHOST"):
+        assert client.get("/api/health", headers={"Host": host}).status_code == 200, host
+    for host in ("rebound.example", "rebound.example:8000", "10.0.0.1:8000", "[::2]:8000", "localhost.example"):
+        for url in ("/api/health", "/"):  # DNS rebinding: a foreign page that resolves its name to 127.0.0.1
+            response = client.get(url, headers={"Host": host})
+            assert response.status_code == 400 and response.json()["code"] == "host_not_local", host
 
 
 def test_page_and_static_files_are_served_offline(client):

@@ -179,15 +179,6 @@ def demo(
     typer.echo(f"data: {data}\nrun: {run} (best.safetensors, history.json, eval/)")
 
 
-def _is_local(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 @app.command()
 def serve(
     run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
@@ -207,8 +198,9 @@ def serve(
 ) -> None:
     """Serve a web page and a JSON API: classify images, show the most similar reference cases."""
     from smse.errors import ConfigError
+    from smse.serve import is_loopback
 
-    if not _is_local(host) and not token:
+    if not is_loopback(host) and not token:
         raise ConfigError(f"--host {host}: not a loopback address, so the server needs a token "
                           "(--token or the SMSE_TOKEN environment variable)")
     try:

@@ -85,8 +85,7 @@ def _byte_size(source: str | os.PathLike | BinaryIO, is_path: bool) -> int:
 def _check_pixels(name: str, width: int, height: int, max_pixels: int | None) -> None:
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
-        raise ImageError(name, f"image is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels), "
-                               f"over the limit of {limit / 1e6:.1f} megapixels")
+        raise ImageError(name, f"image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}")
 
 
 def resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:

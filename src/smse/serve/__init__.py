@@ -1,8 +1,18 @@
 """``smse serve``: a web page and a JSON API that classify images and show similar reference cases."""
 
+import ipaddress
+
 from smse.serve.service import Limits, Service, Upload
 
-__all__ = ["Limits", "Service", "Upload", "create_app"]
+__all__ = ["Limits", "Service", "Upload", "create_app", "is_loopback"]
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (``127.0.0.1``, ``::1``, ``[::1]``)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def __getattr__(name: str):

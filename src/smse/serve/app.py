@@ -15,14 +15,13 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from smse import __version__
 from smse.errors import DataError, ImageError
+from smse.serve import is_loopback
 from smse.serve.service import Limits, Service, Upload, parse_magnification
 
 STATIC = Path(str(files("smse.serve") / "static"))
-LOCAL_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
                                            "base-uri 'none'; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
@@ -40,8 +39,14 @@ def _error(status: int, code: str, message: str, headers: dict | None = None, **
     return JSONResponse({"error": message, "code": code, **extra}, status, headers=headers)
 
 
+def _host_name(header: bytes) -> str:
+    """The host of a ``Host`` header without its port (``[::1]:8000`` -> ``[::1]``)."""
+    text = header.decode("latin-1").strip()
+    return text[: text.index("]") + 1] if text.startswith("[") and "]" in text else text.rsplit(":", 1)[0]
+
+
 class _Guard:
-    """ASGI middleware for ``/api/``: the bearer token (when one is set), then the request size.
+    """ASGI middleware: without a token, local ``Host`` names only; on ``/api/``, the token, then the request size.
 
     A request with a body must declare its ``Content-Length`` (browsers and HTTP clients do), so an
     oversized upload is refused before a byte of it is read; the server never reads past that length.
@@ -53,25 +58,32 @@ class _Guard:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
-            return await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> JSONResponse | None:
         headers = dict(scope["headers"])
-        response = None
+        if self.token is None and not is_loopback(_host_name(headers.get(b"host", b""))):
+            return _error(400, "host_not_local", "without a token this server answers local host names only "
+                                                 "(localhost, 127.0.0.1, [::1])")
+        if not scope["path"].startswith("/api/"):
+            return None
         if self.token is not None:
             given = headers.get(b"authorization", b"")
             if not (given.startswith(b"Bearer ") and hmac.compare_digest(given[7:].strip(), self.token)):
-                response = _error(401, "unauthorized", "this server needs its token: send 'Authorization: Bearer <token>'",
-                                  {"WWW-Authenticate": "Bearer"})
-        if response is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                return _error(401, "unauthorized", "this server needs its token: send 'Authorization: Bearer <token>'",
+                              {"WWW-Authenticate": "Bearer"})
+        if scope["method"] in ("POST", "PUT", "PATCH"):
             length = headers.get(b"content-length")
             if length is None or not length.isdigit():
-                response = _error(411, "length_required", "the request must declare its Content-Length")
-            elif int(length) > self.max_bytes:
-                response = _error(413, "upload_too_large", f"the request is {int(length) / 2**20:.1f} MiB, over the "
-                                                           f"limit of {self.max_bytes / 2**20:.1f} MiB")
-        if response is not None:
-            return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
+                return _error(411, "length_required", "the request must declare its Content-Length")
+            if int(length) > self.max_bytes:
+                return _error(413, "upload_too_large", f"the request is {int(length) / 2**20:.1f} MiB, over the "
+                                                       f"limit of {self.max_bytes / 2**20:.1f} MiB")
+        return None
 
 
 class Neighbour(BaseModel):
@@ -150,8 +162,6 @@ def create_app(run: str | Path | None = None, reference: str | Path | None = Non
     app = FastAPI(title="smse", version=__version__,
                   description="Classify histopathology images and find similar reference cases at any magnification.")
     app.state.service = service
-    if token is None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOCAL_HOSTS)
     app.add_middleware(_Guard, token=token, max_bytes=limits.max_request_bytes)
 
     @app.exception_handler(StarletteHTTPException)

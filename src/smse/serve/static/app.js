@@ -177,7 +177,12 @@ function renderCase(result) {
     el("p", {class: "vote"}, `Nearest-reference vote (${votes} neighbours): `,
       Object.entries(c.neighbour_vote).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1])
         .map(([name, n], i) => [i ? ", " : "", el("b", {style: {color: classColour(name)}, text: name}), ` ${n}`])),
-    el("p", {class: "muted small", text: "Each image's own class and neighbours are listed below."}));
+    el("table", {class: "images"}, el("tbody", {}, result.images.map((r, i) => el("tr", {},
+      el("td", {}, el("a", {href: `#result-${i + 1}`, class: "number", text: String(i + 1)})),
+      el("td", {text: r.magnification ? `${r.magnification}X` : "?"}),
+      r.error ? el("td", {colspan: 2, class: "error", text: "unreadable"}) : [
+        el("td", {}, el("span", {class: "chip", style: {background: classColour(r.predicted)}, text: r.predicted})),
+        el("td", {class: "num", text: pct(r.probabilities[r.predicted])})])))));
 }
 
 async function thumbURL(id) {
