@@ -361,6 +361,15 @@ def test_page_in_chromium_classifies_an_upload_and_shows_neighbours(service, run
             vote: document.querySelector('#case-body .vote').textContent,
             status: document.getElementById('status').textContent})""")
         shot = page.screenshot(tmp_path / "serve-page.png")
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(image.read_bytes()[:2000])
+        page.evaluate("document.body.dataset.state = 'busy'")
+        page.set_files("#file-input", [broken])  # joins the queue: the case is sent again with both images
+        page.wait_for("document.body.dataset.state === 'done'")
+        after = page.evaluate("""({
+            failed: [...document.querySelectorAll('.result.failed .error')].map(e => e.textContent),
+            predicted: document.querySelectorAll('.result .query-text .chip.big').length,
+            status: document.getElementById('status').textContent})""")
         errors = page.errors()
     assert errors == []
     assert len(seen["predicted"]) == 1 and seen["predicted"][0] in service.model.classes, seen
@@ -369,6 +378,8 @@ def test_page_in_chromium_classifies_an_upload_and_shows_neighbours(service, run
     assert len(seen["thumbs"]) == 4 * 5 and all(seen["thumbs"]), seen  # k=5 per magnification, every one loaded
     assert seen["ranked"] == 5 and seen["marks"] == 1 and "1 image analysed" in seen["status"]
     assert seen["painted"] and "(5 neighbours): " in seen["vote"] and "object" not in seen["vote"]  # styles pass the CSP
+    assert len(after["failed"]) == 1 and after["failed"][0].startswith("broken.png: corrupt or truncated image"), after
+    assert after["predicted"] == 1 and after["status"].endswith("1 unreadable")
     assert shot.stat().st_size > 30_000
     keep = os.environ.get("SMSE_SCREENSHOT_DIR")
     if keep:

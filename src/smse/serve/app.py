@@ -22,6 +22,7 @@ from smse.serve import is_loopback
 from smse.serve.service import Limits, Service, Upload, parse_magnification
 
 STATIC = Path(str(files("smse.serve") / "static"))
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
                                            "base-uri 'none'; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
@@ -166,7 +167,8 @@ def create_app(run: str | Path | None = None, reference: str | Path | None = Non
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, getattr(exc, "code", "http_error"), str(exc.detail), exc.headers)
+        code = getattr(exc, "code", None) or HTTP_CODES.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

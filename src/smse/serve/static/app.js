@@ -62,6 +62,7 @@ async function start() {
     state.health = await (await api("/api/health")).json();
   } catch (error) {
     setStatus(error.message, "error");
+    $("model-info").textContent = "not connected";
     document.body.dataset.state = "error";
     return;
   }
@@ -221,11 +222,15 @@ async function renderResults(result) {
         el("h3", {title: r.name, text: r.name}),
         el("p", {class: "muted", text: r.magnification ? `${r.magnification}X` +
           (r.magnification_source === "name" ? " (from the file name)" : " (given)") : "magnification unknown"}),
-        r.error ? el("p", {class: "error", text: r.error}) : [
+        r.error ? null : [
           el("div", {class: "verdict"}, el("span", {class: "chip big", style: {background: classColour(r.predicted)}, text: r.predicted}),
             el("span", {class: "muted", text: pct(r.probabilities[r.predicted])})),
           bars(r.probabilities, r.predicted)]));
-    if (r.error) return el("article", {class: "result failed", id: `result-${i + 1}`}, head);
+    if (r.error) {
+      return el("article", {class: "result failed", id: `result-${i + 1}`}, head,
+        el("div", {}, el("h4", {text: "This image could not be read"}), el("p", {class: "error", text: r.error}),
+          el("p", {class: "muted", text: "The other images of the case were analysed without it."})));
+    }
     const rankOf = new Map(r.neighbours.map((n) => [n.id, n.rank]));
     const rows = r.by_magnification.map((group) => {
       const figures = group.neighbours.map((n) => {
