@@ -169,13 +169,15 @@ def test_upload_limits(client):
     ({}, "images: no image uploaded"),
     ({"k": "0"}, "k: expected 1 to 10"),
     ({"k": "many"}, "k: expected an integer"),
+    ({"k": ("k.png", b"1")}, "k: expected an integer"),
     ({"magnification": "banana"}, "magnification: expected a magnification"),
     ({"magnification": ["40", "100"]}, "magnification: 2 values for 1 images"),
 ])
 def test_bad_fields_are_named(client, form, message):
-    files = [] if not form else [("x.png", png_bytes())]
-    response = client.post("/api/predict", files=[("images", f) for f in files] or None,
-                           data={k: v for k, v in form.items()} or {"k": "5"})
+    files = [("images", ("x.png", png_bytes()))] if form else []
+    files += [(key, value) for key, value in form.items() if isinstance(value, tuple)]  # a file where text belongs
+    data = {key: value for key, value in form.items() if not isinstance(value, tuple)}
+    response = client.post("/api/predict", files=files or None, data=data or {"k": "5"})
     assert response.status_code == 422 and message in response.json()["error"], response.text
 
 

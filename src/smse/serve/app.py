@@ -8,7 +8,6 @@ from importlib.resources import files
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
@@ -36,8 +35,8 @@ class ApiError(HTTPException):
         self.code = code
 
 
-def _error(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
-    return JSONResponse({"error": message, "code": code, **extra}, status, headers=headers)
+def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "code": code}, status, headers=headers)
 
 
 def _host_name(header: bytes) -> str:
@@ -170,12 +169,6 @@ def create_app(run: str | Path | None = None, reference: str | Path | None = Non
         code = getattr(exc, "code", None) or HTTP_CODES.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail), exc.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "path", "query"))
-        return _error(422, "invalid_request", f"{field}: {first['msg']}")
-
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
@@ -235,8 +228,8 @@ async def _read_form(form, limits: Limits) -> tuple[list[Upload], int]:
     try:
         k = int(form.get("k", 5))
         magnifications = [parse_magnification(str(m)) for m in mags] or [None] * len(images)
-    except ValueError:
-        raise ApiError(422, "invalid_request", f"k: expected an integer, got {form.get('k')!r}") from None
+    except (TypeError, ValueError):
+        raise ApiError(422, "invalid_request", f"k: expected an integer, got {str(form.get('k'))[:40]!r}") from None
     except DataError as exc:
         raise ApiError(422, "invalid_request", str(exc)) from None
     if not 1 <= k <= limits.max_k:
@@ -246,11 +239,10 @@ async def _read_form(form, limits: Limits) -> tuple[list[Upload], int]:
         if not isinstance(item, UploadFile):
             raise ApiError(422, "invalid_request", "images: expected files, got a text field")
         name = Path(item.filename or "upload").name
-        if item.size is not None and item.size > limits.max_file_bytes:
-            raise ApiError(413, "file_too_large", f"{name}: {item.size / 2**20:.1f} MiB, over the limit of "
-                                                  f"{limits.max_file_bytes / 2**20:.1f} MiB per file")
         data = await item.read(limits.max_file_bytes + 1)
         if len(data) > limits.max_file_bytes:
-            raise ApiError(413, "file_too_large", f"{name}: over the limit of {limits.max_file_bytes / 2**20:.1f} MiB per file")
+            size = max(item.size or 0, len(data)) / 2**20
+            raise ApiError(413, "file_too_large", f"{name}: {size:.1f} MiB, over the limit of "
+                                                  f"{limits.max_file_bytes / 2**20:.1f} MiB per file")
         uploads.append(Upload(name, data, mag))
     return uploads, k
