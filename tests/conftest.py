@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,18 @@ def write_png(path: Path, seed: int, size: tuple[int, int] = (35, 23), mode: str
     arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(arr, "RGB").convert(mode).save(path)
     return path
+
+
+def png_bomb(width: int, height: int, rows: int | None = None) -> bytes:
+    """A grayscale PNG of zeros, a few kB that decode to ``width * height`` bytes (``rows``: encode only the first rows)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter byte + pixels
+    idat = b"".join(packer.compress(row) for _ in range(height if rows is None else rows)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def make_tree(root: Path, slides: dict[tuple[str, str], int], mags=(40, 100, 200, 400)) -> list[Path]:

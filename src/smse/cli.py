@@ -194,6 +194,48 @@ def demo(
     typer.echo(f"data: {data}\nrun: {run} (best.safetensors, history.json, eval/)")
 
 
+@app.command()
+def serve(
+    run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but a loopback address needs --token."),
+    port: int = typer.Option(8000, help="Port."),
+    reference: Optional[Path] = typer.Option(None, help="Reference images: a BreakHis folder or manifest CSV "
+                                                        "(embedded once, cached in the run folder) or an .npz of "
+                                                        "smse embed. Default: the run's training images."),
+    token: Optional[str] = typer.Option(None, envvar="SMSE_TOKEN", show_envvar=True,
+                                        help="Every API call must send 'Authorization: Bearer TOKEN'."),
+    max_files: int = typer.Option(16, help="Images per request."),
+    max_file_mb: float = typer.Option(25.0, help="MiB per image file."),
+    max_request_mb: float = typer.Option(100.0, help="MiB per request."),
+    max_megapixels: float = typer.Option(64.0, help="Pixels per image, in millions (larger images are refused "
+                                                    "before decoding)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+) -> None:
+    """Serve a web page and a JSON API: classify images, show the most similar reference cases."""
+    from smse.errors import ConfigError
+    from smse.serve import is_loopback
+
+    if not is_loopback(host) and not token:
+        raise ConfigError(f"--host {host}: not a loopback address, so the server needs a token "
+                          "(--token or the SMSE_TOKEN environment variable)")
+    try:
+        import uvicorn
+
+        from smse.serve import Limits, create_app
+    except ImportError as exc:
+        raise ConfigError(f"smse serve needs FastAPI and uvicorn ({exc}): pip install 'smse[serve]'") from None
+    from smse.runtime import resolve_device
+
+    limits = Limits(max_files=max_files, max_file_bytes=int(max_file_mb * 2**20),
+                    max_request_bytes=int(max_request_mb * 2**20), max_pixels=int(max_megapixels * 1e6))
+    web = create_app(run, reference, token, limits, resolve_device(device))
+    service = web.state.service
+    typer.echo(f"model: {service.model!r}; {len(service.index)} reference images ({service.source})")
+    url_host = f"[{host}]" if ":" in host else host
+    typer.echo(f"page: http://{url_host}:{port}/   API docs: http://{url_host}:{port}/docs" + ("   (token required)" if token else ""))
+    uvicorn.run(web, host=host, port=port, log_level="info")
+
+
 def _size(text: str) -> tuple[int, int]:
     from smse.errors import ConfigError
 

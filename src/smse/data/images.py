@@ -6,6 +6,7 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -32,33 +33,59 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully into an 8-bit RGB image.
+def read_image(source: str | os.PathLike | BinaryIO, max_pixels: int | None = None,
+               name: str | None = None) -> Image.Image:
+    """Decode a file (a path or a binary file object) fully into an 8-bit RGB image.
+
+    Args:
+        source: a path, or an open binary file such as an upload's bytes in ``io.BytesIO``.
+        max_pixels: refuse images with more pixels than this, read from the header before any decoding
+            (default: PIL's decompression-bomb limit, ``Image.MAX_IMAGE_PIXELS``).
+        name: what errors call the file (default: the path, or the file object's ``name``).
 
     Raises:
-        ImageError: naming the file, for a missing, empty, truncated or undecodable file.
+        ImageError: naming the file, for a missing, empty, truncated, undecodable or too large image.
     """
-    path = str(path)
+    is_path = isinstance(source, (str, os.PathLike))
+    name = name or (str(source) if is_path else str(getattr(source, "name", "<upload>")))
     try:
-        if os.path.getsize(path) == 0:
-            raise ImageError(path, "file is empty")
+        if _byte_size(source, is_path) == 0:
+            raise ImageError(name, "file is empty")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
+                _check_pixels(name, *image.size, max_pixels)
                 image.load()
                 rgb = to_rgb8(image)
                 rgb.load()
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError(path, "file not found") from None
+        raise ImageError(name, "file not found") from None
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image file PIL can identify") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(path, f"corrupt or truncated image ({exc})") from None
+        raise ImageError(name, "not an image file PIL can identify") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ImageError(name, f"too many pixels, a possible decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(name, f"corrupt or truncated image ({exc})") from None
     if rgb.width < 8 or rgb.height < 8:
-        raise ImageError(path, f"image is only {rgb.width}x{rgb.height} pixels")
+        raise ImageError(name, f"image is only {rgb.width}x{rgb.height} pixels")
     return rgb
+
+
+def _byte_size(source: str | os.PathLike | BinaryIO, is_path: bool) -> int:
+    if is_path:
+        return os.path.getsize(source)
+    start = source.tell()
+    end = source.seek(0, os.SEEK_END)
+    source.seek(start)
+    return end - start
+
+
+def _check_pixels(name: str, width: int, height: int, max_pixels: int | None) -> None:
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ImageError(name, f"image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}")
 
 
 def resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
