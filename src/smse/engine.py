@@ -29,6 +29,7 @@ from smse.io import atomic_path, write_json
 from smse.losses import Objective, make_classification_loss, make_metric_loss
 from smse.metrics import image_accuracy, patient_accuracy
 from smse.models import Embedder
+from smse.runfolder import check_finite_weights, check_resume_data, guarded, split_fingerprint
 from smse.runtime import Dist, resolve_device, seed_everything, versions
 
 StepCallback = Callable[[int, int, dict], None]
@@ -123,9 +124,12 @@ def _amp(device: torch.device, enabled: bool):
     return contextlib.nullcontext(), None
 
 
+@guarded
 def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = True,
           data: LoadedData | None = None) -> Path:
     """Train a model as ``cfg`` says; resumes exactly from ``cfg.out/state.pt`` when it exists.
+
+    The run folder is locked while training; Ctrl-C raises ``Interrupted``, saying how to resume.
 
     Returns:
         The run folder, holding ``best.safetensors``, ``last.safetensors``, ``history.json``,
@@ -142,6 +146,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
                           "use another out folder or delete it")
     device = resolve_device(cfg.train.device, dist.local_rank)
     dist.init(device)
+    data = data or load_data(cfg.data)
+    check_resume_data(state, data.records, run)  # before any features are computed for data it would refuse
     prep = prepare(cfg, dist, progress and dist.main, data)
     if dist.main:
         run.mkdir(parents=True, exist_ok=True)
@@ -249,6 +255,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
             for cb in callbacks:
                 cb(epoch, step, parts)
         scheduler.step()
+        check_finite_weights(trainable, epoch + 1, run)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
                **{f"loss_{k}" if k != "tuples" else "tuples_per_step": v / max(steps, 1) for k, v in sums.items()}}
         if len(val_idx) and dist.main:  # validation and checkpoints are the main process's job
@@ -269,7 +276,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
             write_json(run / "history.json", history)
             state = {"epoch": epoch + 1, "trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
-                     "best": best, "config": _resume_key(cfg)}
+                     "best": best, "config": _resume_key(cfg), "data": split_fingerprint(prep.records)}
             with atomic_path(state_path) as tmp:
                 torch.save(state, tmp)
             if progress:

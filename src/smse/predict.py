@@ -12,7 +12,7 @@ from smse.checkpoint import find_checkpoint, load_checkpoint
 from smse.data.breakhis import iter_image_files, parse_name
 from smse.data.images import IMAGE_SUFFIXES, load_resized
 from smse.data.transforms import to_tensor
-from smse.errors import CheckpointError, DataError, ImageError
+from smse.errors import CheckpointError, ConfigError, DataError, ImageError
 from smse.io import write_csv
 from smse.retrieval import search
 from smse.runtime import resolve_device
@@ -46,6 +46,8 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
 
     An unreadable image gets a row with its error and the rest go on.
     """
+    if k < 1:
+        raise ConfigError(f"k: the number of nearest references must be at least 1, got {k}")
     checkpoint = find_checkpoint(run, which)
     model, cfg, class_map, _ = load_checkpoint(checkpoint)
     dev = resolve_device(device)

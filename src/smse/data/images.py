@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ from smse.errors import ImageError
 from smse.io import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MIN_SIDE = 8  # pixels; anything smaller is a thumbnail or an icon, not a field of view
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
@@ -32,33 +34,54 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def decode_image(data: bytes, path: str) -> tuple[Image.Image, str]:
+    """Decode the bytes of image file ``path`` fully; returns the 8-bit RGB image and the file's own mode.
+
+    Raises:
+        ImageError: naming the file, for empty, truncated, corrupt, tiny (< 8 px) or oversized images.
+    """
+    if not data:
+        raise ImageError(path, "file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                mode = image.mode
+                image.load()
+                rgb = to_rgb8(image)
+                rgb.load()
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image file PIL can identify") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(path, f"too large to decode safely ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - damaged bytes make PIL raise many kinds; each means a bad file
+        raise ImageError(path, f"corrupt or truncated image ({exc or type(exc).__name__})") from None
+    if rgb.width < MIN_SIDE or rgb.height < MIN_SIDE:
+        raise ImageError(path, f"image is only {rgb.width}x{rgb.height} pixels")
+    return rgb, mode
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file.
+
+    Raises:
+        ImageError: naming the file when it is missing or cannot be read.
+    """
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageError(str(path), "file not found") from None
+    except OSError as exc:
+        raise ImageError(str(path), f"cannot read the file ({exc.strerror or exc})") from None
+
+
 def read_image(path: str | os.PathLike) -> Image.Image:
     """Decode ``path`` fully into an 8-bit RGB image.
 
     Raises:
-        ImageError: naming the file, for a missing, empty, truncated or undecodable file.
+        ImageError: naming the file, for a missing, empty, truncated, undecodable, tiny or oversized file.
     """
-    path = str(path)
-    try:
-        if os.path.getsize(path) == 0:
-            raise ImageError(path, "file is empty")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                rgb = to_rgb8(image)
-                rgb.load()
-    except ImageError:
-        raise
-    except FileNotFoundError:
-        raise ImageError(path, "file not found") from None
-    except UnidentifiedImageError:
-        raise ImageError(path, "not an image file PIL can identify") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(path, f"corrupt or truncated image ({exc})") from None
-    if rgb.width < 8 or rgb.height < 8:
-        raise ImageError(path, f"image is only {rgb.width}x{rgb.height} pixels")
-    return rgb
+    return decode_image(read_bytes(path), str(path))[0]
 
 
 def load_resized(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
