@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import logging
 import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -16,14 +17,16 @@ from torch import nn
 
 from smse.config import Config
 from smse.data.records import Record
-from smse.errors import DataError, Interrupted, RunLockedError, TrainingDiverged
-from smse.io import writable_folder
+from smse.errors import DataError, Interrupted, OutputError, RunLockedError, TrainingDiverged
+from smse.io import describe, writable_folder
 from smse.runtime import Dist
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; the run folder is not guarded there
     fcntl = None
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 SPLIT_FIELDS = ("label", "tumor_type", "patient", "magnification", "split")
@@ -44,7 +47,11 @@ def locked(run: str | os.PathLike) -> Iterator[Path]:
     if fcntl is None:
         yield run
         return
-    with open(run / LOCK_FILE, "a+") as handle:
+    try:
+        handle = open(run / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise OutputError(f"{run / LOCK_FILE}: cannot open the run folder's lock ({describe(exc)})") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -52,14 +59,14 @@ def locked(run: str | os.PathLike) -> Iterator[Path]:
             holder = handle.read().strip() or "unknown"
             raise RunLockedError(f"{run}: another training (process {holder}) is writing into this run folder; "
                                  "wait for it to end, or choose another out") from None
+        except OSError as exc:  # file systems without locks (some network mounts)
+            logger.warning("%s: cannot lock this run folder (%s); a second training into it would not be stopped",
+                           run, exc.strerror or exc)
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
-        try:
-            yield run
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield run  # closing the file releases the lock
 
 
 def guarded(train: Callable[..., Path]) -> Callable[..., Path]:

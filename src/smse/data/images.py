@@ -55,7 +55,7 @@ def decode_image(data: bytes, path: str) -> tuple[Image.Image, str]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(path, f"too large to decode safely ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - damaged bytes make PIL raise many kinds; each means a bad file
-        raise ImageError(path, f"corrupt or truncated image ({exc or type(exc).__name__})") from None
+        raise ImageError(path, f"corrupt or truncated image ({str(exc) or type(exc).__name__})") from None
     if rgb.width < MIN_SIDE or rgb.height < MIN_SIDE:
         raise ImageError(path, f"image is only {rgb.width}x{rgb.height} pixels")
     return rgb, mode

@@ -136,6 +136,8 @@ def assign_split(records: list[Record], cfg: DataConfig) -> list[Record]:
             raise DataError(f"{s.fold_file}: lists none of the {len(records)} images found under {cfg.root}")
         return carve_validation(mapped, s.val_fraction, s.seed, cfg.task)
     missing = [r.path for r in records if r.split is None]
+    if len(missing) == len(records):
+        raise DataError(f"{cfg.root}: data.split.method is manifest, but no image has a split there")
     if missing:
         raise DataError(f"{missing[0]}: this image has no split in {cfg.root} while others have one; "
                         "fill the split column for every row, or set data.split.method=seeded")
