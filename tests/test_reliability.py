@@ -478,3 +478,6 @@ def test_non_finite_embeddings_never_reach_the_report(linked_run, tmp_path, capl
     with pytest.raises(TrainingDiverged, match=rf"{best}: the model gives non-finite embeddings for \d+ of "):
         evaluate_run(run, progress=False)
     assert (run / "eval" / "metrics.json").read_bytes() == before  # nothing of it was written
+    with pytest.raises(TrainingDiverged, match=rf"{best}: the model gives non-finite embeddings for 1 of 1 images"):
+        predict(run, [arrays["paths"][0]], tmp_path / "p.csv", device="cpu")
+    assert not (tmp_path / "p.csv").exists()

@@ -15,6 +15,7 @@ from smse.data.transforms import to_tensor
 from smse.errors import CheckpointError, ConfigError, DataError, ImageError
 from smse.io import write_csv
 from smse.retrieval import search
+from smse.runfolder import check_finite_outputs
 from smse.runtime import resolve_device
 
 
@@ -75,6 +76,7 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
             continue
         emb, logits = model(torch.stack(images).to(dev))
         probs = torch.softmax(logits.float(), 1).cpu().numpy()
+        check_finite_outputs(checkpoint, embeddings=emb.float().cpu().numpy(), probabilities=probs)
         dist, idx = search(emb.float().cpu().numpy(), ref["embeddings"], k, backend or cfg.eval.knn_backend)
         for row, p, d, nn in zip(ok, probs, dist, idx):
             row["predicted"] = class_map.names[int(p.argmax())]
