@@ -57,7 +57,7 @@ SEED_MAX = 2**32 - 1
 class SplitConfig:
     """How images are divided into train / val / test, always by patient."""
 
-    method: str = "auto"  # auto (the manifest's split column when it has one, else seeded) | seeded | fold-file | manifest
+    method: str = "auto"  # auto (a manifest's split column if it has one, else seeded) | seeded | fold-file | manifest
     fold_file: str | None = None
     fold: int = ranged(1, 1)
     test_fraction: float = ranged(0.3, 0, 1, low_open=True, high_open=True)

@@ -58,7 +58,8 @@ def writable_folder(path: str | os.PathLike, name: str, hint: str = "") -> Path:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        raise OutputError(f"{name} {path}: cannot write there ({describe(exc)})" + (f"; {hint}" if hint else "")) from None
+        raise OutputError(f"{name} {path}: cannot write there ({describe(exc)})"
+                          + (f"; {hint}" if hint else "")) from None
     return path
 
 

@@ -90,7 +90,8 @@ def resume_hint(run: Path) -> str:
     """What an interrupted training left in ``run`` and how to go on."""
     state = run / "state.pt"
     if not state.exists():
-        return f"interrupted before the first epoch ended; nothing in {run} to resume: run the same command to start again"
+        return (f"interrupted before the first epoch ended; nothing in {run} to resume: "
+                "run the same command to start again")
     epoch = torch.load(state, map_location="cpu", weights_only=False)["epoch"]
     return (f"interrupted; {run} holds the run after epoch {epoch} (state.pt, last.safetensors): "
             "run the same command again to resume from there")
