@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import zlib
@@ -13,7 +14,13 @@ from PIL import Image
 
 from smse.data.breakhis import CLASS_FOLDERS, TYPE_CLASS, TYPE_FOLDERS
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "breakhis-sample"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT.parent / "shared" / "data" / "breakhis-sample"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python that imports this checkout's smse (not another install) and its tests."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), **extra}
 
 
 def breakhis_path(root: Path, ttype: str, slide: str, mag: int, seq: int, year: str = "14") -> Path:

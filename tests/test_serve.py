@@ -299,14 +299,18 @@ def test_cli_refuses_a_public_bind_without_token(run, monkeypatch, capsys):
     started = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
     monkeypatch.setenv("SMSE_TOKEN", "from-env")
-    cli.main()
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 0
     assert started["host"] == "0.0.0.0" and started["port"] == 8000
     guarded = TestClient(started["app"])
     assert guarded.get("/api/health").status_code == 401
     assert guarded.get("/api/health", headers={"Authorization": "Bearer from-env"}).status_code == 200
     monkeypatch.delenv("SMSE_TOKEN")
     monkeypatch.setattr(sys, "argv", ["smse", "serve", str(run.path), "--host", "::1", "--port", "8123"])
-    cli.main()
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 0
     assert started["host"] == "::1" and started["port"] == 8123
 
 

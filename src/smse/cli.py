@@ -34,9 +34,11 @@ def _options(quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warni
 @data_app.command("summary")
 def data_summary(
     path: Path = typer.Argument(..., help="BreakHis folder (official or nested copy) or manifest CSV."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Where to write the JSON (default: ./data-summary.json)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", dir_okay=False,
+                                            help="Where to write the JSON (default: ./data-summary.json)."),
     skip_bad: bool = typer.Option(False, help="Skip unreadable or misnamed files and list them."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Cache folder (default $SMSE_CACHE_DIR or ~/.cache/smse)."),
+    cache_dir: Optional[Path] = typer.Option(None, file_okay=False,
+                                             help="Cache folder (default $SMSE_CACHE_DIR or ~/.cache/smse)."),
 ) -> None:
     """Print images by class, type and magnification, and patient counts; write them as JSON."""
     from smse.config import DataConfig
@@ -126,7 +128,7 @@ def report(run: Path = typer.Argument(..., help="Run folder (evaluated).")) -> N
 @app.command(context_settings={"allow_extra_args": True})
 def cv(
     config: Optional[str] = typer.Option(None, "-c", "--config", help=CONFIG_HELP),
-    folds: int = typer.Option(5, help="Number of patient-disjoint splits."),
+    folds: int = typer.Option(5, min=1, help="Number of patient-disjoint splits."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Cross-validate over k patient-disjoint splits; prints mean +- std in the literature's table form."""
@@ -142,8 +144,8 @@ def cv(
 def predict(
     run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
     images: List[Path] = typer.Argument(..., help="Image files or folders."),
-    out: Path = typer.Option(Path("predictions.csv"), help="CSV to write."),
-    k: int = typer.Option(5, help="Nearest reference images per query."),
+    out: Path = typer.Option(Path("predictions.csv"), dir_okay=False, help="CSV to write."),
+    k: int = typer.Option(5, min=1, help="Nearest reference images per query."),
 ) -> None:
     """Classify images and list their most similar reference images (CSV)."""
     from smse.predict import predict as run_predict
@@ -157,7 +159,8 @@ def predict(
 def embed(
     run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
     data: Path = typer.Argument(..., help="BreakHis folder or manifest CSV."),
-    out: Path = typer.Option(Path("embeddings.npz"), help="Output .npz; np.load(out) gives embeddings and metadata."),
+    out: Path = typer.Option(Path("embeddings.npz"), dir_okay=False,
+                             help="Output .npz; np.load(out) gives embeddings and metadata."),
 ) -> None:
     """Write the embeddings of every image of a dataset, with label, patient and magnification."""
     from smse.evaluate import embed_folder
@@ -167,10 +170,10 @@ def embed(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("smse-demo"), help="Folder for the data, the run and the report."),
-    patients: int = typer.Option(32, help="Synthetic patients."),
-    images_per_mag: int = typer.Option(12, help="Images per patient and magnification."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the demo config's)."),
+    out: Path = typer.Option(Path("smse-demo"), file_okay=False, help="Folder for the data, the run and the report."),
+    patients: int = typer.Option(32, min=2, help="Synthetic patients."),
+    images_per_mag: int = typer.Option(12, min=1, help="Images per patient and magnification."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the demo config's)."),
 ) -> None:
     """Generate the synthetic set, train SMSE on it, evaluate, write the report, say where all is."""
     import time
@@ -248,14 +251,16 @@ def _size(text: str) -> tuple[int, int]:
 
 @app.command()
 def synth(
-    out: Path = typer.Option(Path("smse-demo/data"), "--out", help="Output folder (BreaKHis_v1/... is written inside)."),
-    patients: int = typer.Option(32, help="Number of patients (one virtual slide each)."),
-    seed: int = typer.Option(0, help="Random seed; the output depends only on the arguments."),
+    out: Path = typer.Option(Path("smse-demo/data"), "--out", file_okay=False,
+                             help="Output folder (BreaKHis_v1/... is written inside)."),
+    patients: int = typer.Option(32, min=1, help="Number of patients (one virtual slide each)."),
+    seed: int = typer.Option(0, min=0, help="Random seed; the output depends only on the arguments."),
     size: str = typer.Option("192x128", help="Image size WIDTHxHEIGHT."),
-    images_per_mag: int = typer.Option(12, help="Images per patient and magnification."),
+    images_per_mag: int = typer.Option(12, min=1, help="Images per patient and magnification."),
     proportions: Optional[str] = typer.Option(None, help="breakhis (default), balanced, or A=1,F=2,... per type."),
-    workers: Optional[int] = typer.Option(None, help="Processes (default: all cores)."),
-    preview_path: Optional[Path] = typer.Option(None, "--preview", help="Only write a contact sheet PNG here."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Processes (default: all cores)."),
+    preview_path: Optional[Path] = typer.Option(None, "--preview", dir_okay=False,
+                                                help="Only write a contact sheet PNG here."),
 ) -> None:
     """Generate the synthetic BreakHis-shaped H&E dataset (or, with --preview, a contact sheet)."""
     import time
@@ -274,21 +279,27 @@ def synth(
 
 
 def main() -> None:
-    """Entry point: run the app, turning project errors into one clear line and exit code 2."""
+    """Entry point: project and usage errors become one ``error:`` line and exit code 2; Ctrl-C exits with 130."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except SmseError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        if not hasattr(exc, "format_message"):  # not one of click's (or typer's copy of click's) usage errors
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare command group: its help is the answer
             exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        else:
+            ctx = getattr(exc, "ctx", None)
+            see = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            typer.echo(f"error: {exc.format_message()}{see}", err=True)
+        sys.exit(exc.exit_code)
+    if code == 130:  # typer turns Ctrl-C outside training into this return value
+        typer.echo("error: interrupted", err=True)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

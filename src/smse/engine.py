@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from smse.checkpoint import save_checkpoint
 from smse.config import Config, save_config, to_dict
-from smse.data.loading import LoadedData
+from smse.data.loading import LoadedData, load_data
 from smse.data.manifest import write_manifest
 from smse.data.samplers import Batch, MagnificationBalancedSampler, OfflineTupleSampler
 from smse.errors import ConfigError, TrainingDiverged
@@ -31,6 +31,7 @@ from smse.io import atomic_path, write_json
 from smse.losses import Objective, make_classification_loss, make_metric_loss
 from smse.metrics import image_accuracy, patient_accuracy
 from smse.prepare import Prepared, embed, prepare
+from smse.runfolder import check_finite_weights, check_resume_data, guarded, split_fingerprint
 from smse.runtime import Dist, resolve_device, seed_everything, versions
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,13 @@ class Progress:
     written_at: float = field(default_factory=time.monotonic)
 
 
+@guarded
 def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = True,
           data: LoadedData | None = None) -> Path:
     """Train a model as ``cfg`` says; resumes exactly from ``cfg.out/state.pt`` when it exists.
 
     Seeds the random generators and sets torch's deterministic-kernel switch (``train.deterministic``).
+    The run folder is locked while training; Ctrl-C raises ``Interrupted``, saying how to resume.
 
     Returns:
         The run folder, holding ``best.safetensors``, ``last.safetensors``, ``history.json``,
@@ -71,6 +74,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
     run = Path(cfg.out)
     state = load_resume_state(cfg, run, dist)
     dist.init(resolve_device(cfg.train.device, dist.local_rank))
+    data = data or load_data(cfg.data)
+    check_resume_data(state, data.records, run)  # before any features are computed for data it would refuse
     seed_everything(cfg.seed, cfg.train.deterministic)
     prep = prepare(cfg, dist, progress and dist.main, data)
     if dist.main:
@@ -90,6 +95,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
             row = train_epoch(prep, net, objective, sampler, optimizer, scaler, train_idx, epoch, dist, callbacks,
                               progress and dist.main)
             scheduler.step()
+            check_finite_weights(trainable, epoch + 1, run)
             row["lr"] = optimizer.param_groups[0]["lr"]
             if len(val_idx) and dist.main:  # validation and saving are the main process's job
                 row.update(validate(prep, val_idx))
@@ -325,7 +331,7 @@ def save_progress(run: Path, prep: Prepared, done: Progress, trainable: nn.Modul
     state = {"epoch": done.epoch, "trainable": done.last_state, "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": done.history,
              "best": done.best, "best_epoch": done.best_epoch, "best_row": done.best_row, "best_state": done.best_state,
-             "config": resume_key(prep.cfg)}
+             "config": resume_key(prep.cfg), "data": split_fingerprint(prep.records)}
     with atomic_path(run / "state.pt") as tmp:
         torch.save(state, tmp)
 
