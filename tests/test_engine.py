@@ -287,3 +287,21 @@ def test_training_learns_what_a_linear_model_can(tmp_path, aligned):
         assert final >= 0.95, history
     else:
         assert final <= 0.8, history
+
+
+def test_frozen_heads_standardise_by_the_training_images_only(synth_data, tmp_path):
+    from smse.data.loading import LoadedData
+    from smse.data.manifest import read_manifest
+    from smse.prepare import prepare
+
+    run = train(tiny_config(synth_data, tmp_path / "run", "train.epochs=1"), progress=False)
+    model, cfg, class_map, _ = load_checkpoint(run / "last.safetensors")
+    records = read_manifest(run / "split.csv")[0]
+    prep = prepare(cfg, progress=False, data=LoadedData(records, {}), trained=(model, class_map, ""))
+    train_idx = prep.indices("train")
+    expected = prep.features[train_idx].reshape(-1, prep.features.shape[-1]).double().mean(0).float()
+    assert torch.allclose(model.heads.feature_mean, expected, atol=1e-5)
+    everything = prep.features.reshape(-1, prep.features.shape[-1]).mean(0)
+    assert not torch.allclose(model.heads.feature_mean, everything, atol=1e-5)  # no validation or test image in it
+    off = train(tiny_config(synth_data, tmp_path / "off", "train.epochs=1", "model.standardize=false"), progress=False)
+    assert torch.equal(load_checkpoint(off / "last.safetensors")[0].heads.feature_mean, torch.zeros_like(expected))

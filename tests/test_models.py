@@ -165,3 +165,17 @@ def test_a_fixed_size_backbone_names_the_size_it_needs(monkeypatch):
     build_model(load_config(None, ["model.backbone=fixed-net", "data.image_size=[64, 64]"]), 2)
     # a vision transformer is made dynamic: position embeddings are resampled to any size
     assert not create_backbone("vit_tiny_patch16_224", pretrained=False).fixed_input_size
+
+
+def test_heads_standardise_features_and_keep_it_in_their_weights():
+    heads = Heads(5, 3, 2, normalize=False)
+    x = torch.randn(40, 5, dtype=torch.float64).float() * torch.tensor([1.0, 10.0, 0.1, 3.0, 50.0]) + 7.0
+    raw = heads.embed(x)
+    assert torch.allclose(heads(x)[0], raw)  # the identity until it is set
+    heads.standardize_from(x)
+    z = (x - x.mean(0)) / x.std(0)
+    assert torch.allclose(heads(x)[0], heads.embed(z), atol=1e-5)
+    assert {"feature_mean", "feature_std"} <= set(heads.state_dict())
+    copy = Heads(5, 3, 2, normalize=False)
+    copy.load_state_dict(heads.state_dict())
+    assert torch.allclose(copy(x)[0], heads(x)[0])

@@ -1,6 +1,7 @@
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 
 from smse.data.samplers import MagnificationBalancedSampler, OfflineTupleSampler
@@ -54,3 +55,19 @@ def test_hard_pairs_by_loop():
         else:
             cands = [k for k in range(8) if labels[k] != labels[a]]
             assert torch.isclose(d[a, b], min(d[a, k] for k in cands))
+
+
+def test_patient_balanced_batches_weigh_each_patient_the_same():
+    # patient A has 30 images per magnification, B and C 5 each: drawn about as often, all the same
+    patients = ["A"] * 120 + ["B"] * 20 + ["C"] * 20
+    mags = [40, 100, 200, 400] * 40
+    targets = [0] * 120 + [1] * 40
+    s = MagnificationBalancedSampler(targets, mags, batch_size=64, seed=0, batches_per_epoch=200, patients=patients)
+    drawn = Counter(patients[i] for b in s.epoch(0) for i in b.indices)
+    assert all(Counter(mags[i] for i in b.indices) == {40: 16, 100: 16, 200: 16, 400: 16} for b in s.epoch(0))
+    total = sum(drawn.values())
+    assert all(abs(drawn[p] / total - 1 / 3) < 0.02 for p in "ABC"), drawn
+    plain = MagnificationBalancedSampler(targets, mags, batch_size=64, seed=0, batches_per_epoch=200)
+    by_image = Counter(patients[i] for b in plain.epoch(0) for i in b.indices)
+    assert by_image["A"] / total == pytest.approx(0.75, abs=0.02)  # without it, A dominates as its images do
+    assert all(np.array_equal(a.indices, b.indices) for a, b in zip(s.epoch(3), s.epoch(3)))

@@ -91,6 +91,7 @@ class ModelConfig:
     normalize: bool = True
     freeze_backbone: bool = True
     views: int = ranged(4, 1, 256)
+    standardize: bool = True  # frozen mode: features standardised by the training images' mean and std
 
 
 @dataclass
@@ -114,6 +115,7 @@ class SamplerConfig:
     """How training batches are drawn."""
 
     mode: str = "cross-magnification"  # cross-magnification | pooled | single
+    balance: str = "none"  # none | patient: each patient drawn as often, whatever its image count
     same_patient: bool = False
     magnification: int = ranged(100, 1)
     batch_size: int = ranged(64, 2, 1_000_000)
@@ -166,6 +168,7 @@ CHOICES = {
     "loss.metric": ("none", "pair", "triplet"),
     "loss.mining": ("all", "semihard", "hard"),
     "sampler.mode": ("cross-magnification", "pooled", "single"),
+    "sampler.balance": ("none", "patient"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "eval.knn_backend": ("torch", "faiss"),
 }

@@ -82,7 +82,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
         write_run_files(run, prep)
     train_idx, val_idx = training_indices(prep)
     objective, sampler = build_objective(prep, train_idx), build_sampler(cfg, prep, train_idx, dist)
-    trainable = trainable_module(prep)
+    trainable = trainable_module(prep, train_idx)
     optimizer, scheduler, scaler = build_optimizer(cfg, trainable, prep.device)
     done = restore(state, trainable, optimizer, scheduler, scaler, run)
     if state is not None and dist.main:
@@ -187,13 +187,21 @@ def build_sampler(cfg: Config, prep: Prepared, train_idx: np.ndarray, dist: Dist
             raise ConfigError("sampler.batch_size: paper-mode tuples do not split evenly over the processes")
         return sampler
     mags = [prep.records[i].magnification for i in train_idx]
-    return MagnificationBalancedSampler(targets, mags, cfg.sampler.batch_size, cfg.seed, cfg.train.batches_per_epoch)
+    patients = [prep.records[i].patient for i in train_idx] if cfg.sampler.balance == "patient" else None
+    return MagnificationBalancedSampler(targets, mags, cfg.sampler.batch_size, cfg.seed, cfg.train.batches_per_epoch,
+                                        patients)
 
 
-def trainable_module(prep: Prepared) -> nn.Module:
-    """The heads (frozen backbone) or the whole network (fine-tuning)."""
+def trainable_module(prep: Prepared, train_idx: np.ndarray) -> nn.Module:
+    """The heads (frozen backbone) or the whole network (fine-tuning).
+
+    Frozen mode with ``model.standardize``: the heads first standardise features by the mean and
+    standard deviation of the training images' cached features (every view), a fixed, seed-free step.
+    """
     if prep.cfg.model.freeze_backbone:
         prep.model.backbone.requires_grad_(False)
+        if prep.cfg.model.standardize:
+            prep.model.heads.standardize_from(prep.features[train_idx])
         return prep.model.heads
     return prep.model
 

@@ -40,10 +40,16 @@ class Batch:
 
 
 class MagnificationBalancedSampler:
-    """Global batches of indices, ``batch_size // M`` per magnification (remainder spread)."""
+    """Global batches of indices, ``batch_size // M`` per magnification (remainder spread).
+
+    With ``patients``, images are drawn (with replacement) with probability inversely proportional
+    to their patient's image count at that magnification, so each patient weighs the same whatever
+    its number of images, as patient-level accuracy weighs them; otherwise shuffled passes without
+    replacement.
+    """
 
     def __init__(self, targets: Sequence[int], mags: Sequence[int], batch_size: int, seed: int = 0,
-                 batches_per_epoch: int | None = None):
+                 batches_per_epoch: int | None = None, patients: Sequence[str] | None = None):
         self.n = len(targets)
         self.batch_size = batch_size
         self.seed = seed
@@ -51,6 +57,15 @@ class MagnificationBalancedSampler:
         for i, m in enumerate(mags):
             pools[int(m)].append(i)
         self.pools = [np.array(pools[m]) for m in sorted(pools)]
+        self.weights = None
+        if patients is not None:
+            self.weights = []
+            for pool in self.pools:
+                count: dict[str, int] = defaultdict(int)
+                for i in pool:
+                    count[patients[i]] += 1
+                w = np.array([1.0 / count[patients[i]] for i in pool])
+                self.weights.append(w / w.sum())
         self.batches = batches_per_epoch or max(1, math.ceil(self.n / batch_size))
 
     def __len__(self) -> int:
@@ -58,11 +73,14 @@ class MagnificationBalancedSampler:
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch, 17])
-        streams = [_Stream(pool, rng) for pool in self.pools]
+        if self.weights is None:
+            streams = [_Stream(pool, rng).take for pool in self.pools]
+        else:
+            streams = [lambda k, pool=pool, w=w: rng.choice(pool, size=k, p=w) for pool, w in zip(self.pools, self.weights)]
         m = len(streams)
         for b in range(self.batches):
             sizes = [self.batch_size // m + (1 if (k + b) % m < self.batch_size % m else 0) for k in range(m)]
-            yield Batch(np.concatenate([s.take(k) for s, k in zip(streams, sizes)]))
+            yield Batch(np.concatenate([take(k) for take, k in zip(streams, sizes)]))
 
 
 class OfflineTupleSampler:
