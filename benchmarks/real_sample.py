@@ -5,7 +5,7 @@ shipped ``breakhis`` config computed once (the trainer's own feature cache), eve
 same folds:
 
 - ``logreg``: scikit-learn logistic regression on the standardised plain-view features (the
-  independent baseline; C chosen once, below, and never tuned on the test folds);
+  independent baseline, ``smse.baselines.linear_probe``; C fixed once, never tuned on test folds);
 - ``knn``: k-nearest neighbours (k = 5, cosine) on the same features;
 - ``ce`` / ``rfl``: the trainer's heads with cross-entropy / the reinforced focal loss and no metric loss;
 - ``smse-...``: the trainer's heads with a pair or triplet loss, cross-magnification or pooled (paper) sampling;
@@ -22,12 +22,10 @@ Run: python benchmarks/real_sample.py [--protocol lopo kfold] [--methods ...] [-
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -37,15 +35,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT, SAMPLE, machine  # noqa: E402
 
-from smse.checkpoint import load_checkpoint  # noqa: E402
-from smse.config import Config, load_config  # noqa: E402
+from smse.baselines import PROBE_C, knn_probe, linear_probe, patient_folds  # noqa: E402
+from smse.config import load_config  # noqa: E402
+from smse.cv import fold_split, heads_out_of_fold  # noqa: E402
 from smse.data.loading import LoadedData, load_data  # noqa: E402
-from smse.data.splits import carve_validation, patient_labels  # noqa: E402
-from smse.engine import train  # noqa: E402
 from smse.metrics import patient_accuracy  # noqa: E402
-from smse.prepare import embed, prepare  # noqa: E402
+from smse.prepare import prepare  # noqa: E402
 
-LOGREG_C = 0.1  # strong L2 for ~250 images of 1280 features; fixed before any test fold was seen
 TRAINED = {
     "default": [],
     "ce": ["loss.classification=ce", "loss.metric=none"],
@@ -55,55 +51,20 @@ TRAINED = {
     "smse-pair-cross": ["loss.metric=pair", "sampler.mode=cross-magnification"],
     "smse-pair-pooled": ["loss.metric=pair", "sampler.mode=pooled"],
 }
-BASELINES = ("logreg", "knn")
+BASELINES = {"logreg": linear_probe, "knn": knn_probe}
 
 
-def folds(records, protocol: str, k: int, repeats: int, seed: int = 0) -> list[list[set[str]]]:
-    """Per repeat, the test patients of each fold (every patient tested once per repeat)."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    labels = patient_labels(records)
-    patients = sorted(labels)
-    if protocol == "lopo":
-        return [[{p} for p in patients]]
-    y = [labels[p] for p in patients]
+def baseline_out_of_fold(probe, feats: np.ndarray, y: np.ndarray, records, plan, cfg) -> list[np.ndarray]:
     out = []
-    for r in range(repeats):
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + r)
-        out.append([{patients[i] for i in test} for _, test in splitter.split(patients, y, groups=patients)])
+    for fold_list in plan:
+        prob = np.full(len(records), np.nan)
+        for test in fold_list:
+            split = fold_split(records, test, cfg)
+            test_idx = np.array([i for i, r in enumerate(split) if r.split == "test"])
+            train_idx = np.array([i for i, r in enumerate(split) if r.split != "test"])  # validation patients too
+            prob[test_idx] = probe(feats[train_idx], y[train_idx], feats[test_idx])[:, 1]
+        out.append(prob)
     return out
-
-
-def with_split(records, test: set[str], cfg: Config):
-    """Records with this fold's split: test patients, then validation carved from training as the trainer does."""
-    marked = [r.with_split("test" if r.patient in test else "train") for r in records]
-    return carve_validation(marked, cfg.data.split.val_fraction, cfg.data.split.seed, cfg.data.task)
-
-
-def baseline_probs(method: str, feats: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if method == "logreg":
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=LOGREG_C, max_iter=5000))
-    else:
-        clf = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=5, metric="cosine"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return clf.fit(feats[train], y[train]).predict_proba(feats[test])[:, 1]
-
-
-def trained_probs(cfg: Config, records, test_idx: np.ndarray, tmp: Path) -> np.ndarray:
-    """Train the heads with the trainer on this fold, then classify the test images from the cached features."""
-    cfg = copy.deepcopy(cfg)
-    cfg.out = str(tmp)
-    run = train(cfg, progress=False, data=LoadedData(records, {}))
-    model, cfg2, class_map, meta = load_checkpoint(run / "best.safetensors")
-    prep = prepare(cfg2, progress=False, data=LoadedData(records, {}), trained=(model, class_map, meta["backbone_weights"]))
-    _, probs = embed(prep, test_idx)
-    return probs[:, class_map.names.index("malignant")]
 
 
 def metrics(y: np.ndarray, prob: np.ndarray, patients: np.ndarray) -> dict:
@@ -171,26 +132,23 @@ def main() -> None:
     print(f"# {data.summary_line()}")
     print(f"# features: {cfg.model.backbone} ({prep.weights}) at {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, "
           f"{cfg.model.views} views, {feats.shape[1]} dims, {time.perf_counter() - started:.0f} s (cached after the first run)")
-    print(f"# overrides: {' '.join(args.set) or '(none: the shipped breakhis config)'}")
+    print(f"# overrides: {' '.join(args.set) or '(none: the shipped breakhis config)'}; logistic regression C={PROBE_C}; "
+          "baselines fit on all non-test patients, trained heads on the same minus their validation patients")
     y = np.array([r.label == "malignant" for r in records], dtype=int)
     patients = np.array([r.patient for r in records])
     results: dict = {}
     for protocol in args.protocol:
-        plan = folds(records, protocol, args.folds, args.repeats)
-        probs = {m: [np.full(len(records), np.nan) for _ in plan] for m in args.methods}
+        plan = patient_folds(records, None if protocol == "lopo" else args.folds, args.repeats)
+        probs = {}
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            for r, fold_list in enumerate(plan):
-                for f, test in enumerate(fold_list):
-                    split = with_split(records, test, cfg)
-                    test_idx = np.array([i for i, rec in enumerate(split) if rec.split == "test"])
-                    train_idx = np.array([i for i, rec in enumerate(split) if rec.split != "test"])
-                    for m in args.methods:
-                        if m in BASELINES:
-                            probs[m][r][test_idx] = baseline_probs(m, feats, y, train_idx, test_idx)
-                        else:
-                            c = load_config("breakhis", base + TRAINED[m])
-                            probs[m][r][test_idx] = trained_probs(c, split, test_idx, Path(tmp) / f"{m}-{r}-{f}")
+            for m in args.methods:
+                if m in BASELINES:
+                    probs[m] = baseline_out_of_fold(BASELINES[m], feats, y, records, plan, cfg)
+                else:
+                    c = load_config("breakhis", base + TRAINED[m])
+                    malignant = sorted({r.label for r in records}).index("malignant")
+                    probs[m] = [p[:, malignant] for p in heads_out_of_fold(c, records, plan, Path(tmp) / m)]
         reference = probs.get("logreg")
         results[protocol] = {m: bootstrap(y, probs[m], patients, reference if m != "logreg" else None, args.bootstrap)
                              for m in args.methods}

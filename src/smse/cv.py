@@ -1,16 +1,24 @@
-"""Cross-validation over k patient-disjoint splits (seeded repeats or official fold files), mean +- std."""
+"""Cross-validation: k patient-disjoint runs with reports (``cross_validate``), and out-of-fold predictions
+of the trained heads for comparisons with baselines on the same folds (``heads_out_of_fold``)."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
+
+from smse.checkpoint import load_checkpoint
 from smse.config import Config
-from smse.data.loading import scan, split_method
+from smse.data.loading import LoadedData, scan, split_method
+from smse.data.records import ClassMap, Record
+from smse.data.splits import carve_validation
 from smse.engine import train
 from smse.errors import ConfigError
 from smse.evaluate import evaluate_run
 from smse.io import write_json, write_text
+from smse.prepare import embed, prepare
 from smse.report import write_report
 from smse.tables import mean_std_table
 
@@ -65,3 +73,33 @@ def check_folds(cfg: Config, folds: int) -> None:
     if method == "fold-file" and "{fold}" not in s.fold_file and Path(s.fold_file).suffix.lower() != ".csv":
         raise ConfigError(f"data.split.fold_file: {s.fold_file} holds one split, so all {folds} folds would score it; "
                           "write the path with {fold} (e.g. /data/dsfold{fold}.txt), or use --folds 1")
+
+
+def fold_split(records: Sequence[Record], test_patients: set[str], cfg: Config) -> list[Record]:
+    """Records with one fold's split: its test patients, then validation carved from training as usual."""
+    marked = [r.with_split("test" if r.patient in test_patients else "train") for r in records]
+    return carve_validation(marked, cfg.data.split.val_fraction, cfg.data.split.seed, cfg.data.task)
+
+
+def heads_out_of_fold(cfg: Config, records: Sequence[Record], plan: list[list[set[str]]], workdir: str | Path) -> list[np.ndarray]:
+    """Out-of-fold class probabilities [N, C] per repeat of ``plan`` (from ``baselines.patient_folds``).
+
+    Each fold trains the config's model with the trainer, on that fold's training patients, into
+    ``workdir``, then classifies the fold's test images (from the cached features in frozen mode).
+    """
+    out = []
+    class_names = ClassMap.from_records(records, cfg.data.task).names
+    for r, fold_list in enumerate(plan):
+        probs = np.full((len(records), len(class_names)), np.nan)
+        for f, test in enumerate(fold_list):
+            split = fold_split(records, test, cfg)
+            c = copy.deepcopy(cfg)
+            c.out = str(Path(workdir) / f"repeat{r + 1}-fold{f + 1}")
+            run = train(c, progress=False, data=LoadedData(split, {}))
+            model, c2, class_map, meta = load_checkpoint(run / "best.safetensors")
+            prep = prepare(c2, progress=False, data=LoadedData(split, {}),
+                           trained=(model, class_map, meta.get("backbone_weights", "")))
+            test_idx = prep.indices("test")
+            probs[test_idx] = embed(prep, test_idx)[1][:, [class_map.names.index(n) for n in class_names]]
+        out.append(probs)
+    return out

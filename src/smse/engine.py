@@ -32,7 +32,7 @@ from smse.losses import Objective, make_classification_loss, make_metric_loss
 from smse.metrics import image_accuracy, patient_accuracy
 from smse.prepare import Prepared, embed, prepare
 from smse.runfolder import check_finite_weights, check_resume_data, guarded, split_fingerprint
-from smse.runtime import Dist, resolve_device, seed_everything, versions
+from smse.runtime import Dist, resolve_device, seed_everything, torch_threads, versions
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +90,27 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
     net: nn.Module = trainable
     if dist.world > 1:
         net = nn.parallel.DistributedDataParallel(trainable, device_ids=[prep.device.index] if prep.device.type == "cuda" else None)
-    try:
-        for epoch in range(done.epoch, cfg.train.epochs):
-            row = train_epoch(prep, net, objective, sampler, optimizer, scaler, train_idx, epoch, dist, callbacks,
-                              progress and dist.main)
-            scheduler.step()
-            check_finite_weights(trainable, epoch + 1, run)
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            if len(val_idx) and dist.main:  # validation and saving are the main process's job
-                row.update(validate(prep, val_idx))
-            record_epoch(done, row, trainable)
+    # heads on cached features: tiny operations, fastest on one CPU thread
+    threads = torch_threads(1) if cfg.model.freeze_backbone and prep.device.type == "cpu" else contextlib.nullcontext()
+    with threads:
+        try:
+            for epoch in range(done.epoch, cfg.train.epochs):
+                row = train_epoch(prep, net, objective, sampler, optimizer, scaler, train_idx, epoch, dist, callbacks,
+                                  progress and dist.main)
+                scheduler.step()
+                check_finite_weights(trainable, epoch + 1, run)
+                row["lr"] = optimizer.param_groups[0]["lr"]
+                if len(val_idx) and dist.main:  # validation and saving are the main process's job
+                    row.update(validate(prep, val_idx))
+                record_epoch(done, row, trainable)
+                if dist.main:
+                    save_progress(run, prep, done, trainable, optimizer, scheduler, scaler)
+                    log.info("epoch %d/%d (%.1f s): %s", epoch + 1, cfg.train.epochs, row["seconds"],
+                             ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "seconds")))
+                dist.barrier()
+        finally:  # also on divergence, an interrupt or a crash: the last completed epoch reaches the checkpoints
             if dist.main:
-                save_progress(run, prep, done, trainable, optimizer, scheduler, scaler)
-                log.info("epoch %d/%d (%.1f s): %s", epoch + 1, cfg.train.epochs, row["seconds"],
-                         ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "seconds")))
-            dist.barrier()
-    finally:  # also on divergence, an interrupt or a crash: the last completed epoch reaches the checkpoints
-        if dist.main:
-            write_checkpoints(run, prep, done, trainable)
+                write_checkpoints(run, prep, done, trainable)
     if dist.main:
         write_json(run / "run.json", {"finished": True, "epochs": cfg.train.epochs, "best_val": done.best,
                                       "best_epoch": done.best_epoch, "backbone_weights": prep.weights,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import platform
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -24,6 +26,22 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op CPU threads, then restore the previous number.
+
+    Training heads on cached features is thousands of tiny operations: on a CPU one thread does
+    them faster than several (no synchronisation), and far faster when other processes keep the
+    other cores busy, where multi-threaded tiny kernels can slow down a hundredfold.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
