@@ -21,7 +21,7 @@ from _common import machine, synthetic_set  # noqa: E402
 from smse.config import load_config  # noqa: E402
 from smse.data.loading import load_data  # noqa: E402
 from smse.data.splits import seeded_split  # noqa: E402
-from smse.engine import prepare  # noqa: E402
+from smse.prepare import prepare  # noqa: E402
 from smse.metrics import image_accuracy, patient_accuracy  # noqa: E402
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,13 @@ from PIL import Image
 
 from smse.data.breakhis import CLASS_FOLDERS, TYPE_CLASS, TYPE_FOLDERS
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "breakhis-sample"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT.parent / "shared" / "data" / "breakhis-sample"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python that imports this checkout's smse (not another install) and its tests."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), **extra}
 
 
 def breakhis_path(root: Path, ttype: str, slide: str, mag: int, seq: int, year: str = "14") -> Path:
@@ -26,6 +35,18 @@ def write_png(path: Path, seed: int, size: tuple[int, int] = (35, 23), mode: str
     arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(arr, "RGB").convert(mode).save(path)
     return path
+
+
+def png_bomb(width: int, height: int, rows: int | None = None) -> bytes:
+    """A grayscale PNG of zeros, a few kB that decode to ``width * height`` bytes (``rows``: encode only the first rows)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter byte + pixels
+    idat = b"".join(packer.compress(row) for _ in range(height if rows is None else rows)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def make_tree(root: Path, slides: dict[tuple[str, str], int], mags=(40, 100, 200, 400)) -> list[Path]:

@@ -1,3 +1,4 @@
+import io
 import os
 
 import numpy as np
@@ -6,7 +7,7 @@ from PIL import Image
 
 from smse.data.images import ImageCache, load_resized, read_image
 from smse.errors import ImageError
-from tests.conftest import write_png
+from tests.conftest import png_bomb, write_png
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "I;16", "CMYK"])
@@ -76,3 +77,32 @@ def test_cache_recovers_from_a_damaged_entry(tmp_path):
     (entry,) = list((tmp_path / "cache").rglob("*.npy"))
     entry.write_bytes(b"garbage")
     assert cache.load(str(path)).shape == (16, 16, 3)
+
+
+def test_file_objects_and_the_pixel_limit(tmp_path):
+    path = write_png(tmp_path / "x.png", 0, size=(60, 40))
+    with open(path, "rb") as handle:
+        assert read_image(handle).size == (60, 40)
+    data = path.read_bytes()
+    np.testing.assert_array_equal(np.asarray(read_image(io.BytesIO(data), name="upload.png")), np.asarray(read_image(path)))
+    assert read_image(io.BytesIO(data), max_pixels=2400).size == (60, 40)
+    with pytest.raises(ImageError, match=r"^upload.png: image is 60x40 = 2,400 pixels, over the limit of 2,399$"):
+        read_image(io.BytesIO(data), max_pixels=2399, name="upload.png")
+    with pytest.raises(ImageError, match="^upload.png: file is empty"):
+        read_image(io.BytesIO(b""), name="upload.png")
+    with pytest.raises(ImageError, match="^<upload>: not an image"):
+        read_image(io.BytesIO(b"text" * 10))
+
+
+def test_decompression_bombs_are_refused_before_decoding(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bomb(5000, 5000))  # 24 kB that decode to 25 MB
+    with pytest.raises(ImageError, match="bomb.png: image is 5000x5000 = 25,000,000 pixels, over the limit of 1,000,000"):
+        read_image(bomb, max_pixels=1_000_000)
+    assert read_image(bomb).size == (5000, 5000)  # under PIL's own limit
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_bomb(20_000, 20_000, rows=1))  # 400 megapixels: over twice PIL's limit
+    with pytest.raises(ImageError, match="huge.png: too large to decode safely, a possible decompression bomb"):
+        read_image(huge)
+    with pytest.raises(ImageError, match="huge.png: too large to decode safely"):
+        read_image(huge, max_pixels=10**12)  # PIL's limit still holds

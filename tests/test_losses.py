@@ -51,7 +51,8 @@ def loop_triplets(emb, labels, mags, patients, margin, cross=True, same_patient=
 def test_triplet_loss_matches_loop(dtype, cross, same_patient, strategy):
     emb, labels, mags, patients = batch(dtype)
     loss_fn = TripletLoss(margin=1.0, strategy=strategy, cross_magnification=cross, same_patient=same_patient)
-    loss, count = loss_fn(emb, labels, mags, patients)
+    loss = loss_fn(emb, labels, mags, patients)
+    count = loss_fn.num_tuples
     ref = loop_triplets(emb, labels, mags, patients, 1.0, cross, same_patient, strategy)
     assert count == len(ref)
     expected = sum(ref) / len(ref) if ref else 0.0
@@ -73,7 +74,9 @@ def test_hard_triplets_are_hardest(dtype):
 @pytest.mark.parametrize("cross", [True, False])
 def test_pair_loss_matches_loop(dtype, cross):
     emb, labels, mags, patients = batch(dtype)
-    loss, count = PairLoss(margin=1.5, cross_magnification=cross)(emb, labels, mags, patients)
+    loss_fn = PairLoss(margin=1.5, cross_magnification=cross)
+    loss = loss_fn(emb, labels, mags, patients)
+    count = loss_fn.num_tuples
     ref = []
     for i in range(7):
         for j in range(i + 1, 7):
@@ -92,12 +95,16 @@ def test_pair_loss_matches_loop(dtype, cross):
 def test_offline_tuples_and_no_valid_tuple(dtype):
     emb, labels, mags, patients = batch(dtype)
     a, p, n = torch.tensor([0, 2]), torch.tensor([1, 3]), torch.tensor([2, 0])
-    loss, count = TripletLoss(margin=0.5)(emb, labels, tuples=(a, p, n))
+    loss_fn = TripletLoss(margin=0.5)
+    loss = loss_fn(emb, labels, tuples=(a, p, n))
+    count = loss_fn.num_tuples
     ref = [max(0, sqd(emb[0], emb[1]) - sqd(emb[0], emb[2]) + 0.5), max(0, sqd(emb[2], emb[3]) - sqd(emb[2], emb[0]) + 0.5)]
     assert count == 2 and math.isclose(float(loss), sum(ref) / 2, rel_tol=1e-5)
     same = torch.zeros(4, dtype=torch.long)
     emb4 = emb[:4].clone().requires_grad_(True)
-    loss, count = TripletLoss()(emb4, same, mags[:4])
+    loss_fn = TripletLoss()
+    loss = loss_fn(emb4, same, mags[:4])
+    count = loss_fn.num_tuples
     assert count == 0 and loss.item() == 0.0
     loss.backward()
     assert emb4.grad is not None and float(emb4.grad.abs().sum()) == 0.0
@@ -105,7 +112,7 @@ def test_offline_tuples_and_no_valid_tuple(dtype):
 
 def test_pair_loss_gradient_finite_at_zero_distance():
     emb = torch.zeros(4, 2, requires_grad=True)
-    loss, _ = PairLoss(margin=1.0, cross_magnification=False)(emb, torch.tensor([0, 0, 1, 1]))
+    loss = PairLoss(margin=1.0, cross_magnification=False)(emb, torch.tensor([0, 0, 1, 1]))
     loss.backward()
     assert torch.isfinite(emb.grad).all()
 
@@ -115,14 +122,14 @@ def test_metric_gradient_step_lowers_the_loss(loss_cls):
     emb = torch.tensor([[0.0, 0.0], [0.8, 0.1], [0.3, 0.0], [0.5, 0.4]], requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1])
     fn = loss_cls(margin=1.0, cross_magnification=False)
-    before, _ = fn(emb, labels)
+    before = fn(emb, labels)
     before.backward()
-    after, _ = fn((emb - 0.05 * emb.grad).detach(), labels)
+    after = fn((emb - 0.05 * emb.grad).detach(), labels)
     assert after.item() < before.item()
     # with one class only, every term is a pull: a step brings all points together
     same = torch.zeros(4, dtype=torch.long)
     x = emb.detach().clone().requires_grad_(True)
-    PairLoss(cross_magnification=False)(x, same)[0].backward()
+    PairLoss(cross_magnification=False)(x, same).backward()
     assert torch.pdist(x - 0.1 * x.grad).sum() < torch.pdist(x).sum()
 
 
@@ -189,7 +196,8 @@ def test_make_classification_loss_and_objective_parts():
     logits = torch.randn(7, 2)
     obj = Objective(cls, TripletLoss(), classification_weight=0.5, metric_weight=2.0)
     parts = obj(emb, logits, labels, mags, patients)
-    assert set(parts) == {"classification", "metric", "tuples", "total"}
+    assert set(parts) == {"classification", "metric", "total"}
+    assert obj.stats()["tuples"] == obj.metric.num_tuples > 0  # a statistic, not a loss part
     assert torch.isclose(parts["total"], 0.5 * parts["classification"] + 2.0 * parts["metric"])
     only_first = obj(emb, logits, labels, mags, patients, classify=torch.tensor([0, 1]))
     assert torch.isclose(only_first["classification"], cls(logits[:2], labels[:2]))
@@ -201,7 +209,7 @@ def test_make_classification_loss_and_objective_parts():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triplet_agrees_with_pytorch_metric_learning(dtype):
-    pml = pytest.importorskip("pytorch_metric_learning")
+    pytest.importorskip("pytorch_metric_learning")
     from pytorch_metric_learning.distances import LpDistance
     from pytorch_metric_learning.losses import TripletMarginLoss
     from pytorch_metric_learning.reducers import MeanReducer
@@ -210,6 +218,58 @@ def test_triplet_agrees_with_pytorch_metric_learning(dtype):
     a, p, n = mine_triplets(emb, labels, mags, cross_magnification=False)
     theirs = TripletMarginLoss(margin=1.0, distance=LpDistance(normalize_embeddings=False, power=2),
                                reducer=MeanReducer())(emb, labels, indices_tuple=(a, p, n))
-    ours, _ = TripletLoss(margin=1.0, cross_magnification=False)(emb, labels)
+    ours = TripletLoss(margin=1.0, cross_magnification=False)(emb, labels)
     assert torch.isclose(ours, theirs.to(dtype), rtol=1e-5)
-    assert pml is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("strategy", ["semihard", "hard"])
+def test_miner_picks_the_tuples_pytorch_metric_learning_picks(dtype, strategy):
+    """Same batch, same (squared L2) distance: our miner and PML's choose the same triplets."""
+    pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.miners import BatchHardMiner, TripletMarginMiner
+
+    from smse.losses import CrossMagnificationMiner
+
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(24, 4, generator=g, dtype=dtype)
+    labels = torch.randint(0, 3, (24,), generator=g)
+    distance = LpDistance(normalize_embeddings=False, power=2)
+    ours = CrossMagnificationMiner("triplet", strategy, margin=0.8, cross_magnification=False)(emb, labels)
+    if strategy == "semihard":
+        theirs = TripletMarginMiner(margin=0.8, type_of_triplets="semihard", distance=distance)(emb, labels)
+        as_set = lambda t: set(zip(*(x.tolist() for x in t)))  # noqa: E731
+        assert as_set(ours) == as_set(theirs) and len(as_set(ours)) > 10
+    else:
+        theirs = BatchHardMiner(distance=distance)(emb, labels)
+        assert [x.tolist() for x in ours] == [x.tolist() for x in theirs]
+
+
+def test_cross_magnification_miner_feeds_pml_losses():
+    """Our miner in PML's place: PML's losses take its triplets and pairs, and agree with ours."""
+    pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.losses import ContrastiveLoss, TripletMarginLoss
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    from smse.losses import CrossMagnificationMiner
+
+    emb, labels, mags, patients = batch(torch.float64, n=7)
+    miner = CrossMagnificationMiner("triplet", "all", margin=1.0)
+    triplets = miner(emb, labels, mags)
+    assert miner.num_triplets == miner.num_tuples == len(triplets[0]) > 0
+    assert all(mags[a] != mags[p] for a, p in zip(triplets[0].tolist(), triplets[1].tolist()))
+    squared = LpDistance(normalize_embeddings=False, power=2)
+    pml_triplet = TripletMarginLoss(margin=1.0, distance=squared, reducer=MeanReducer())(emb, labels, triplets)
+    assert torch.isclose(pml_triplet, TripletLoss(margin=1.0)(emb, labels, mags))
+    pairs = CrossMagnificationMiner("pair", "all", margin=1.0)(emb, labels, mags)
+    assert len(pairs) == 4  # PML's (a1, p, a2, n)
+    plain = LpDistance(normalize_embeddings=False, power=1)
+    pml_pair = ContrastiveLoss(pos_margin=0.0, neg_margin=1.0, distance=plain, reducer=MeanReducer())
+    # PML's contrastive loss is unsquared; ours is the method's 1/2 [d^2, max(0, m - d)^2] on the same pairs
+    d = lambda i, j: (emb[i] - emb[j]).norm(dim=1)  # noqa: E731
+    ours = PairLoss(margin=1.0)(emb, labels, mags, tuples=pairs)
+    ref = torch.cat([0.5 * d(pairs[0], pairs[1]) ** 2, 0.5 * torch.relu(1.0 - d(pairs[2], pairs[3])) ** 2]).mean()
+    assert torch.isclose(ours, ref)
+    assert torch.isfinite(pml_pair(emb, labels, pairs))

@@ -60,3 +60,122 @@ def test_any_timm_model_from_a_local_checkpoint(tmp_path):
     save_file({"x": torch.zeros(3)}, str(unrelated))
     with pytest.raises(CheckpointError, match="shares no tensor"):
         create_backbone("resnet10t", checkpoint_path=str(unrelated))
+
+
+NATURAL_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")  # CC0 photographs shipped with scikit-image
+LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+
+
+def natural_batch(side: int) -> torch.Tensor:
+    """Centre and corner crops of natural photographs, as [N, 3, side, side] in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    data = pytest.importorskip("skimage.data", reason="scikit-image ships the CC0 photographs")
+    crops = []
+    for name in NATURAL_PHOTOS:
+        image = Image.fromarray(getattr(data, name)()).convert("RGB")
+        scale = side * 1.15 / min(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+        for left, top in ((0, 0), ((image.width - side) // 2, (image.height - side) // 2),
+                          (image.width - side, image.height - side)):
+            crops.append(np.asarray(image.crop((left, top, left + side, top + side))))
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
+
+
+class _Stop(Exception):
+    pass
+
+
+def stem_variance_shift(module: torch.nn.Module, images: torch.Tensor, mean, std) -> float:
+    """|median over channels of log(batch variance / running variance)| at the first batch-norm layer.
+
+    The batch-norm layer after the stem convolution recorded the variance of what the network saw in
+    training. Fed the way it was trained, natural photographs land near it (|log| about 0.4); fed
+    with another scaling, the variance moves by the square of the scale ratio.
+    """
+    first = next(m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+
+    def grab(mod, inputs):
+        seen.append(inputs[0])
+        raise _Stop
+
+    hook = first.register_forward_pre_hook(grab)
+    x = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    try:
+        with torch.no_grad():
+            module.eval()(x)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    var = seen[0].var(dim=(0, 2, 3))
+    ok = (first.running_var > 1e-3) & (var > 1e-6)
+    return abs(torch.log(var[ok] / first.running_var[ok]).median().item())
+
+
+@pytest.mark.parametrize("name", sorted(LITE_SIZES))
+def test_offline_lite_weights_are_fed_the_scaling_they_were_trained_with(name):
+    """The Lite checkpoints were trained on (x - 127) / 128; ImageNet mean/std (the old default) is wrong for them."""
+    backbone = create_backbone(name, pretrained=True)
+    images = natural_batch(LITE_SIZES[name])
+    p = backbone.preprocessing
+    assert stem_variance_shift(backbone.module, images, p.mean, p.std) < 0.8
+    # the check can fail: the ImageNet mean/std that these weights were once given misses it widely
+    imagenet = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    assert stem_variance_shift(backbone.module, images, *imagenet) > 1.0
+
+
+def test_a_timm_model_saved_in_hub_format_trains_by_name_offline(synth_data, tmp_path):
+    """A local folder in Hugging Face hub format (config.json + weights), as pathology foundation models ship."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    import smse
+    from tests.conftest import tiny_config
+
+    donor = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=0)
+    torch.nn.init.constant_(donor.patch_embed.proj.bias, 0.125)
+    folder = tmp_path / "tiny-vit"
+    save_for_hf(donor, folder, model_args={"depth": 2},
+                model_config={"pretrained_cfg": {**donor.pretrained_cfg, "mean": (0.6, 0.5, 0.4), "std": (0.2, 0.25, 0.3)}})
+    name = f"local-dir:{folder}"
+    backbone = create_backbone(name, pretrained=True)
+    assert backbone.weights == f"timm:{name}" and backbone.input_size == (224, 224)
+    assert backbone.preprocessing.mean == (0.6, 0.5, 0.4)  # from the folder's config, not hard-coded
+    assert torch.equal(backbone.module.patch_embed.proj.bias, donor.patch_embed.proj.bias)
+    run = smse.train(tiny_config(synth_data, tmp_path / "run", f"model.backbone={name}", "model.pretrained=true",
+                                 "train.epochs=1"), evaluate=False)
+    model = smse.load_model(run)
+    assert model.data_config["mean"] == pytest.approx((0.6, 0.5, 0.4))
+    assert model.predict_proba(sorted(synth_data.rglob("*.png"))[:2]).shape == (2, 2)
+
+
+def test_a_fixed_size_backbone_names_the_size_it_needs(monkeypatch):
+    from smse.checkpoint import build_model
+    from smse.config import load_config
+    from smse.models.backbones import Backbone, Preprocessing, register_backbone
+
+    monkeypatch.setitem(BACKBONES, "fixed-net", None)  # removed again after the test
+    register_backbone("fixed-net")(lambda pretrained, path: Backbone(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(8)), 8, Preprocessing(), "random", (64, 64), True))
+    with pytest.raises(ConfigError, match=r"data.image_size: fixed-net takes 64x64 images only, not 32x48"):
+        build_model(load_config(None, ["model.backbone=fixed-net", "data.image_size=[32, 48]"]), 2)
+    build_model(load_config(None, ["model.backbone=fixed-net", "data.image_size=[64, 64]"]), 2)
+    # a vision transformer is made dynamic: position embeddings are resampled to any size
+    assert not create_backbone("vit_tiny_patch16_224", pretrained=False).fixed_input_size
+
+
+def test_heads_standardise_features_and_keep_it_in_their_weights():
+    heads = Heads(5, 3, 2, normalize=False)
+    x = torch.randn(40, 5, dtype=torch.float64).float() * torch.tensor([1.0, 10.0, 0.1, 3.0, 50.0]) + 7.0
+    raw = heads.embed(x)
+    assert torch.allclose(heads(x)[0], raw)  # the identity until it is set
+    heads.standardize_from(x)
+    z = (x - x.mean(0)) / x.std(0)
+    assert torch.allclose(heads(x)[0], heads.embed(z), atol=1e-5)
+    assert {"feature_mean", "feature_std"} <= set(heads.state_dict())
+    copy = Heads(5, 3, 2, normalize=False)
+    copy.load_state_dict(heads.state_dict())
+    assert torch.allclose(copy(x)[0], heads(x)[0])

@@ -21,6 +21,7 @@ from smse.data.records import ClassMap
 from smse.data.transforms import to_tensor
 from smse.errors import CheckpointError, ImageError
 from smse.models import Embedder
+from smse.runfolder import check_finite_outputs
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,9 @@ class Model:
     """
 
     def __init__(self, module: Embedder, config: Config, class_map: ClassMap, device: str | torch.device = "cpu",
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, source: str = "<model>"):
         self.module = module.eval().to(device)
+        self.source = source  # the checkpoint it came from, for error messages
         self.config = config
         self.class_map = class_map
         self.device = torch.device(device)
@@ -141,7 +143,9 @@ class Model:
         if not embs:
             return (np.zeros((0, self.module.heads.embed.out_features), np.float32),
                     np.zeros((0, len(self.class_map)), np.float32))
-        return torch.cat(embs).numpy(), torch.cat(probs).numpy()
+        emb, prob = torch.cat(embs).numpy(), torch.cat(probs).numpy()
+        check_finite_outputs(self.source, embeddings=emb, probabilities=prob)
+        return emb, prob
 
     def embed(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
         """Embeddings [N, d]: similar tissue lies close, whatever the magnification."""
@@ -164,7 +168,7 @@ def load_model(run: str | os.PathLike | Run, which: str = "best", device: str | 
     """The model of a run folder (its ``best`` or ``last`` checkpoint) or of a ``.safetensors`` file."""
     path = find_checkpoint(Path(run), which)
     module, cfg, class_map, meta = load_checkpoint(path)
-    return Model(module, cfg, class_map, device, meta)
+    return Model(module, cfg, class_map, device, meta, str(path))
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -12,17 +13,19 @@ from safetensors.torch import save_file
 from smse import __version__
 from smse.config import Config, from_dict, to_dict
 from smse.data.records import ClassMap
-from smse.errors import CheckpointError
+from smse.errors import CheckpointError, ConfigError
 from smse.io import atomic_path
 from smse.models import Embedder, Heads, create_backbone
 
-FORMAT = "smse-checkpoint-1"
+log = logging.getLogger(__name__)
+
+FORMAT = "smse-checkpoint-2"  # 2: EfficientNet-Lite as TensorFlow-padded timm models with their own scaling
 
 
 def save_checkpoint(path: str | Path, model: Embedder, cfg: Config, class_map: ClassMap, epoch: int,
-                    metrics: dict | None = None, backbone_weights: str = "") -> None:
-    """Write ``model``'s weights and everything needed to use them into one safetensors file."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                    metrics: dict | None = None, backbone_weights: str = "", state: dict | None = None) -> None:
+    """Write ``model``'s weights (or ``state``, a state dict of that model) and everything needed to use them."""
+    state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
     meta = {
         "format": FORMAT, "smse_version": __version__, "config": json.dumps(to_dict(cfg)),
         "class_map": json.dumps(class_map.to_dict()),
@@ -39,6 +42,13 @@ def build_model(cfg: Config, num_classes: int, pretrained: bool | None = None) -
     m = cfg.model
     backbone = create_backbone(m.backbone, m.pretrained if pretrained is None else pretrained,
                                m.checkpoint_path if pretrained is not False else None)
+    size = tuple(cfg.data.image_size)
+    if backbone.fixed_input_size and size != backbone.input_size:
+        raise ConfigError(f"data.image_size: {m.backbone} takes {backbone.input_size[0]}x{backbone.input_size[1]} "
+                          f"images only, not {size[0]}x{size[1]}; set data.image_size=[{backbone.input_size[0]}, "
+                          f"{backbone.input_size[1]}]")
+    if backbone.input_size and size != backbone.input_size:
+        log.info("%s: native input %s, images resized to %s", m.backbone, backbone.input_size, size)
     heads = Heads(backbone.num_features, m.embedding_dim, num_classes, normalize=cfg.model.normalize)
     return Embedder(backbone.module, heads, backbone.preprocessing), backbone.weights
 

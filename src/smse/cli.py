@@ -16,12 +16,29 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
 
 
+@app.callback()
+def _options(quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warnings and errors only.")) -> None:
+    """Show the library's log (epochs, resumes, warnings) on standard error."""
+    import logging
+
+    logger = logging.getLogger("smse")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
 @data_app.command("summary")
 def data_summary(
     path: Path = typer.Argument(..., help="BreakHis folder (official or nested copy) or manifest CSV."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Where to write the JSON (default: ./data-summary.json)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", dir_okay=False,
+                                            help="Where to write the JSON (default: ./data-summary.json)."),
     skip_bad: bool = typer.Option(False, help="Skip unreadable or misnamed files and list them."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Cache folder (default $SMSE_CACHE_DIR or ~/.cache/smse)."),
+    cache_dir: Optional[Path] = typer.Option(None, file_okay=False,
+                                             help="Cache folder (default $SMSE_CACHE_DIR or ~/.cache/smse)."),
 ) -> None:
     """Print images by class, type and magnification, and patient counts; write them as JSON."""
     from smse.config import DataConfig
@@ -111,7 +128,7 @@ def report(run: Path = typer.Argument(..., help="Run folder (evaluated).")) -> N
 @app.command(context_settings={"allow_extra_args": True})
 def cv(
     config: Optional[str] = typer.Option(None, "-c", "--config", help=CONFIG_HELP),
-    folds: int = typer.Option(5, help="Number of patient-disjoint splits."),
+    folds: int = typer.Option(5, min=1, help="Number of patient-disjoint splits."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Cross-validate over k patient-disjoint splits; prints mean +- std in the literature's table form."""
@@ -127,8 +144,8 @@ def cv(
 def predict(
     run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
     images: List[Path] = typer.Argument(..., help="Image files or folders."),
-    out: Path = typer.Option(Path("predictions.csv"), help="CSV to write."),
-    k: int = typer.Option(5, help="Nearest reference images per query."),
+    out: Path = typer.Option(Path("predictions.csv"), dir_okay=False, help="CSV to write."),
+    k: int = typer.Option(5, min=1, help="Nearest reference images per query."),
 ) -> None:
     """Classify images and list their most similar reference images (CSV)."""
     from smse.predict import predict as run_predict
@@ -142,7 +159,8 @@ def predict(
 def embed(
     run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
     data: Path = typer.Argument(..., help="BreakHis folder or manifest CSV."),
-    out: Path = typer.Option(Path("embeddings.npz"), help="Output .npz; np.load(out) gives embeddings and metadata."),
+    out: Path = typer.Option(Path("embeddings.npz"), dir_okay=False,
+                             help="Output .npz; np.load(out) gives embeddings and metadata."),
 ) -> None:
     """Write the embeddings of every image of a dataset, with label, patient and magnification."""
     from smse.evaluate import embed_folder
@@ -152,10 +170,10 @@ def embed(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("smse-demo"), help="Folder for the data, the run and the report."),
-    patients: int = typer.Option(32, help="Synthetic patients."),
-    images_per_mag: int = typer.Option(12, help="Images per patient and magnification."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the demo config's)."),
+    out: Path = typer.Option(Path("smse-demo"), file_okay=False, help="Folder for the data, the run and the report."),
+    patients: int = typer.Option(32, min=2, help="Synthetic patients."),
+    images_per_mag: int = typer.Option(12, min=1, help="Images per patient and magnification."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the demo config's)."),
 ) -> None:
     """Generate the synthetic set, train SMSE on it, evaluate, write the report, say where all is."""
     import time
@@ -179,6 +197,48 @@ def demo(
     typer.echo(f"data: {data}\nrun: {run} (best.safetensors, history.json, eval/)")
 
 
+@app.command()
+def serve(
+    run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but a loopback address needs --token."),
+    port: int = typer.Option(8000, help="Port."),
+    reference: Optional[Path] = typer.Option(None, help="Reference images: a BreakHis folder or manifest CSV "
+                                                        "(embedded once, cached in the run folder) or an .npz of "
+                                                        "smse embed. Default: the run's training images."),
+    token: Optional[str] = typer.Option(None, envvar="SMSE_TOKEN", show_envvar=True,
+                                        help="Every API call must send 'Authorization: Bearer TOKEN'."),
+    max_files: int = typer.Option(16, help="Images per request."),
+    max_file_mb: float = typer.Option(25.0, help="MiB per image file."),
+    max_request_mb: float = typer.Option(100.0, help="MiB per request."),
+    max_megapixels: float = typer.Option(64.0, help="Pixels per image, in millions (larger images are refused "
+                                                    "before decoding)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+) -> None:
+    """Serve a web page and a JSON API: classify images, show the most similar reference cases."""
+    from smse.errors import ConfigError
+    from smse.serve import is_loopback
+
+    if not is_loopback(host) and not token:
+        raise ConfigError(f"--host {host}: not a loopback address, so the server needs a token "
+                          "(--token or the SMSE_TOKEN environment variable)")
+    try:
+        import uvicorn
+
+        from smse.serve import Limits, create_app
+    except ImportError as exc:
+        raise ConfigError(f"smse serve needs FastAPI and uvicorn ({exc}): pip install 'smse[serve]'") from None
+    from smse.runtime import resolve_device
+
+    limits = Limits(max_files=max_files, max_file_bytes=int(max_file_mb * 2**20),
+                    max_request_bytes=int(max_request_mb * 2**20), max_pixels=int(max_megapixels * 1e6))
+    web = create_app(run, reference, token, limits, resolve_device(device))
+    service = web.state.service
+    typer.echo(f"model: {service.model!r}; {len(service.index)} reference images ({service.source})")
+    url_host = f"[{host}]" if ":" in host else host
+    typer.echo(f"page: http://{url_host}:{port}/   API docs: http://{url_host}:{port}/docs" + ("   (token required)" if token else ""))
+    uvicorn.run(web, host=host, port=port, log_level="info")
+
+
 def _size(text: str, option: str = "--size") -> tuple[int, int]:
     from smse.errors import ConfigError
 
@@ -191,15 +251,18 @@ def _size(text: str, option: str = "--size") -> tuple[int, int]:
 
 @app.command()
 def synth(
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default smse-demo/data; with --wsi, smse-wsi)."),
-    patients: Optional[int] = typer.Option(None, help="Number of patients, one virtual slide each (default 32; with --wsi, 8)."),
-    seed: int = typer.Option(0, help="Random seed; the output depends only on the arguments."),
+    out: Optional[Path] = typer.Option(None, "--out", file_okay=False,
+                                       help="Output folder (default smse-demo/data; with --wsi, smse-wsi)."),
+    patients: Optional[int] = typer.Option(None, min=1, help="Number of patients, one virtual slide each "
+                                                             "(default 32; with --wsi, 8)."),
+    seed: int = typer.Option(0, min=0, help="Random seed; the output depends only on the arguments."),
     size: Optional[str] = typer.Option(None, help="Image size WIDTHxHEIGHT (default 192x128; with --wsi, the slide's "
                                                   "level-0 size, default 4000x3000)."),
-    images_per_mag: int = typer.Option(12, help="Images per patient and magnification."),
+    images_per_mag: int = typer.Option(12, min=1, help="Images per patient and magnification."),
     proportions: Optional[str] = typer.Option(None, help="breakhis (default), balanced, or A=1,F=2,... per type."),
-    workers: Optional[int] = typer.Option(None, help="Processes (default: all cores)."),
-    preview_path: Optional[Path] = typer.Option(None, "--preview", help="Only write a contact sheet PNG here."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Processes (default: all cores)."),
+    preview_path: Optional[Path] = typer.Option(None, "--preview", dir_okay=False,
+                                                help="Only write a contact sheet PNG here."),
     wsi: bool = typer.Option(False, "--wsi", help="Write pyramidal whole-slide TIFFs and labels.csv instead of images."),
     mpp: float = typer.Option(0.5, help="With --wsi: microns per level-0 pixel (0.5 = a 20x scan)."),
 ) -> None:
@@ -306,21 +369,27 @@ def predict_slide(
 
 
 def main() -> None:
-    """Entry point: run the app, turning project errors into one clear line and exit code 2."""
+    """Entry point: project and usage errors become one ``error:`` line and exit code 2; Ctrl-C exits with 130."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except SmseError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        if not hasattr(exc, "format_message"):  # not one of click's (or typer's copy of click's) usage errors
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare command group: its help is the answer
             exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        else:
+            ctx = getattr(exc, "ctx", None)
+            see = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            typer.echo(f"error: {exc.format_message()}{see}", err=True)
+        sys.exit(exc.exit_code)
+    if code == 130:  # typer turns Ctrl-C outside training into this return value
+        typer.echo("error: interrupted", err=True)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -12,18 +14,55 @@ from typing import Any, Sequence
 import yaml
 
 from smse.errors import ConfigError
+from smse.io import read_text, write_text
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field: ``low`` and ``high`` bounds, each inclusive unless ``open``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"{'<' if self.high_open else '<='} {high}"
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def ranged(default: Any, low: float | None = None, high: float | None = None, *,
+           low_open: bool = False, high_open: bool = False) -> Any:
+    """A dataclass field whose value ``validate`` keeps within a range (None, where allowed, passes)."""
+    return field(default=default, metadata={"range": Range(low, high, low_open, high_open)})
+
+
+SEED_MAX = 2**32 - 1
 
 
 @dataclass
 class SplitConfig:
     """How images are divided into train / val / test, always by patient."""
 
-    method: str = "seeded"  # seeded | fold-file | manifest
+    method: str = "auto"  # auto (a manifest's split column if it has one, else seeded) | seeded | fold-file | manifest
     fold_file: str | None = None
-    fold: int = 1
-    test_fraction: float = 0.3
-    val_fraction: float = 0.15
-    seed: int = 0
+    fold: int = ranged(1, 1)
+    test_fraction: float = ranged(0.3, 0, 1, low_open=True, high_open=True)
+    val_fraction: float = ranged(0.15, 0, 1, high_open=True)
+    seed: int = ranged(0, 0, SEED_MAX)
 
 
 @dataclass
@@ -48,10 +87,11 @@ class ModelConfig:
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
     checkpoint_path: str | None = None
-    embedding_dim: int = 128
+    embedding_dim: int = ranged(128, 1, 65536)
     normalize: bool = True
     freeze_backbone: bool = True
-    views: int = 4
+    views: int = ranged(4, 1, 256)
+    standardize: bool = True  # frozen mode: features standardised by the training images' mean and std
 
 
 @dataclass
@@ -60,14 +100,14 @@ class LossConfig:
 
     classification: str = "rfl"  # rfl | ce | balanced-ce | focal | ohem
     metric: str = "triplet"  # none | pair | triplet
-    margin: float = 1.0
-    alpha: float = 2.0
-    gamma: float = 1.2
+    margin: float = ranged(1.0, 0, 100, low_open=True)
+    alpha: float = ranged(2.0, 0, 1000, low_open=True)
+    gamma: float = ranged(1.2, 0, 100)
     balance: bool = True
-    ohem_keep: float = 0.5
+    ohem_keep: float = ranged(0.5, 0, 1, low_open=True)
     mining: str = "semihard"  # all | semihard | hard
-    metric_weight: float = 1.0
-    classification_weight: float = 1.0
+    metric_weight: float = ranged(1.0, 0, 1000)
+    classification_weight: float = ranged(1.0, 0, 1000)
 
 
 @dataclass
@@ -75,32 +115,33 @@ class SamplerConfig:
     """How training batches are drawn."""
 
     mode: str = "cross-magnification"  # cross-magnification | pooled | single
+    balance: str = "none"  # none | patient: each patient drawn as often, whatever its image count
     same_patient: bool = False
-    magnification: int = 100
-    batch_size: int = 64
+    magnification: int = ranged(100, 1)
+    batch_size: int = ranged(64, 2, 1_000_000)
 
 
 @dataclass
 class TrainConfig:
     """Optimiser, schedule and hardware."""
 
-    epochs: int = 30
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    step_size: int = 8
-    lr_gamma: float = 0.1
+    epochs: int = ranged(30, 1, 1_000_000)
+    lr: float = ranged(1e-3, 0, 10, low_open=True)
+    weight_decay: float = ranged(1e-4, 0, 1)
+    step_size: int = ranged(8, 1)
+    lr_gamma: float = ranged(0.1, 0, 1, low_open=True)
     device: str = "auto"  # auto | cpu | cuda | mps
     amp: bool = True
-    num_workers: int = 0
+    num_workers: int = ranged(0, 0, 1024)
     deterministic: bool = True  # bit-identical reruns; false lets torch pick faster nondeterministic kernels
-    batches_per_epoch: int | None = None
+    batches_per_epoch: int | None = ranged(None, 1, 1_000_000_000)
 
 
 @dataclass
 class EvalConfig:
     """Evaluation extras."""
 
-    knn_k: int = 5
+    knn_k: int = ranged(5, 1, 100_000)
     knn_backend: str = "torch"  # torch | faiss (pip install 'smse[faiss]')
 
 
@@ -108,7 +149,7 @@ class EvalConfig:
 class Config:
     """A whole run."""
 
-    seed: int = 0
+    seed: int = ranged(0, 0, SEED_MAX)
     out: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -119,7 +160,7 @@ class Config:
 
 
 CHOICES = {
-    "data.split.method": ("seeded", "fold-file", "manifest"),
+    "data.split.method": ("auto", "seeded", "fold-file", "manifest"),
     "data.format": ("auto", "breakhis", "manifest"),
     "data.task": ("binary", "type"),
     "data.duplicates": ("prefer-ductal", "drop-conflicts", "keep"),
@@ -127,13 +168,12 @@ CHOICES = {
     "loss.metric": ("none", "pair", "triplet"),
     "loss.mining": ("all", "semihard", "hard"),
     "sampler.mode": ("cross-magnification", "pooled", "single"),
+    "sampler.balance": ("none", "patient"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "eval.knn_backend": ("torch", "faiss"),
 }
-POSITIVE = ("model.embedding_dim", "model.views", "sampler.batch_size", "train.epochs", "train.lr",
-            "train.step_size", "loss.margin", "loss.alpha", "eval.knn_k")
-NON_NEGATIVE = ("loss.gamma", "loss.metric_weight", "loss.classification_weight", "train.weight_decay",
-                "data.split.val_fraction", "train.num_workers")
+# every spelling of a decimal number: 1e-3, 1E-3, .5, 5., 1.0e+20, -2 (YAML 1.1 reads some of them as strings)
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _convert(value: Any, hint: Any, name: str) -> Any:
@@ -166,7 +206,11 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
             return value
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if hint is float:
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{name}: expected a number, got {value!r}")
     if hint is str:
@@ -202,25 +246,28 @@ def validate(cfg: Config) -> Config:
     for name, allowed in CHOICES.items():
         if flat[name] not in allowed:
             raise ConfigError(f"{name}: {flat[name]!r} is not one of {', '.join(allowed)}")
-    for name in POSITIVE:
-        if not flat[name] > 0:
-            raise ConfigError(f"{name}: must be positive, got {flat[name]!r}")
-    for name in NON_NEGATIVE:
-        if flat[name] < 0:
-            raise ConfigError(f"{name}: must not be negative, got {flat[name]!r}")
-    if not 0 < cfg.data.split.test_fraction < 1:
-        raise ConfigError(f"data.split.test_fraction: must lie in (0, 1), got {cfg.data.split.test_fraction}")
-    if cfg.data.split.val_fraction >= 1:
-        raise ConfigError(f"data.split.val_fraction: must be below 1, got {cfg.data.split.val_fraction}")
-    if len(cfg.data.image_size) != 2 or min(cfg.data.image_size) < 16:
-        raise ConfigError(f"data.image_size: expected [height, width] of at least 16 px, got {cfg.data.image_size}")
-    if not 0 < cfg.loss.ohem_keep <= 1:
-        raise ConfigError(f"loss.ohem_keep: must lie in (0, 1], got {cfg.loss.ohem_keep}")
+    for name, allowed, value in _ranged_fields(cfg):
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{name}: must be {allowed}, got {value!r}")
+    if len(cfg.data.image_size) != 2 or not all(16 <= v <= 8192 for v in cfg.data.image_size):
+        raise ConfigError(f"data.image_size: expected [height, width] of 16 to 8192 px, got {cfg.data.image_size}")
     if cfg.data.split.method == "fold-file" and not cfg.data.split.fold_file:
         raise ConfigError("data.split.fold_file: required when data.split.method is fold-file")
-    if cfg.sampler.batch_size < 2:
-        raise ConfigError(f"sampler.batch_size: must be at least 2, got {cfg.sampler.batch_size}")
+    if cfg.data.magnifications is not None and min(cfg.data.magnifications, default=1) < 1:
+        raise ConfigError(f"data.magnifications: must be positive, got {cfg.data.magnifications}")
     return cfg
+
+
+def _ranged_fields(obj: Any, prefix: str = "") -> list[tuple[str, Range, Any]]:
+    """(dotted name, range, value) of every field declared with ``ranged``, in nested sections too."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(_ranged_fields(value, f"{prefix}{f.name}."))
+        elif "range" in f.metadata:
+            out.append((f"{prefix}{f.name}", f.metadata["range"], value))
+    return out
 
 
 def from_dict(data: dict) -> Config:
@@ -288,13 +335,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 raise ConfigError(f"{path}: config file not found (packaged configs: {', '.join(packaged_configs())})")
             path = packaged
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(read_text(path, ConfigError)) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected sections such as train: and data:, got {type(data).__name__}")
     return from_dict(apply_overrides(data, overrides))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from smse.io import write_text
-
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,8 +1,14 @@
-"""Training: frozen-feature or full fine-tuning, multi-scale sampling, validation by patient, exact resume, DDP."""
+"""Training: frozen-feature or full fine-tuning, multi-scale sampling, validation by patient, exact resume, DDP.
+
+``train`` reads as its steps: check a resumable state, prepare the data and model, write the run
+files, build the objective and sampler, build the optimiser, then per epoch: train steps,
+validation on validation patients, saving.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,97 +21,236 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from smse.checkpoint import build_model, save_checkpoint
+from smse.checkpoint import save_checkpoint
 from smse.config import Config, save_config, to_dict
-from smse.data.dataset import RecordDataset
-from smse.data.images import ImageCache
-from smse.data.loading import LoadedData, cache_dir_of, load_data
+from smse.data.loading import LoadedData, load_data
 from smse.data.manifest import write_manifest
-from smse.data.records import ClassMap, Record
-from smse.data.samplers import MagnificationBalancedSampler, OfflineTupleSampler
+from smse.data.samplers import Batch, MagnificationBalancedSampler, OfflineTupleSampler
 from smse.errors import ConfigError, TrainingDiverged
-from smse.features import cached_features, feature_key
 from smse.io import atomic_path, write_json
 from smse.losses import Objective, make_classification_loss, make_metric_loss
 from smse.metrics import image_accuracy, patient_accuracy
-from smse.models import Embedder
+from smse.prepare import Prepared, embed, prepare
+from smse.runfolder import check_finite_weights, check_resume_data, guarded, split_fingerprint
 from smse.runtime import Dist, resolve_device, seed_everything, versions
+
+log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int, dict], None]
 
+#: best/last checkpoints are written at the end, and during training at most this often (state.pt,
+#: the resume point, is written every epoch): in frozen mode an epoch takes milliseconds.
+CHECKPOINT_EVERY_S = 30.0
+
 
 @dataclass
-class Prepared:
-    """Everything a run needs before its first step."""
+class Progress:
+    """What survives an epoch: history, the best validation score and weights, and what is on disk."""
 
-    cfg: Config
-    data: LoadedData
-    class_map: ClassMap
-    model: Embedder
-    weights: str
-    dataset: RecordDataset
-    device: torch.device
-    features: torch.Tensor | None = None  # [N, views, F] in frozen mode
-    patient_ids: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def records(self) -> list[Record]:
-        return self.data.records
-
-    def indices(self, split: str, magnification: int | None = None) -> np.ndarray:
-        return np.array([i for i, r in enumerate(self.records)
-                         if r.split == split and (magnification is None or r.magnification == magnification)], dtype=int)
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: float = -math.inf
+    best_epoch: int = 0
+    best_row: dict = field(default_factory=dict)
+    best_state: dict | None = None  # the trainable module's weights at the best epoch
+    last_state: dict | None = None  # ... and at the last completed epoch
+    written_epoch: int = 0  # epoch of the last.safetensors on disk
+    written_at: float = field(default_factory=time.monotonic)
 
 
-def prepare(cfg: Config, dist: Dist = Dist(), progress: bool = True, data: LoadedData | None = None,
-            trained: tuple[Embedder, ClassMap, str] | None = None) -> Prepared:
-    """Load and split the data, build the model, and (frozen mode) compute or load the cached features.
+@guarded
+def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = True,
+          data: LoadedData | None = None) -> Path:
+    """Train a model as ``cfg`` says; resumes exactly from ``cfg.out/state.pt`` when it exists.
 
-    Args:
-        trained: a loaded model, its class map and backbone weights id, to use instead of a new model.
+    Seeds the random generators and sets torch's deterministic-kernel switch (``train.deterministic``).
+    The run folder is locked while training; Ctrl-C raises ``Interrupted``, saying how to resume.
+
+    Returns:
+        The run folder, holding ``best.safetensors``, ``last.safetensors``, ``history.json``,
+        ``config.yaml``, ``versions.json``, ``split.csv`` and ``data.json``.
     """
-    device = resolve_device(cfg.train.device, dist.local_rank)
+    dist = Dist.from_env()
+    run = Path(cfg.out)
+    state = load_resume_state(cfg, run, dist)
+    dist.init(resolve_device(cfg.train.device, dist.local_rank))
     data = data or load_data(cfg.data)
+    check_resume_data(state, data.records, run)  # before any features are computed for data it would refuse
     seed_everything(cfg.seed, cfg.train.deterministic)
-    if trained is not None:
-        model, class_map, weights = trained
-    else:
-        class_map = ClassMap.from_records(data.records, cfg.data.task)
-        model, weights = build_model(cfg, len(class_map))
-    size = tuple(cfg.data.image_size)
-    cache = ImageCache(cache_dir_of(cfg.data), size)
-    dataset = RecordDataset(data.records, class_map, size, cache, augment=not cfg.model.freeze_backbone, seed=cfg.seed)
-    prepared = Prepared(cfg, data, class_map, model.to(device), weights, dataset, device,
-                        patient_ids={p: i for i, p in enumerate(sorted({r.patient for r in data.records}))})
-    if cfg.model.freeze_backbone:
-        key = feature_key(data.records, f"{cfg.model.backbone}|{weights}", size, cfg.model.views, cfg.seed)
-        if not dist.main:
-            dist.barrier()  # the main process fills the cache first; the others then read it
-        prepared.features = cached_features(model, dataset, cfg.model.views, cache_dir_of(cfg.data), key,
-                                            device=device, progress=progress)
-        if dist.main:
+    prep = prepare(cfg, dist, progress and dist.main, data)
+    if dist.main:
+        write_run_files(run, prep)
+    train_idx, val_idx = training_indices(prep)
+    objective, sampler = build_objective(prep, train_idx), build_sampler(cfg, prep, train_idx, dist)
+    trainable = trainable_module(prep, train_idx)
+    optimizer, scheduler, scaler = build_optimizer(cfg, trainable, prep.device)
+    done = restore(state, trainable, optimizer, scheduler, scaler, run)
+    if state is not None and dist.main:
+        log.info("resuming %s after epoch %d", run, done.epoch)
+    net: nn.Module = trainable
+    if dist.world > 1:
+        net = nn.parallel.DistributedDataParallel(trainable, device_ids=[prep.device.index] if prep.device.type == "cuda" else None)
+    try:
+        for epoch in range(done.epoch, cfg.train.epochs):
+            row = train_epoch(prep, net, objective, sampler, optimizer, scaler, train_idx, epoch, dist, callbacks,
+                              progress and dist.main)
+            scheduler.step()
+            check_finite_weights(trainable, epoch + 1, run)
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            if len(val_idx) and dist.main:  # validation and saving are the main process's job
+                row.update(validate(prep, val_idx))
+            record_epoch(done, row, trainable)
+            if dist.main:
+                save_progress(run, prep, done, trainable, optimizer, scheduler, scaler)
+                log.info("epoch %d/%d (%.1f s): %s", epoch + 1, cfg.train.epochs, row["seconds"],
+                         ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "seconds")))
             dist.barrier()
-    return prepared
+    finally:  # also on divergence, an interrupt or a crash: the last completed epoch reaches the checkpoints
+        if dist.main:
+            write_checkpoints(run, prep, done, trainable)
+    if dist.main:
+        write_json(run / "run.json", {"finished": True, "epochs": cfg.train.epochs, "best_val": done.best,
+                                      "best_epoch": done.best_epoch, "backbone_weights": prep.weights,
+                                      "data": prep.data.summary_line()})
+    return run
 
 
-@torch.no_grad()
-def embed(prep: Prepared, indices: Sequence[int], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings and class probabilities of the plain view of ``indices`` (from cached features in frozen mode)."""
-    model = prep.model
-    model.eval()
-    embs, probs = [], []
-    for start in range(0, len(indices), batch_size):
-        idx = list(indices[start:start + batch_size])
-        if prep.features is not None:
-            emb, logits = model.heads(prep.features[idx, 0].to(prep.device))
-        else:
-            images = torch.stack([prep.dataset.view(i, 0) for i in idx]).to(prep.device)
-            emb, logits = model(images)
-        embs.append(emb.float().cpu())
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
-    if not embs:
-        return np.zeros((0, prep.cfg.model.embedding_dim)), np.zeros((0, len(prep.class_map)))
-    return torch.cat(embs).numpy(), torch.cat(probs).numpy()
+def resume_key(cfg: Config) -> dict:
+    """The config a resumed run must share (more epochs, another device or worker count are fine)."""
+    d = to_dict(cfg)
+    for k in ("epochs", "device", "num_workers"):
+        d["train"].pop(k)
+    return d
+
+
+def load_resume_state(cfg: Config, run: Path, dist: Dist) -> dict | None:
+    """The saved state of an unfinished run in ``run``, after checking that it is the same run."""
+    if cfg.sampler.batch_size % dist.world:
+        raise ConfigError(f"sampler.batch_size: {cfg.sampler.batch_size} is not divisible by the {dist.world} processes")
+    path = run / "state.pt"
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["config"] != resume_key(cfg):
+        raise ConfigError(f"{path}: this run folder holds a run with another config; use another out folder or delete it")
+    return state
+
+
+def write_run_files(run: Path, prep: Prepared) -> None:
+    """Config, versions, the split of every image, and what loading found, before the first step."""
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(prep.cfg, run / "config.yaml")
+    write_json(run / "versions.json", versions())
+    write_manifest(run / "split.csv", prep.records)
+    write_json(run / "data.json", {"summary": prep.data.summary_line(), "skipped": prep.data.skipped,
+                                   "duplicates": asdict(prep.data.duplicates), "backbone_weights": prep.weights,
+                                   "class_map": prep.class_map.to_dict()})
+
+
+def training_indices(prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation image indices (one magnification in ``single`` mode); every class must train."""
+    cfg = prep.cfg
+    single = cfg.sampler.magnification if cfg.sampler.mode == "single" else None
+    train_idx, val_idx = prep.indices("train", single), prep.indices("val", single)
+    if len(train_idx) == 0:
+        raise ConfigError("data: the split left no training images" + (f" at {single}X" if single else ""))
+    counts = class_counts(prep, train_idx)
+    if (counts == 0).any():
+        missing = [prep.class_map.names[i] for i in np.flatnonzero(counts == 0)]
+        raise ConfigError(f"data: no training image of class(es) {missing}; use more patients or another split")
+    return train_idx, val_idx
+
+
+def class_counts(prep: Prepared, indices: np.ndarray) -> np.ndarray:
+    return np.bincount(np.asarray(prep.dataset.targets)[indices], minlength=len(prep.class_map))
+
+
+def build_objective(prep: Prepared, train_idx: np.ndarray) -> Objective:
+    """Classification loss (class balance from the training images) + metric loss, weighted."""
+    cfg, L = prep.cfg, prep.cfg.loss
+    counts = class_counts(prep, train_idx).tolist()
+    return Objective(
+        make_classification_loss(L.classification, counts, L.alpha, L.gamma, L.balance, L.ohem_keep),
+        make_metric_loss(L.metric, margin=L.margin, strategy=L.mining,
+                         cross_magnification=cfg.sampler.mode == "cross-magnification",
+                         same_patient=cfg.sampler.same_patient),
+        L.classification_weight, L.metric_weight).to(prep.device)
+
+
+def build_sampler(cfg: Config, prep: Prepared, train_idx: np.ndarray, dist: Dist):
+    """Paper mode: offline tuples from the pooled set; otherwise magnification-balanced batches."""
+    targets = np.asarray(prep.dataset.targets)[train_idx].tolist()
+    if cfg.sampler.mode == "pooled" and cfg.loss.metric != "none":
+        sampler = OfflineTupleSampler(targets, cfg.sampler.batch_size, cfg.loss.metric, cfg.seed,
+                                      cfg.train.batches_per_epoch)
+        if (sampler.tuples_per_batch * sampler.arity) % dist.world:
+            raise ConfigError("sampler.batch_size: paper-mode tuples do not split evenly over the processes")
+        return sampler
+    mags = [prep.records[i].magnification for i in train_idx]
+    patients = [prep.records[i].patient for i in train_idx] if cfg.sampler.balance == "patient" else None
+    return MagnificationBalancedSampler(targets, mags, cfg.sampler.batch_size, cfg.seed, cfg.train.batches_per_epoch,
+                                        patients)
+
+
+def trainable_module(prep: Prepared, train_idx: np.ndarray) -> nn.Module:
+    """The heads (frozen backbone) or the whole network (fine-tuning).
+
+    Frozen mode with ``model.standardize``: the heads first standardise features by the mean and
+    standard deviation of the training images' cached features (every view), a fixed, seed-free step.
+    """
+    if prep.cfg.model.freeze_backbone:
+        prep.model.backbone.requires_grad_(False)
+        if prep.cfg.model.standardize:
+            prep.model.heads.standardize_from(prep.features[train_idx])
+        return prep.model.heads
+    return prep.model
+
+
+def build_optimizer(cfg: Config, trainable: nn.Module, device: torch.device):
+    """Adam, a step schedule, and a gradient scaler (active for float16 autocast on CUDA only)."""
+    optimizer = torch.optim.Adam(trainable.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.train.step_size, cfg.train.lr_gamma)
+    scaler = torch.amp.GradScaler("cuda", enabled=_amp(device, use_amp(cfg))[1] == torch.float16)
+    return optimizer, scheduler, scaler
+
+
+def use_amp(cfg: Config) -> bool:
+    """Mixed precision for fine-tuning on CUDA; frozen-feature heads train in float32."""
+    return cfg.train.amp and not cfg.model.freeze_backbone
+
+
+def restore(state: dict | None, trainable: nn.Module, optimizer, scheduler, scaler, run: Path) -> Progress:
+    """Load a saved state into the training objects; a fresh Progress when there is none."""
+    if state is None:
+        return Progress()
+    trainable.load_state_dict(state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return Progress(state["epoch"], state["history"], state["best"], state["best_epoch"], state["best_row"],
+                    state["best_state"], _copy(trainable), _checkpoint_epoch(run / "last.safetensors"))
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    """The epoch a checkpoint on disk holds (0 when there is none or it cannot be read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {}).get("epoch", 0))
+    except Exception:  # noqa: BLE001 - a missing or unreadable file holds no epoch
+        return 0
+
+
+def _copy(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _amp(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype), dtype
+    return contextlib.nullcontext(), None
 
 
 def _gather(t: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -116,176 +261,108 @@ def _gather(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     return torch.cat(all_gather(t))
 
 
-def _amp(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype), dtype
-    return contextlib.nullcontext(), None
-
-
-def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = True,
-          data: LoadedData | None = None) -> Path:
-    """Train a model as ``cfg`` says; resumes exactly from ``cfg.out/state.pt`` when it exists.
-
-    Returns:
-        The run folder, holding ``best.safetensors``, ``last.safetensors``, ``history.json``,
-        ``config.yaml``, ``versions.json``, ``split.csv`` and ``data.json``.
-    """
-    dist = Dist.from_env()
-    run = Path(cfg.out)
-    if cfg.sampler.batch_size % dist.world:
-        raise ConfigError(f"sampler.batch_size: {cfg.sampler.batch_size} is not divisible by the {dist.world} processes")
-    state_path = run / "state.pt"
-    state = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.exists() else None
-    if state is not None and state["config"] != _resume_key(cfg):
-        raise ConfigError(f"{state_path}: this run folder holds a run with another config; "
-                          "use another out folder or delete it")
-    device = resolve_device(cfg.train.device, dist.local_rank)
-    dist.init(device)
-    prep = prepare(cfg, dist, progress and dist.main, data)
-    if dist.main:
-        run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
-        write_json(run / "versions.json", versions())
-        write_manifest(run / "split.csv", prep.records)
-        write_json(run / "data.json", {"summary": prep.data.summary_line(), "skipped": prep.data.skipped,
-                                       "duplicates": asdict(prep.data.duplicates), "backbone_weights": prep.weights,
-                                       "class_map": prep.class_map.to_dict()})
-    single = cfg.sampler.magnification if cfg.sampler.mode == "single" else None
-    train_idx, val_idx = prep.indices("train", single), prep.indices("val", single)
-    if len(train_idx) == 0:
-        raise ConfigError("data: the split left no training images" + (f" at {single}X" if single else ""))
-    targets = torch.tensor(prep.dataset.targets)
+def train_epoch(prep: Prepared, net: nn.Module, objective: Objective, sampler, optimizer, scaler, train_idx: np.ndarray,
+                epoch: int, dist: Dist, callbacks: Sequence[StepCallback], progress: bool) -> dict:
+    """One pass of the sampler's batches; returns the epoch's mean loss parts and statistics."""
+    cfg, device = prep.cfg, prep.device
+    torch.manual_seed(cfg.seed * 100_003 + epoch)
+    view_of = np.random.default_rng([cfg.seed, epoch, 5]).integers(0, cfg.model.views, len(prep.records))
+    prep.dataset.epoch = epoch
+    net.train()
+    amp_ctx, _ = _amp(device, use_amp(cfg))
+    batches = [Batch(train_idx[b.indices], b.tuples, b.classify) for b in sampler.epoch(epoch)]
+    per = len(batches[0]) // dist.world
+    mine_of = [b.indices[dist.rank * per:(dist.rank + 1) * per] for b in batches]  # this process's share
+    images = None if cfg.model.freeze_backbone else iter(DataLoader(
+        prep.dataset, batch_sampler=mine_of, num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda"))
+    targets = torch.as_tensor(prep.dataset.targets)
     mags = torch.tensor([r.magnification for r in prep.records])
     patients = torch.tensor([prep.patient_ids[r.patient] for r in prep.records])
-    counts = np.bincount(targets[train_idx].numpy(), minlength=len(prep.class_map))
-    if (counts == 0).any():
-        missing = [prep.class_map.names[i] for i in np.flatnonzero(counts == 0)]
-        raise ConfigError(f"data: no training image of class(es) {missing}; use more patients or another split")
-    L = cfg.loss
-    objective = Objective(
-        make_classification_loss(L.classification, counts.tolist(), L.alpha, L.gamma, L.balance, L.ohem_keep),
-        make_metric_loss(L.metric, margin=L.margin, strategy=L.mining,
-                         cross_magnification=cfg.sampler.mode == "cross-magnification",
-                         same_patient=cfg.sampler.same_patient),
-        L.classification_weight, L.metric_weight).to(device)
-    paper = cfg.sampler.mode == "pooled" and L.metric != "none"
-    if paper:
-        sampler = OfflineTupleSampler(targets[train_idx].tolist(), cfg.sampler.batch_size, L.metric, cfg.seed,
-                                      cfg.train.batches_per_epoch)
-    else:
-        sampler = MagnificationBalancedSampler(targets[train_idx].tolist(), mags[train_idx].tolist(),
-                                               cfg.sampler.batch_size, cfg.seed, cfg.train.batches_per_epoch)
-    arity = 3 if L.metric == "triplet" else 2
-    if paper and (cfg.sampler.batch_size // arity * arity) % dist.world:
-        raise ConfigError("sampler.batch_size: paper-mode tuples do not split evenly over the processes")
-
-    model = prep.model
-    trainable: nn.Module = model.heads if cfg.model.freeze_backbone else model
-    if cfg.model.freeze_backbone:
-        model.backbone.requires_grad_(False)
-    optimizer = torch.optim.Adam(trainable.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.train.step_size, cfg.train.lr_gamma)
-    amp_ctx, amp_dtype = _amp(device, cfg.train.amp and not cfg.model.freeze_backbone)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    start_epoch, history, best = 0, [], -math.inf
-    if state is not None:
-        trainable.load_state_dict(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, history, best = state["epoch"], state["history"], state["best"]
-        if dist.main and progress:
-            print(f"resuming {run} after epoch {start_epoch}")
-    net: nn.Module = trainable
-    if dist.world > 1:
-        net = nn.parallel.DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None)
-
-    for epoch in range(start_epoch, cfg.train.epochs):
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
-        view_of = np.random.default_rng([cfg.seed, epoch, 5]).integers(0, cfg.model.views, len(prep.records))
-        prep.dataset.epoch = epoch
-        trainable.train()
-        sums: dict[str, float] = {}
-        steps = 0
-        started = time.perf_counter()
-        batches = [train_idx[b] for b in sampler.epoch(epoch)]
-        per = len(batches[0]) // dist.world
-        mine_of = [b[dist.rank * per:(dist.rank + 1) * per] for b in batches]  # this process's share
-        images = None if cfg.model.freeze_backbone else iter(DataLoader(
-            prep.dataset, batch_sampler=mine_of, num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda"))
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=None if progress and dist.main else True, leave=False)
-        for step, batch in enumerate(bar):
-            mine = mine_of[step]
-            if images is None:
-                inputs = prep.features[mine, view_of[mine]].to(device)
-            else:
-                inputs = next(images)[0].to(device, non_blocking=True)
-            with amp_ctx:
-                emb, logits = net(inputs)
-            emb, logits = _gather(emb.float(), dist), _gather(logits.float(), dist)
-            b_t, b_m, b_p = targets[batch].to(device), mags[batch].to(device), patients[batch].to(device)
-            tuples = classify = None
-            if paper:
-                T = len(batch) // arity
-                ar = torch.arange(T, device=device)
-                tuples = (ar, ar + T, ar + 2 * T) if L.metric == "triplet" else (ar, ar + T, (b_t[:T] == b_t[T:2 * T]).long())
-                classify = ar
-            parts = objective(emb, logits, b_t, b_m, b_p, tuples, classify)
-            if not torch.isfinite(parts["total"]):
-                raise TrainingDiverged(f"loss became {parts['total'].item()} at epoch {epoch + 1}, step {step + 1} "
-                                       f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items())}); "
-                                       f"the last good checkpoint is {run / 'last.safetensors'}; lower train.lr?")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(parts["total"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            steps += 1
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            if not bar.disable:
-                bar.set_postfix({k: f"{v / steps:.4f}" for k, v in sums.items() if k != "tuples"})
-            for cb in callbacks:
-                cb(epoch, step, parts)
-        scheduler.step()
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
-               **{f"loss_{k}" if k != "tuples" else "tuples_per_step": v / max(steps, 1) for k, v in sums.items()}}
-        if len(val_idx) and dist.main:  # validation and checkpoints are the main process's job
-            _, probs = embed(prep, val_idx)
-            pred = probs.argmax(1)
-            t_val = targets[val_idx].numpy()
-            p_val = [prep.records[i].patient for i in val_idx]
-            row["val_image_accuracy"] = image_accuracy(t_val, pred)
-            row["val_patient_accuracy"] = patient_accuracy(t_val, pred, p_val)
-        history.append(row)
-        score = row.get("val_patient_accuracy", epoch)
-        improved = score > best
-        best = max(best, score)
-        if dist.main:
-            save_checkpoint(run / "last.safetensors", model, cfg, prep.class_map, epoch + 1, row, prep.weights)
-            if improved:
-                save_checkpoint(run / "best.safetensors", model, cfg, prep.class_map, epoch + 1, row, prep.weights)
-            write_json(run / "history.json", history)
-            state = {"epoch": epoch + 1, "trainable": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
-                     "best": best, "config": _resume_key(cfg)}
-            with atomic_path(state_path) as tmp:
-                torch.save(state, tmp)
-            if progress:
-                shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "seconds"))
-                print(f"epoch {epoch + 1}/{cfg.train.epochs} ({row['seconds']:.1f} s): {shown}")
-        dist.barrier()
-    if dist.main:
-        write_json(run / "run.json", {"finished": True, "epochs": cfg.train.epochs, "best_val": best,
-                                      "backbone_weights": prep.weights, "data": prep.data.summary_line()})
-    return run
+    sums: dict[str, float] = {}
+    started = time.perf_counter()
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=None if progress else True, leave=False)
+    for step, batch in enumerate(bar):
+        mine = mine_of[step]
+        inputs = prep.features[mine, view_of[mine]].to(device) if images is None else next(images)[0].to(device, non_blocking=True)
+        with amp_ctx:
+            emb, logits = net(inputs)
+        emb, logits = _gather(emb.float(), dist), _gather(logits.float(), dist)
+        idx = batch.indices
+        tuples = None if batch.tuples is None else tuple(torch.as_tensor(t, device=device) for t in batch.tuples)
+        classify = None if batch.classify is None else torch.as_tensor(batch.classify, device=device)
+        parts = objective(emb, logits, targets[idx].to(device), mags[idx].to(device), patients[idx].to(device),
+                          tuples, classify)
+        if not torch.isfinite(parts["total"]):
+            raise TrainingDiverged(f"loss became {parts['total'].item()} at epoch {epoch + 1}, step {step + 1} "
+                                   f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items())}); the last good "
+                                   f"checkpoint is {Path(cfg.out) / 'last.safetensors'}; lower train.lr?")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(parts["total"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        values = {f"loss_{k}": v.item() for k, v in parts.items()}
+        values.update({f"{k}_per_step": v for k, v in objective.stats().items()})
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if not bar.disable:
+            bar.set_postfix({k: f"{v / (step + 1):.4f}" for k, v in sums.items() if k.startswith("loss_")})
+        for cb in callbacks:
+            cb(epoch, step, parts)
+    return {"epoch": epoch + 1, "seconds": time.perf_counter() - started,
+            **{k: v / len(batches) for k, v in sums.items()}}
 
 
-def _resume_key(cfg: Config) -> dict:
-    """The config a resumed run must share (more epochs, another device or worker count are fine)."""
-    d = to_dict(cfg)
-    for k in ("epochs", "device", "num_workers"):
-        d["train"].pop(k)
-    return d
+def validate(prep: Prepared, val_idx: np.ndarray) -> dict:
+    """Image- and patient-level accuracy of the validation patients (never test patients)."""
+    _, probs = embed(prep, val_idx)
+    pred = probs.argmax(1)
+    truth = np.asarray(prep.dataset.targets)[val_idx]
+    patients = [prep.records[i].patient for i in val_idx]
+    return {"val_image_accuracy": image_accuracy(truth, pred), "val_patient_accuracy": patient_accuracy(truth, pred, patients)}
 
+
+def record_epoch(done: Progress, row: dict, trainable: nn.Module) -> None:
+    """Append the epoch's row; keep the weights when validation improved (or, without validation, the latest)."""
+    done.epoch = row["epoch"]
+    done.history.append(row)
+    done.last_state = _copy(trainable)
+    score = row.get("val_patient_accuracy", row["epoch"])
+    if score > done.best:
+        done.best, done.best_epoch, done.best_row, done.best_state = score, row["epoch"], row, done.last_state
+
+
+def save_progress(run: Path, prep: Prepared, done: Progress, trainable: nn.Module, optimizer, scheduler, scaler) -> None:
+    """state.pt (the resume point) and history every epoch; the checkpoints at most every CHECKPOINT_EVERY_S."""
+    write_json(run / "history.json", done.history)
+    if time.monotonic() - done.written_at >= CHECKPOINT_EVERY_S:
+        write_checkpoints(run, prep, done, trainable)
+    state = {"epoch": done.epoch, "trainable": done.last_state, "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": done.history,
+             "best": done.best, "best_epoch": done.best_epoch, "best_row": done.best_row, "best_state": done.best_state,
+             "config": resume_key(prep.cfg), "data": split_fingerprint(prep.records)}
+    with atomic_path(run / "state.pt") as tmp:
+        torch.save(state, tmp)
+
+
+def write_checkpoints(run: Path, prep: Prepared, done: Progress, trainable: nn.Module) -> None:
+    """best.safetensors and last.safetensors as of the last completed epoch, unless already on disk.
+
+    They are built from the weights kept at epoch ends, never from the live module, which may be
+    mid-epoch (an interrupt) or broken (divergence); last is not overwritten with non-finite weights.
+    """
+    if done.last_state is None or done.written_epoch == done.epoch:
+        return
+    model, cfg = prep.model, prep.cfg
+    prefix = "heads." if trainable is model.heads else ""
+    current = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    def full(part: dict) -> dict:
+        return {**current, **{prefix + k: v for k, v in part.items()}}
+
+    if all(torch.isfinite(v).all() for v in done.last_state.values() if v.is_floating_point()):
+        save_checkpoint(run / "last.safetensors", model, cfg, prep.class_map, done.epoch, done.history[-1], prep.weights,
+                        state=full(done.last_state))
+    if done.best_state is not None:
+        save_checkpoint(run / "best.safetensors", model, cfg, prep.class_map, done.best_epoch, done.best_row,
+                        prep.weights, state=full(done.best_state))
+    done.written_epoch, done.written_at = done.epoch, time.monotonic()

@@ -2,7 +2,9 @@
 
 
 class SmseError(Exception):
-    """Base class for errors the command line reports without a traceback."""
+    """Base class for errors the command line reports without a traceback, as ``error: ...`` and ``exit_code``."""
+
+    exit_code = 2
 
 
 class ConfigError(SmseError):
@@ -34,5 +36,19 @@ class CheckpointError(SmseError):
     """A run folder or checkpoint is missing, incomplete or from another version."""
 
 
+class OutputError(SmseError):
+    """A file or folder cannot be written (no permission, a file in the way, a full disk)."""
+
+
+class RunLockedError(SmseError):
+    """Another process is training into the same run folder."""
+
+
 class TrainingDiverged(SmseError):
-    """The loss became NaN or infinite."""
+    """The loss, the weights or the model's outputs became NaN or infinite."""
+
+
+class Interrupted(SmseError):
+    """The user interrupted a run (Ctrl-C); what was saved can be resumed."""
+
+    exit_code = 130

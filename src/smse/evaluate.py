@@ -10,11 +10,12 @@ import torch
 from smse.checkpoint import find_checkpoint, load_checkpoint
 from smse.data.loading import LoadedData
 from smse.data.manifest import read_manifest
-from smse.engine import embed, prepare
 from smse.errors import CheckpointError
 from smse.io import atomic_path, write_csv, write_json, write_text
 from smse.metrics import by_magnification, patient_scores
+from smse.prepare import embed, prepare
 from smse.retrieval import cross_magnification_matrix, knn_predict, magnification_probe
+from smse.runfolder import check_finite_outputs
 from smse.tables import results_table
 
 
@@ -45,6 +46,7 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     recs = prep.records
     emb, probs = embed(prep, test)
     ref_emb, _ = embed(prep, train)
+    check_finite_outputs(find_checkpoint(run, which), embeddings=emb, probabilities=probs, reference_embeddings=ref_emb)
     t_test = targets[test]
     pats = np.array([recs[i].patient for i in test])
     mags = np.array([recs[i].magnification for i in test])
@@ -114,6 +116,7 @@ def embed_folder(run: str | Path, data_root: str | Path, out: str | Path, which:
     cfg.model.freeze_backbone = False  # embed straight from images through the whole model
     prep = prepare(cfg, progress=progress, data=data, trained=(model, class_map, ""))
     emb, probs = embed(prep, np.arange(len(prep.records)))
+    check_finite_outputs(find_checkpoint(run, which), embeddings=emb, probabilities=probs)
     save_embeddings(out, emb, prep.records, class_map, probs)
     return Path(out)
 

@@ -18,9 +18,14 @@ from smse.io import atomic_path
 from smse.models import Embedder
 
 
+#: Bumped whenever the way features are computed changes (architecture, preprocessing, augmented views),
+#: so that no stale cache entry is ever served.
+FEATURES_VERSION = 2
+
+
 def feature_key(records: Sequence[Record], backbone_id: str, size: Sequence[int], views: int, seed: int) -> str:
     """A key that changes with the backbone weights, image size, views, seed or any file's bytes on disk."""
-    h = hashlib.sha1(json.dumps([backbone_id, list(size), views, seed]).encode())
+    h = hashlib.sha1(json.dumps([FEATURES_VERSION, backbone_id, list(size), views, seed]).encode())
     for r in records:
         st = os.stat(r.path)
         h.update(f"{r.path}|{st.st_size}|{st.st_mtime_ns}\n".encode())

@@ -1,8 +1,9 @@
-"""Atomic file writes: a file is either the old version or the complete new one."""
+"""Text files read in one way, and atomic writes (a file is either the old version or the complete new one)."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import tempfile
@@ -10,13 +11,73 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from smse.errors import DataError, OutputError, SmseError
+
+_HINTS = {
+    getattr(errno, "EDQUOT", errno.ENOSPC): "the disk quota is used up: free some space and run again",
+    errno.ENOSPC: "the disk is full: free some space and run again",
+    errno.EACCES: "no permission to write there: choose a writable place",
+    errno.EPERM: "no permission to write there: choose a writable place",
+    errno.EROFS: "the file system is read-only: choose a writable place",
+    errno.EEXIST: "a file stands where a folder is needed",
+    errno.ENOTDIR: "a file stands where a folder is needed",
+    errno.EISDIR: "it is a folder: give a file name",
+}
+
+
+def describe(exc: OSError) -> str:
+    """The reason of a failed write and what to do about it, in one phrase."""
+    reason = exc.strerror or str(exc)
+    hint = _HINTS.get(exc.errno)
+    return f"{reason}; {hint}" if hint else reason
+
+
+def read_text(path: str | os.PathLike, error: type[SmseError] = DataError) -> str:
+    """The text of a UTF-8 file (a byte-order mark, as some spreadsheet programs write, is dropped).
+
+    Raises:
+        error: naming the file when it cannot be read or is not UTF-8.
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+
+
+def writable_folder(path: str | os.PathLike, name: str, hint: str = "") -> Path:
+    """Create the folder ``path`` if needed and check that files can be written in it.
+
+    Raises:
+        OutputError: naming ``name`` (what the folder is for), the path, the reason and ``hint``.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{name} {path}: cannot write there ({describe(exc)})"
+                          + (f"; {hint}" if hint else "")) from None
+    return path
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step.
+
+    Raises:
+        OutputError: naming ``path`` when it cannot be written (the old file, if any, is left as it was).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise OutputError(f"{path}: cannot write ({_HINTS[errno.EISDIR]})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({describe(exc)})") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -27,6 +88,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({describe(exc)})") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -1,7 +1,12 @@
-"""Image-, patient- and magnification-level metrics as the literature reports them, and calibration."""
+"""Image-, patient- and magnification-level metrics as the literature reports them, and calibration.
+
+The standard metrics (confusion matrix, balanced accuracy, macro-F1, ROC-AUC) are scikit-learn's;
+the patient-level ones and the calibration error, which it lacks, are written here.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Sequence
 
@@ -43,10 +48,9 @@ def patient_diagnosis_accuracy(y_true: Sequence[int], y_pred: Sequence[int], pat
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
     """Rows: true class; columns: predicted class."""
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    for t, p in zip(y_true, y_pred):
-        cm[t, p] += 1
-    return cm
+    from sklearn.metrics import confusion_matrix as sk_confusion
+
+    return sk_confusion(y_true, y_pred, labels=list(range(n_classes))).astype(np.int64)
 
 
 def per_class_recall(cm: np.ndarray) -> np.ndarray:
@@ -55,41 +59,34 @@ def per_class_recall(cm: np.ndarray) -> np.ndarray:
         return np.diag(cm) / cm.sum(axis=1)
 
 
-def balanced_accuracy(cm: np.ndarray) -> float:
-    """Mean recall over the classes present."""
-    rec = per_class_recall(cm)
-    return float(np.nanmean(rec)) if np.isfinite(rec).any() else float("nan")
+def balanced_accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Mean recall over the classes present in ``y_true``."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    if len(y_true) == 0:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true" is expected here
+        return float(balanced_accuracy_score(y_true, y_pred))
 
 
-def macro_f1(cm: np.ndarray) -> float:
-    """Unweighted mean F1 over classes that occur in y_true or y_pred."""
-    tp = np.diag(cm).astype(float)
-    fp = cm.sum(axis=0) - tp
-    fn = cm.sum(axis=1) - tp
-    present = (tp + fp + fn) > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = 2 * tp / (2 * tp + fp + fn)
-    return float(f1[present].mean()) if present.any() else float("nan")
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Unweighted mean F1 over the classes that occur in ``y_true`` or ``y_pred``."""
+    from sklearn.metrics import f1_score
+
+    if len(y_true) == 0:
+        return float("nan")
+    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
 def roc_auc(y_true: Sequence[int], scores: Sequence[float]) -> float:
-    """Binary ROC-AUC as the Mann-Whitney probability that a positive outranks a negative (ties count 1/2)."""
-    y, s = np.asarray(y_true), np.asarray(scores, dtype=float)
-    pos, neg = s[y == 1], s[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
+    """Binary ROC-AUC (NaN where only one class is present)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y_true)
+    if len(np.unique(y)) < 2:
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[y == 1].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
+    return float(roc_auc_score(y, np.asarray(scores, dtype=float)))
 
 
 def expected_calibration_error(y_true: Sequence[int], probs: np.ndarray, bins: int = 15) -> float:
@@ -122,8 +119,8 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, patients: S
         "image_accuracy": image_accuracy(y_true, y_pred),
         "patient_accuracy": patient_accuracy(y_true, y_pred, patients),
         "patient_diagnosis_accuracy": patient_diagnosis_accuracy(y_true, y_pred, patients),
-        "balanced_accuracy": balanced_accuracy(cm),
-        "macro_f1": macro_f1(cm),
+        "balanced_accuracy": balanced_accuracy(y_true, y_pred),
+        "macro_f1": macro_f1(y_true, y_pred),
         "per_class_recall": [None if np.isnan(v) else float(v) for v in per_class_recall(cm)],
         "calibration_error": expected_calibration_error(y_true, probs),
         "confusion_matrix": cm.tolist(),

@@ -10,7 +10,7 @@ import torch
 from smse.api import ReferenceIndex, load_model
 from smse.data.breakhis import iter_image_files, parse_name
 from smse.data.images import IMAGE_SUFFIXES
-from smse.errors import DataError, ImageError
+from smse.errors import ConfigError, DataError, ImageError
 from smse.io import write_csv
 from smse.runtime import resolve_device
 
@@ -42,6 +42,8 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
 
     An unreadable image gets a row with its error and the rest go on.
     """
+    if k < 1:
+        raise ConfigError(f"k: the number of nearest references must be at least 1, got {k}")
     model = load_model(run, which, resolve_device(device))
     index = ReferenceIndex.from_run(run, model, backend)
     files = expand_inputs(inputs)

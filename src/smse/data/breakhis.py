@@ -59,8 +59,12 @@ def parse_name(name: str) -> dict:
 
 
 def find_breast_root(path: str | os.PathLike) -> Path:
-    """Locate ``histology_slides/breast`` at or below ``path`` (official tree or the doubly nested copy)."""
-    path = Path(path).absolute()
+    """Locate ``histology_slides/breast`` at or below ``path`` (official tree or the doubly nested copy).
+
+    The folder is returned in canonical form (symbolic links and ``..`` resolved), so every record's
+    path is written the same way however the data root was given.
+    """
+    path = Path(os.path.realpath(path))
     if not path.exists():
         raise DataError(f"{path}: folder does not exist")
     if not path.is_dir():
@@ -95,9 +99,17 @@ def record_from_path(path: Path, breast_root: Path) -> Record:
                   patient=info["patient"], magnification=info["magnification"])
 
 
+def _unreadable(exc: OSError) -> None:
+    raise DataError(f"{exc.filename}: cannot read this folder ({exc.strerror}); its images would be left out")
+
+
 def iter_image_files(root: Path) -> Iterable[Path]:
-    """Image files below ``root`` in sorted order, hidden files skipped."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    """Image files below ``root`` in sorted order, hidden files skipped.
+
+    Raises:
+        DataError: naming a folder that cannot be listed, rather than leaving its images out.
+    """
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):

@@ -1,9 +1,8 @@
-"""One cached pass over each image file (hash, header, integrity), and the policy for identical images."""
+"""One cached pass over each image file (hash, size, a full decode), and the policy for identical images."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections import defaultdict
@@ -11,10 +10,9 @@ from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image, UnidentifiedImageError
-
+from smse.data.images import decode_image, read_bytes
 from smse.data.records import Record
-from smse.errors import ConfigError
+from smse.errors import ConfigError, ImageError
 from smse.io import write_json
 
 DUPLICATE_POLICIES = ("prefer-ductal", "drop-conflicts", "keep")
@@ -32,20 +30,20 @@ class FileInfo:
 
 
 def inspect_file(path: str) -> FileInfo:
-    """Hash ``path`` and check that it is a complete, decodable image (PIL ``verify``)."""
-    data = Path(path).read_bytes()
-    sha1 = hashlib.sha1(data).hexdigest()
-    if not data:
-        return FileInfo(sha1, error="file is empty")
+    """Hash ``path`` and decode it fully, as training will: every kind of damage shows here, once."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height, mode = image.width, image.height, image.mode
-            image.verify()
-    except UnidentifiedImageError:
-        return FileInfo(sha1, error="not an image file PIL can identify")
-    except (OSError, SyntaxError, ValueError) as exc:
-        return FileInfo(sha1, error=f"corrupt or truncated image ({exc})")
-    return FileInfo(sha1, width, height, mode)
+        data = read_bytes(path)
+    except ImageError as exc:
+        return FileInfo("", error=exc.reason)
+    sha1 = hashlib.sha1(data).hexdigest()
+    try:
+        image, mode = decode_image(data, path)
+    except ImageError as exc:
+        return FileInfo(sha1, error=exc.reason)
+    return FileInfo(sha1, image.width, image.height, mode)
+
+
+CACHE_VERSION = 2  # entries written by an older, weaker check are inspected again
 
 
 def inspect_files(paths: Sequence[str], cache_dir: str | os.PathLike | None = None) -> dict[str, FileInfo]:
@@ -54,13 +52,19 @@ def inspect_files(paths: Sequence[str], cache_dir: str | os.PathLike | None = No
     cached: dict[str, list] = {}
     if cache_file and cache_file.exists():
         try:
-            cached = json.loads(cache_file.read_text())
+            stored = json.loads(cache_file.read_text())
         except (OSError, json.JSONDecodeError):
-            cached = {}
+            stored = {}
+        if isinstance(stored, dict) and stored.get("version") == CACHE_VERSION:
+            cached = stored["files"]
     out: dict[str, FileInfo] = {}
     changed = False
     for path in paths:
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            out[path] = FileInfo("", error=f"cannot read the file ({exc.strerror or exc})")
+            continue
         stamp = [st.st_size, st.st_mtime_ns]
         hit = cached.get(path)
         if hit and hit[:2] == stamp:
@@ -71,7 +75,7 @@ def inspect_files(paths: Sequence[str], cache_dir: str | os.PathLike | None = No
             cached[path] = stamp + list(astuple(info))
             changed = True
     if cache_file and changed:
-        write_json(cache_file, cached)
+        write_json(cache_file, {"version": CACHE_VERSION, "files": cached})
     return out
 
 

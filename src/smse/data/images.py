@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -14,6 +16,7 @@ from smse.errors import ImageError
 from smse.io import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MIN_SIDE = 8  # pixels; anything smaller is a thumbnail or an icon, not a field of view
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
@@ -32,33 +35,75 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` fully into an 8-bit RGB image.
+def decode_image(data: bytes, path: str, max_pixels: int | None = None) -> tuple[Image.Image, str]:
+    """Decode the bytes of image file ``path`` fully; returns the 8-bit RGB image and the file's own mode.
+
+    Args:
+        max_pixels: refuse images with more pixels than this, read from the header before any decoding
+            (default: PIL's decompression-bomb limit, ``Image.MAX_IMAGE_PIXELS``).
 
     Raises:
-        ImageError: naming the file, for a missing, empty, truncated or undecodable file.
+        ImageError: naming the file, for empty, truncated, corrupt, tiny (< 8 px) or oversized images.
     """
-    path = str(path)
+    if not data:
+        raise ImageError(path, "file is empty")
     try:
-        if os.path.getsize(path) == 0:
-            raise ImageError(path, "file is empty")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
+                mode = image.mode
+                _check_pixels(path, *image.size, max_pixels)
                 image.load()
                 rgb = to_rgb8(image)
                 rgb.load()
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError(path, "file not found") from None
     except UnidentifiedImageError:
         raise ImageError(path, "not an image file PIL can identify") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(path, f"corrupt or truncated image ({exc})") from None
-    if rgb.width < 8 or rgb.height < 8:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(path, f"too large to decode safely, a possible decompression bomb ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - damaged bytes make PIL raise many kinds; each means a bad file
+        raise ImageError(path, f"corrupt or truncated image ({str(exc) or type(exc).__name__})") from None
+    if rgb.width < MIN_SIDE or rgb.height < MIN_SIDE:
         raise ImageError(path, f"image is only {rgb.width}x{rgb.height} pixels")
-    return rgb
+    return rgb, mode
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file.
+
+    Raises:
+        ImageError: naming the file when it is missing or cannot be read.
+    """
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageError(str(path), "file not found") from None
+    except OSError as exc:
+        raise ImageError(str(path), f"cannot read the file ({exc.strerror or exc})") from None
+
+
+def read_image(source: str | os.PathLike | BinaryIO, max_pixels: int | None = None,
+               name: str | None = None) -> Image.Image:
+    """Decode a file (a path or a binary file object) fully into an 8-bit RGB image.
+
+    Args:
+        source: a path, or an open binary file such as an upload's bytes in ``io.BytesIO``.
+        max_pixels: refuse images with more pixels than this (see ``decode_image``).
+        name: what errors call the file (default: the path, or the file object's ``name``).
+
+    Raises:
+        ImageError: naming the file, for a missing, empty, truncated, undecodable, tiny or too large image.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return decode_image(read_bytes(source), name or str(source), max_pixels)[0]
+    return decode_image(source.read(), name or str(getattr(source, "name", "<upload>")), max_pixels)[0]
+
+
+def _check_pixels(name: str, width: int, height: int, max_pixels: int | None) -> None:
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ImageError(name, f"image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}")
 
 
 def resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:

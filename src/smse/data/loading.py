@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,9 @@ from smse.data.splits import (
     seeded_split,
 )
 from smse.errors import DataError, ImageError
+from smse.io import writable_folder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,7 +54,9 @@ class LoadedData:
 
 
 def cache_dir_of(cfg: DataConfig) -> Path:
-    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    """The cache folder (``data.cache_dir``, else ``$SMSE_CACHE_DIR``, else ``~/.cache/smse``), checked writable."""
+    return writable_folder(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), "cache folder",
+                           "choose a writable one with data.cache_dir, --cache-dir or $SMSE_CACHE_DIR")
 
 
 def scan(cfg: DataConfig) -> tuple[list[Record], list[tuple[str, str]], str]:
@@ -85,7 +91,7 @@ def load_data(cfg: DataConfig, split: bool = True) -> LoadedData:
         elif cfg.skip_bad:
             skipped.append((r.path, error))
         else:
-            raise ImageError(r.path, error + " (set data.skip_bad=true to skip bad files)")
+            raise ImageError(r.path, error + " (data.skip_bad=true or --skip-bad skips bad files and lists them)")
     if not good:
         raise DataError(f"{cfg.root}: no readable images")
     hashes = {r.path: infos[r.path].sha1 for r in good}
@@ -93,24 +99,48 @@ def load_data(cfg: DataConfig, split: bool = True) -> LoadedData:
     sizes = Counter(f"{infos[r.path].width}x{infos[r.path].height} {infos[r.path].mode}" for r in good)
     data = LoadedData(kept, hashes, skipped, report, note, sizes)
     if split:
+        check_classes(kept, cfg)
         data.records = assign_split(kept, cfg)
         check_split(data.records, hashes)
     return data
 
 
+def check_classes(records: list[Record], cfg: DataConfig) -> None:
+    """Refuse a dataset with one class for the task: every score on it would read 100%."""
+    counts = Counter(r.target_name(cfg.task) for r in records)
+    if len(counts) == 1:
+        (name, n), = counts.items()
+        patients = len({r.patient for r in records})
+        raise DataError(f"{cfg.root}: every image is of one class for data.task={cfg.task}: {name!r} "
+                        f"({n} images, {patients} patients); a classifier needs at least two classes")
+
+
+def split_method(cfg: DataConfig, records: list[Record]) -> str:
+    """``data.split.method``, with ``auto`` made concrete: the manifest's split column when it has one, else seeded."""
+    if cfg.split.method != "auto":
+        return cfg.split.method
+    return "manifest" if any(r.split for r in records) else "seeded"
+
+
 def assign_split(records: list[Record], cfg: DataConfig) -> list[Record]:
     """Apply ``cfg.split``: seeded patient split, official fold file, or the manifest's own column."""
     s = cfg.split
-    if s.method == "seeded":
+    method = split_method(cfg, records)
+    if method != "manifest" and any(r.split for r in records):
+        logger.warning("%s: the manifest's split column is not used, since data.split.method is %s", cfg.root, method)
+    if method == "seeded":
         return seeded_split(records, s.test_fraction, s.val_fraction, s.seed, cfg.task)
-    if s.method == "fold-file":
+    if method == "fold-file":
         mapped = apply_fold_file(records, read_fold_file(s.fold_file, s.fold))
         if not mapped:
             raise DataError(f"{s.fold_file}: lists none of the {len(records)} images found under {cfg.root}")
         return carve_validation(mapped, s.val_fraction, s.seed, cfg.task)
     missing = [r.path for r in records if r.split is None]
+    if len(missing) == len(records):
+        raise DataError(f"{cfg.root}: data.split.method is manifest, but no image has a split there")
     if missing:
-        raise DataError(f"{missing[0]}: data.split.method is manifest but this row has no split")
+        raise DataError(f"{missing[0]}: this image has no split in {cfg.root} while others have one; "
+                        "fill the split column for every row, or set data.split.method=seeded")
     if any(r.split == "val" for r in records):
         return list(records)
     return carve_validation(records, s.val_fraction, s.seed, cfg.task)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
@@ -14,12 +15,22 @@ def mag_name(magnification: int) -> str:
     return f"{magnification}X" if magnification else "unknown"
 
 
+def canonical_path(path: str | os.PathLike) -> str:
+    """The one spelling of an image's path that every record, split file and report uses.
+
+    The folder is resolved (symbolic links, ``..``, relative to absolute); the file name is kept as
+    it is, since a BreakHis name carries the image's labels even where the file is a link.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(folder), name)
+
+
 @dataclass(frozen=True)
 class Record:
     """One image and what is known of it.
 
     Attributes:
-        path: absolute path of the image file.
+        path: absolute path of the image file, in ``canonical_path`` form.
         label: class name (``benign`` / ``malignant`` on BreakHis, any name in a manifest).
         tumor_type: finer type code (``A``, ``DC``, ...); equal to ``label`` where there is none.
         patient: patient (slide) identifier; splits never divide a patient.

@@ -14,16 +14,42 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One global batch: positions in the training set, and for offline tuples their structure.
+
+    Attributes:
+        indices: positions in the training set, in batch order.
+        tuples: offline tuples as positions within the batch: ``(a, p, n)`` triplets or ``(i, j, y)``
+            pairs (y = 1 for a same-class pair); None where the loss mines its own tuples in the batch.
+        classify: the batch rows the classification loss sees (None: every row).
+    """
+
+    indices: np.ndarray
+    tuples: tuple[np.ndarray, ...] | None = None
+    classify: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class MagnificationBalancedSampler:
-    """Global batches of indices, ``batch_size // M`` per magnification (remainder spread)."""
+    """Global batches of indices, ``batch_size // M`` per magnification (remainder spread).
+
+    With ``patients``, images are drawn (with replacement) with probability inversely proportional
+    to their patient's image count at that magnification, so each patient weighs the same whatever
+    its number of images, as patient-level accuracy weighs them; otherwise shuffled passes without
+    replacement.
+    """
 
     def __init__(self, targets: Sequence[int], mags: Sequence[int], batch_size: int, seed: int = 0,
-                 batches_per_epoch: int | None = None):
+                 batches_per_epoch: int | None = None, patients: Sequence[str] | None = None):
         self.n = len(targets)
         self.batch_size = batch_size
         self.seed = seed
@@ -31,25 +57,38 @@ class MagnificationBalancedSampler:
         for i, m in enumerate(mags):
             pools[int(m)].append(i)
         self.pools = [np.array(pools[m]) for m in sorted(pools)]
+        self.weights = None
+        if patients is not None:
+            self.weights = []
+            for pool in self.pools:
+                count: dict[str, int] = defaultdict(int)
+                for i in pool:
+                    count[patients[i]] += 1
+                w = np.array([1.0 / count[patients[i]] for i in pool])
+                self.weights.append(w / w.sum())
         self.batches = batches_per_epoch or max(1, math.ceil(self.n / batch_size))
 
     def __len__(self) -> int:
         return self.batches
 
-    def epoch(self, epoch: int) -> Iterator[np.ndarray]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch, 17])
-        streams = [_Stream(pool, rng) for pool in self.pools]
+        if self.weights is None:
+            streams = [_Stream(pool, rng).take for pool in self.pools]
+        else:
+            streams = [lambda k, pool=pool, w=w: rng.choice(pool, size=k, p=w) for pool, w in zip(self.pools, self.weights)]
         m = len(streams)
         for b in range(self.batches):
             sizes = [self.batch_size // m + (1 if (k + b) % m < self.batch_size % m else 0) for k in range(m)]
-            yield np.concatenate([s.take(k) for s, k in zip(streams, sizes)])
+            yield Batch(np.concatenate([take(k) for take, k in zip(streams, sizes)]))
 
 
 class OfflineTupleSampler:
     """Random offline triplets or pairs from the pooled training set, as the original code drew them.
 
-    A batch is the flat index list ``[anchors, positives, negatives]`` (triplets) or
-    ``[firsts, seconds]`` (pairs, same class with probability 1/2).
+    A batch holds the flat index list ``[anchors, positives, negatives]`` (triplets) or
+    ``[firsts, seconds]`` (pairs, same class with probability 1/2), the tuples as positions in it,
+    and the anchors (first images) as the rows to classify, as in the original.
     """
 
     def __init__(self, targets: Sequence[int], batch_size: int, kind: str = "triplet", seed: int = 0,
@@ -72,21 +111,24 @@ class OfflineTupleSampler:
         others = [k for k in self.by_class if k != c]
         return int(rng.choice(self.by_class[others[rng.integers(len(others))]]))
 
-    def epoch(self, epoch: int) -> Iterator[np.ndarray]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch, 29])
         order = rng.permutation(len(self.targets))
         stream = _Stream(order, rng)
         for _ in range(self.batches):
             anchors = stream.take(self.tuples_per_batch)
+            t = np.arange(len(anchors))
             cols = [anchors]
             if self.kind == "triplet":
                 cols.append(np.array([self._same(self.targets[a], rng) for a in anchors]))
                 cols.append(np.array([self._other(self.targets[a], rng) for a in anchors]))
+                tuples = (t, t + len(t), t + 2 * len(t))
             else:
                 same = rng.random(len(anchors)) < 0.5
                 cols.append(np.array([self._same(self.targets[a], rng) if s else self._other(self.targets[a], rng)
                                       for a, s in zip(anchors, same)]))
-            yield np.concatenate(cols)
+                tuples = (t, t + len(t), same.astype(np.int64))
+            yield Batch(np.concatenate(cols), tuples, t)
 
 
 class _Stream:

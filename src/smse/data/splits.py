@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 
 from smse.data.records import Record
 from smse.errors import DataError, LeakageError
+from smse.io import read_text
 
 
 def patient_labels(records: Sequence[Record], task: str = "binary") -> dict[str, str]:
@@ -77,27 +79,32 @@ def read_fold_file(path: str | os.PathLike, fold: int | None = None) -> dict[str
     if path.suffix.lower() == ".csv":
         if fold is None:
             raise DataError(f"{path}: a Folds.csv holds several folds; set data.split.fold")
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            need = {"fold", "mag", "grp", "filename"}
-            if not need <= set(reader.fieldnames or []):
-                raise DataError(f"{path}: expected columns {sorted(need)}, found {reader.fieldnames}")
-            for line, row in enumerate(reader, start=2):
-                if int(row["fold"]) == fold:
-                    out[_group(row["filename"].replace("\\", "/").rsplit("/", 1)[-1], row["grp"], path, line, out)] = row["grp"]
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+        need = {"fold", "mag", "grp", "filename"}
+        if not need <= set(reader.fieldnames or []):
+            raise DataError(f"{path}: expected columns {sorted(need)}, found {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            if _fold_number(row["fold"], path, line) == fold:
+                out[_group(row["filename"].replace("\\", "/").rsplit("/", 1)[-1], row["grp"], path, line, out)] = row["grp"]
         if not out:
             raise DataError(f"{path}: no rows for fold {fold}")
         return out
-    with open(path) as handle:
-        for line, text in enumerate(handle, start=1):
-            text = text.strip()
-            if not text:
-                continue
-            parts = text.split("|")
-            if len(parts) != 4:
-                raise DataError(f"{path}:{line}: expected filename|mag|fold|grp, got {text!r}")
-            out[_group(parts[0], parts[3], path, line, out)] = parts[3]
+    for line, text in enumerate(read_text(path).splitlines(), start=1):
+        text = text.strip()
+        if not text:
+            continue
+        parts = text.split("|")
+        if len(parts) != 4:
+            raise DataError(f"{path}:{line}: expected filename|mag|fold|grp, got {text!r}")
+        out[_group(parts[0], parts[3], path, line, out)] = parts[3]
     return out
+
+
+def _fold_number(text: str, path: Path, line: int) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise DataError(f"{path}:{line}: fold {text!r} is not a whole number") from None
 
 
 def _group(name: str, grp: str, path: Path, line: int, seen: dict) -> str:

@@ -7,13 +7,16 @@ from smse.losses.classification import (
 )
 from smse.losses.metric import (
            METRIC_LOSSES,
+           CrossMagnificationMiner,
            PairLoss,
            TripletLoss,
            make_metric_loss,
            mine_pairs,
            mine_triplets,
+           pairs_to_pml,
 )
 from smse.losses.objective import Objective
 
-__all__ = ["CLASSIFICATION_LOSSES", "METRIC_LOSSES", "Objective", "PairLoss", "TripletLoss", "class_balance",
-           "make_classification_loss", "make_metric_loss", "mine_pairs", "mine_triplets"]
+__all__ = ["CLASSIFICATION_LOSSES", "METRIC_LOSSES", "CrossMagnificationMiner", "Objective", "PairLoss", "TripletLoss", "class_balance",
+           "make_classification_loss", "make_metric_loss", "mine_pairs", "mine_triplets",
+           "pairs_to_pml"]

@@ -8,8 +8,6 @@ positive but within the margin), ``hard`` (per anchor, the farthest positive and
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -94,38 +92,83 @@ def mine_pairs(emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | Non
                 torch.cat([torch.ones_like(pi), torch.zeros_like(ni)]))
 
 
-class MetricLoss(nn.Module):
-    """Shared plumbing: mine (or take given) tuples, compute the maths, return the mean and the count."""
+class CrossMagnificationMiner:
+    """A miner in pytorch-metric-learning's style: ``miner(embeddings, labels, magnifications)`` -> index tuples.
 
-    miner: Callable[..., Tuples]
+    Positives have the anchor's class and, with ``cross_magnification``, another magnification (with
+    ``same_patient``, also the anchor's patient); negatives have another class, at any magnification.
+    Triplets come as ``(anchors, positives, negatives)`` and pairs as ``(a1, positives, a2, negatives)``,
+    the formats of PML's ``indices_tuple``, so the tuples feed PML's losses as they are. The count of
+    the last call is kept as a statistic (``num_tuples``; also ``num_triplets`` or ``num_pos_pairs`` and
+    ``num_neg_pairs``), as PML's miners keep theirs.
+    """
+
+    def __init__(self, kind: str = "triplet", strategy: str = "semihard", margin: float = 1.0,
+                 cross_magnification: bool = True, same_patient: bool = False):
+        if kind not in ("triplet", "pair"):
+            raise ConfigError(f"loss.metric: a miner mines triplets or pairs, not {kind!r}")
+        if strategy not in ("all", "semihard", "hard"):
+            raise ConfigError(f"loss.mining: unknown strategy {strategy!r}")
+        self.kind, self.strategy, self.margin = kind, strategy, margin
+        self.cross_magnification, self.same_patient = cross_magnification, same_patient
+        self.num_tuples = self.num_triplets = self.num_pos_pairs = self.num_neg_pairs = 0
+
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor, magnifications: torch.Tensor | None = None,
+                 patients: torch.Tensor | None = None) -> Tuples:
+        args = (embeddings, labels, magnifications, patients, self.strategy, self.margin,
+                self.cross_magnification, self.same_patient)
+        if self.kind == "triplet":
+            tuples = mine_triplets(*args)
+            self.num_tuples = self.num_triplets = len(tuples[0])
+            return tuples
+        tuples = pairs_to_pml(*mine_pairs(*args))
+        self.num_pos_pairs, self.num_neg_pairs = len(tuples[0]), len(tuples[2])
+        self.num_tuples = self.num_pos_pairs + self.num_neg_pairs
+        return tuples
+
+
+def pairs_to_pml(i: torch.Tensor, j: torch.Tensor, y: torch.Tensor) -> Tuples:
+    """Pairs ``(i, j, same-class flag)`` -> PML's ``(a1, positives, a2, negatives)``."""
+    same = y.bool()
+    return i[same], j[same], i[~same], j[~same]
+
+
+class MetricLoss(nn.Module):
+    """Shared plumbing: mine (or take given) tuples, compute the maths, return the mean.
+
+    ``forward(emb, labels, mags, patients, tuples)`` returns the mean loss over the tuples; how many
+    tuples it saw is a statistic, kept in ``num_tuples``.
+    """
+
+    kind: str
 
     def __init__(self, margin: float = 1.0, strategy: str = "all", cross_magnification: bool = True,
                  same_patient: bool = False):
         super().__init__()
         self.margin = margin
-        self.strategy = strategy
-        self.cross_magnification = cross_magnification
-        self.same_patient = same_patient
+        self.miner = CrossMagnificationMiner(self.kind, strategy, margin, cross_magnification, same_patient)
+        self.num_tuples = 0
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | None = None,
-                patients: torch.Tensor | None = None, tuples: Tuples | None = None) -> tuple[torch.Tensor, int]:
+                patients: torch.Tensor | None = None, tuples: Tuples | None = None) -> torch.Tensor:
         if emb.ndim != 2 or len(emb) != len(labels):
             raise ValueError(f"embeddings {tuple(emb.shape)} and labels {tuple(labels.shape)} do not match")
         if tuples is None:
-            tuples = type(self).miner(emb, labels, mags, patients, self.strategy, self.margin,
-                                      self.cross_magnification, self.same_patient)
-        if len(tuples[0]) == 0:  # no valid tuple: a zero that keeps the graph
-            return emb.sum() * 0.0, 0
-        return self.compute(emb, *tuples).mean(), len(tuples[0])
+            tuples = self.miner(emb, labels, mags, patients)
+        terms = self.compute(emb, *tuples)
+        self.num_tuples = len(terms)
+        if len(terms) == 0:  # no valid tuple: a zero that keeps the graph
+            return emb.sum() * 0.0
+        return terms.mean()
 
     def compute(self, emb: torch.Tensor, *tuples: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
 class TripletLoss(MetricLoss):
-    """max(0, ||f(a) - f(p)||^2 - ||f(a) - f(n)||^2 + m)."""
+    """max(0, ||f(a) - f(p)||^2 - ||f(a) - f(n)||^2 + m) on tuples ``(a, p, n)``."""
 
-    miner = staticmethod(mine_triplets)
+    kind = "triplet"
 
     def compute(self, emb, a, p, n):
         dap = (emb[a] - emb[p]).pow(2).sum(dim=1)
@@ -134,11 +177,20 @@ class TripletLoss(MetricLoss):
 
 
 class PairLoss(MetricLoss):
-    """1/2 [y d^2 + (1 - y) max(0, m - d)^2], d = ||f(x1) - f(x2)||."""
+    """1/2 [y d^2 + (1 - y) max(0, m - d)^2], d = ||f(x1) - f(x2)||.
 
-    miner = staticmethod(mine_pairs)
+    Tuples are ``(i, j, y)`` with y = 1 for a same-class pair, or PML's ``(a1, p, a2, n)``.
+    """
 
-    def compute(self, emb, i, j, y):
+    kind = "pair"
+
+    def compute(self, emb, *tuples):
+        if len(tuples) == 4:
+            a1, p, a2, n = tuples
+            i, j = torch.cat([a1, a2]), torch.cat([p, n])
+            y = torch.cat([torch.ones_like(a1), torch.zeros_like(a2)])
+        else:
+            i, j, y = tuples
         d2 = (emb[i] - emb[j]).pow(2).sum(dim=1)
         d = torch.sqrt(d2 + 1e-12)  # gradient-safe at d = 0
         y = y.to(emb.dtype)

@@ -10,7 +10,10 @@ from smse.losses.metric import MetricLoss, Tuples
 
 
 class Objective(nn.Module):
-    """total = w_cls * classification + w_metric * metric; each part returned for logging."""
+    """total = w_cls * classification + w_metric * metric; each part returned for logging.
+
+    How many tuples the metric loss saw in the last call is a statistic (``stats()``), not a loss part.
+    """
 
     def __init__(self, classification: ClassificationLoss, metric: MetricLoss | None = None,
                  classification_weight: float = 1.0, metric_weight: float = 1.0):
@@ -29,9 +32,12 @@ class Objective(nn.Module):
         parts = {"classification": cls}
         total = self.classification_weight * cls
         if self.metric is not None:
-            metric, count = self.metric(emb, targets, mags, patients, tuples)
+            metric = self.metric(emb, targets, mags, patients, tuples)
             parts["metric"] = metric
-            parts["tuples"] = torch.tensor(float(count))
             total = total + self.metric_weight * metric
         parts["total"] = total
         return parts
+
+    def stats(self) -> dict[str, float]:
+        """Statistics of the last call: the number of metric-loss tuples."""
+        return {"tuples": float(self.metric.num_tuples)} if self.metric is not None else {}

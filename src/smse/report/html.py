@@ -6,16 +6,19 @@ import base64
 import csv
 import html
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
-from smse.data.records import mag_name
+from smse.data.records import canonical_path, mag_name
 from smse.errors import CheckpointError
 from smse.io import write_text
 from smse.report import plots
 from smse.retrieval import search
 from smse.tables import results_table
+
+logger = logging.getLogger(__name__)
 
 SELF_CHECK = """
 <script>
@@ -77,6 +80,16 @@ def _project(emb: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
         return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(emb), "t-SNE"
 
 
+def _finite_rows(arrays: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    """The rows of an embeddings file whose embedding is finite (NaN would crash t-SNE and UMAP); logs what it drops."""
+    keep = np.isfinite(arrays["embeddings"]).all(axis=1)
+    if keep.all():
+        return arrays
+    logger.warning("left %d of %d %s images with non-finite embeddings out of the report's plots",
+                   int((~keep).sum()), len(keep), what)
+    return {k: v if k == "class_names" else v[keep] for k, v in arrays.items()}
+
+
 def _gallery_queries(test: dict, ref: dict, per_cell: int = 1, k: int = 5) -> list[dict]:
     """One query per (magnification, class) of the test set with its k nearest training images."""
     chosen = []
@@ -113,9 +126,9 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
     rows = {}
     if (run / "split.csv").exists():
         with open(run / "split.csv", newline="") as handle:
-            rows = {row["path"]: row for row in csv.DictReader(handle)}
+            rows = {canonical_path(row["path"]): row for row in csv.DictReader(handle)}
     with open(run / "eval" / "predictions.csv", newline="") as handle:
-        preds = list(csv.DictReader(handle))
+        preds = [{**p, "path": canonical_path(p["path"])} for p in csv.DictReader(handle)]
     second = None
     if rows and m["task"] == "binary":
         order = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")
@@ -143,12 +156,12 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
                                          out / "accuracy-by-magnification.png"),
         "retrieval": plots.retrieval_heatmap(m["retrieval"], out / "cross-magnification-retrieval.png"),
     }
-    test = dict(np.load(run / "eval" / "test-embeddings.npz"))
+    test = _finite_rows(dict(np.load(run / "eval" / "test-embeddings.npz")), "test")
     coords, method = _project(test["embeddings"], projection_seed)
     label_key = "labels" if m["task"] == "binary" else "tumor_types"
     figs["map"] = plots.embedding_map(coords, test[label_key].tolist(), [mag_name(int(v)) for v in test["magnifications"]],
                                       method, out / "embedding-map.png") if method != "none" else None
-    ref = dict(np.load(run / "reference.npz")) if (run / "reference.npz").exists() else None
+    ref = _finite_rows(dict(np.load(run / "reference.npz")), "reference") if (run / "reference.npz").exists() else None
     figs["gallery"] = plots.gallery(_gallery_queries(test, ref), out / "nearest-references.png") if ref else None
 
     head_all = m["head"]["all"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from collections import deque
@@ -14,8 +15,8 @@ from typing import Sequence
 from PIL import Image
 
 from smse.data.records import mag_name
-from smse.errors import ConfigError, DataError, SlideError
-from smse.io import write_csv, write_json
+from smse.errors import ConfigError, DataError, OutputError, SlideError
+from smse.io import describe, read_text, writable_folder, write_csv, write_json
 from smse.wsi.reader import open_slide
 from smse.wsi.tiles import TileSpec, plan_tiles, resample
 
@@ -37,7 +38,7 @@ class SlideLabel:
 
 
 def read_labels(path: str | os.PathLike) -> dict[str, SlideLabel]:
-    """Slide -> label from a CSV with columns ``slide,label[,patient][,tumor_type]``.
+    """Slide -> label from a CSV (UTF-8) with columns ``slide,label[,patient][,tumor_type]``.
 
     ``slide`` is the slide's file name, with or without its suffix; ``patient`` defaults to the
     slide (tiles of one patient always fall on one side of a split, so give it where a patient has
@@ -47,19 +48,18 @@ def read_labels(path: str | os.PathLike) -> dict[str, SlideLabel]:
     if not path.is_file():
         raise DataError(f"{path}: label file not found")
     out: dict[str, SlideLabel] = {}
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in ("slide", "label") if c not in columns]
-        if missing:
-            raise DataError(f"{path}: label file lacks column(s) {missing}; it has {columns}")
-        for line, row in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-            if not row["slide"] or not row["label"]:
-                raise DataError(f"{path}:{line}: empty slide or label")
-            if row["slide"] in out:
-                raise DataError(f"{path}:{line}: slide {row['slide']!r} is listed twice")
-            out[row["slide"]] = SlideLabel(row["label"], row.get("patient") or row["slide"], row.get("tumor_type", ""))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    columns = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in ("slide", "label") if c not in columns]
+    if missing:
+        raise DataError(f"{path}: label file lacks column(s) {missing}; it has {columns}")
+    for line, row in enumerate(reader, start=2):
+        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+        if not row["slide"] or not row["label"]:
+            raise DataError(f"{path}:{line}: empty slide or label")
+        if row["slide"] in out:
+            raise DataError(f"{path}:{line}: slide {row['slide']!r} is listed twice")
+        out[row["slide"]] = SlideLabel(row["label"], row.get("patient") or row["slide"], row.get("tumor_type", ""))
     return out
 
 
@@ -74,8 +74,11 @@ class _Writer:
 
     def _save(self, path: Path, region: Image.Image, box: tuple | None, size: tuple[int, int]) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
-        resample(region, box, size).save(tmp, format=self.format, **self.options)
-        os.replace(tmp, path)  # a tile is complete or absent; the manifest, written last, lists complete ones
+        try:
+            resample(region, box, size).save(tmp, format=self.format, **self.options)
+            os.replace(tmp, path)  # a tile is complete or absent; the manifest, written last, lists complete ones
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write the tile ({describe(exc)})") from None
 
     def submit(self, path: Path, region: Image.Image, box: tuple | None, size: tuple[int, int]) -> None:
         """Resample (where ``box`` says), encode and write a tile read from the slide."""
@@ -143,7 +146,7 @@ def write_tiles(slides: Sequence[str | os.PathLike], out: str | os.PathLike, spe
     label_of = _labels_for(paths, read_labels(labels) if isinstance(labels, (str, os.PathLike)) else labels)
     for p in paths:
         open_slide(p, backend, mpp).close()
-    out = Path(out)
+    out = writable_folder(out, "--out")
     ext = image_format
     writer = _Writer(image_format)
     rows: list[list] = []
@@ -162,7 +165,7 @@ def write_tiles(slides: Sequence[str | os.PathLike], out: str | os.PathLike, spe
                     continue
                 lab = label_of[p]
                 for mag in spec.magnifications:
-                    (out / slide.name / mag_name(mag)).mkdir(parents=True, exist_ok=True)
+                    writable_folder(out / slide.name / mag_name(mag), "tile folder")
                 for x, y in plan.centres(progress):
                     for mag, (region, box) in plan.read((x, y)).items():
                         rel = Path(slide.name) / mag_name(mag) / f"{slide.name}_x{x}_y{y}_{mag_name(mag)}.{ext}"

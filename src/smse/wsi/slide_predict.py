@@ -17,7 +17,7 @@ from PIL import Image
 from smse.api import Model, load_model
 from smse.data.records import mag_name
 from smse.errors import ConfigError, SlideError
-from smse.io import atomic_path, write_csv, write_json, write_text
+from smse.io import atomic_path, writable_folder, write_csv, write_json, write_text
 from smse.report.html import SELF_CHECK, STYLE
 from smse.runtime import resolve_device
 from smse.wsi.reader import open_slide
@@ -204,7 +204,7 @@ def predict_slide(run: str | os.PathLike, slide_path: str | os.PathLike, out: st
     positive = _positive_class(model, positive)
     spec = dataclasses.replace(spec or tiling_of_run(model), **(overrides or {}))
     with open_slide(slide_path, backend, mpp) as slide:
-        out = Path(out) if out is not None else Path(f"{slide.name}-prediction")
+        out = writable_folder(out if out is not None else f"{slide.name}-prediction", "--out")
         plan = plan_tiles(slide, spec)
         if not len(plan):
             raise SlideError(f"{slide.path}: no tissue found (no location with {100 * spec.min_tissue:.0f}% tissue "

@@ -1,0 +1,261 @@
+"""What ``smse serve`` computes: decoding under limits, inference under a lock, neighbours by magnification, the map."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from smse import __version__
+from smse.api import Model, ReferenceIndex, load_model
+from smse.checkpoint import find_checkpoint
+from smse.data.breakhis import parse_name
+from smse.data.images import read_image
+from smse.errors import ConfigError, DataError, ImageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold; anything beyond gets a JSON error and the server goes on."""
+
+    max_files: int = 16
+    max_file_bytes: int = 25 * 2**20
+    max_request_bytes: int = 100 * 2**20
+    max_pixels: int = 64_000_000  # per image, read from the header before decoding (PIL's own bomb limit is 89 M)
+    max_k: int = 32
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"limits.{name}: expected a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded image: its file name, its bytes and the magnification given with it (None: from the name)."""
+
+    name: str
+    data: bytes
+    magnification: int | None = None
+
+
+def parse_magnification(text: str, field: str = "magnification") -> int | None:
+    """``40``, ``40X`` or ``40x`` -> 40; empty or ``auto`` -> None (read from the file name)."""
+    text = text.strip().lower().removesuffix("x")
+    if text in ("", "auto"):
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise DataError(f"{field}: expected a magnification such as 40, 100X or auto, got {text!r}")
+    return int(text)
+
+
+def magnification_from_name(name: str) -> int | None:
+    """The magnification of a BreakHis-style file name (``SOB_M_DC-14-2523-400-001.png``), else None."""
+    try:
+        return int(parse_name(Path(name).name)["magnification"])
+    except DataError:
+        return None
+
+
+class ReferenceMap:
+    """A 2-D PCA of the reference embeddings; new embeddings land exactly where the same projection puts them."""
+
+    def __init__(self, embeddings: np.ndarray):
+        emb = np.asarray(embeddings, dtype=np.float64)
+        self.mean = emb.mean(0) if len(emb) else np.zeros(emb.shape[1])
+        centred = emb - self.mean
+        if len(emb) >= 2:
+            _, s, vt = np.linalg.svd(centred, full_matrices=False)
+            components = vt[:2]
+            var = s ** 2
+            self.explained = (var[:2] / var.sum()).tolist() if var.sum() > 0 else [0.0, 0.0]
+        else:
+            components, self.explained = np.eye(2, emb.shape[1]), [0.0, 0.0]
+        signs = np.sign(components[np.arange(len(components)), np.abs(components).argmax(1)])  # deterministic sign
+        self.components = components * np.where(signs == 0, 1, signs)[:, None]
+        self.points = self.transform(emb)
+
+    def transform(self, embeddings: np.ndarray) -> np.ndarray:
+        """[N, d] embeddings -> [N, 2] map coordinates."""
+        coords = (np.asarray(embeddings, dtype=np.float64) - self.mean) @ self.components.T
+        return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1]))) if coords.shape[1] < 2 else coords
+
+
+def reference_index(run: str | Path, model: Model, reference: str | Path | None = None) -> tuple[ReferenceIndex, str]:
+    """The reference set and a description of where it came from.
+
+    ``None``: the run's training images (``reference.npz``). A ``.npz`` from ``smse embed``: loaded as is.
+    A BreakHis folder or manifest CSV: embedded once into ``RUN/references/`` (keyed by the data path and
+    the checkpoint), then loaded from there; delete that file to embed the data again.
+    """
+    backend = model.config.eval.knn_backend
+    if reference is None:
+        return ReferenceIndex.from_run(run, model, backend), "the run's training images"
+    reference = Path(reference)
+    if not reference.exists():
+        raise DataError(f"--reference {reference}: no such file or folder")
+    if reference.suffix == ".npz":
+        return ReferenceIndex.load(reference, backend), str(reference)
+    from smse.evaluate import embed_folder
+
+    checkpoint = find_checkpoint(Path(run))
+    key = hashlib.sha1(f"{reference.resolve()}|{checkpoint.resolve()}|{checkpoint.stat().st_mtime_ns}".encode())
+    run_dir = checkpoint.parent
+    cache = run_dir / "references" / f"{reference.stem or 'data'}-{key.hexdigest()[:12]}.npz"
+    if cache.exists():
+        log.info("reference embeddings of %s from %s (delete it to embed the data again)", reference, cache)
+    else:
+        log.info("embedding the reference images of %s into %s", reference, cache)
+        embed_folder(checkpoint, reference, cache, progress=False)
+    return ReferenceIndex.load(cache, backend), str(reference)
+
+
+class Service:
+    """One model and one reference set shared by all requests; decoding and inference run under one lock."""
+
+    THUMBNAIL_SIDE = 256
+
+    def __init__(self, model: Model, index: ReferenceIndex, source: str = "", limits: Limits = Limits(),
+                 thumbnails_cached: int = 512):
+        self.model = model
+        self.index = index
+        self.source = source
+        self.limits = limits
+        self.label_key = "tumor_types" if model.class_map.task == "type" else "labels"
+        self._lock = threading.Lock()
+        self._thumbs: OrderedDict[int, bytes] = OrderedDict()
+        self._thumbs_cached = thumbnails_cached
+        mags = index.metadata["magnifications"].astype(np.int64)
+        self.groups: list[tuple[int, np.ndarray, ReferenceIndex]] = []
+        for mag in sorted(set(mags.tolist()), key=lambda m: (m == 0, m)):  # unknown (0) last
+            rows = np.flatnonzero(mags == mag)
+            subset = {name: values[rows] for name, values in index.metadata.items()}
+            self.groups.append((mag, rows, ReferenceIndex(index.embeddings[rows], index.backend, **subset)))
+        self.map = ReferenceMap(index.embeddings)
+
+    @classmethod
+    def from_run(cls, run: str | Path, reference: str | Path | None = None, limits: Limits = Limits(),
+                 device: str = "cpu") -> "Service":
+        model = load_model(run, device=device)
+        index, source = reference_index(run, model, reference)
+        log.info("serving %r with %d reference images (%s)", model, len(index), source)
+        return cls(model, index, source, limits)
+
+    def health(self) -> dict:
+        mags = self.index.metadata["magnifications"]
+        return {
+            "status": "ok", "version": __version__,
+            "model": {"backbone": self.model.config.model.backbone, "task": self.model.class_map.task,
+                      "classes": list(self.model.classes), "input_size": list(self.model.size),
+                      "embedding_dim": int(self.index.embeddings.shape[1]) if len(self.index) else 0},
+            "reference": {"size": len(self.index), "source": self.source,
+                          "magnifications": {str(m): int((mags == m).sum()) for m, _, _ in self.groups}},
+            "map": {"method": "PCA", "explained_variance": self.map.explained},
+            "limits": asdict(self.limits),
+        }
+
+    def reference_map(self) -> dict:
+        """Every reference's map position with what to colour it by."""
+        meta = self.index.metadata
+        return {"method": "PCA", "explained_variance": self.map.explained,
+                "x": np.round(self.map.points[:, 0], 4).tolist(), "y": np.round(self.map.points[:, 1], 4).tolist(),
+                "classes": [str(v) for v in meta[self.label_key]],
+                "magnifications": [int(v) for v in meta["magnifications"]]}
+
+    def _decode(self, upload: Upload) -> torch.Tensor:
+        image = read_image(io.BytesIO(upload.data), self.limits.max_pixels, name=upload.name)
+        return self.model.transform(image)
+
+    def predict(self, uploads: Sequence[Upload], k: int = 5) -> dict:
+        """Class probabilities, neighbours (overall and per magnification) and map position of each upload.
+
+        An unreadable upload gets an ``error`` entry and the others go on; when none is readable the
+        first ``ImageError`` is raised.
+        """
+        items: list[dict] = []
+        tensors: list[torch.Tensor] = []
+        errors: list[ImageError] = []
+        with self._lock:
+            for up in uploads:
+                mag, source = (up.magnification, "given") if up.magnification else (magnification_from_name(up.name), "name")
+                item = {"name": up.name, "magnification": mag, "magnification_source": source if mag else None}
+                try:
+                    tensors.append(self._decode(up))
+                except ImageError as exc:
+                    item["error"] = str(exc)
+                    errors.append(exc)
+                items.append(item)
+            if not tensors:
+                raise errors[0]
+            emb, probs = self.model.infer(torch.stack(tensors))
+        ok = [item for item in items if "error" not in item]
+        overall = self.index.search(emb, k)
+        per_mag = [(mag, rows, sub.search(emb, k)) for mag, rows, sub in self.groups]
+        coords = self.map.transform(emb)
+        names = self.model.classes
+        for q, item in enumerate(ok):
+            top = {int(i) for i in overall.indices[q]}
+            item.update({
+                "predicted": names[int(probs[q].argmax())],
+                "probabilities": {c: float(p) for c, p in zip(names, probs[q])},
+                "map": [float(coords[q, 0]), float(coords[q, 1])],
+                "neighbours": self._neighbours(overall, q, None, top),
+                "by_magnification": [{"magnification": mag, "neighbours": self._neighbours(hits, q, rows, top)}
+                                     for mag, rows, hits in per_mag],
+            })
+        mean = probs.mean(0)
+        vote = {c: 0 for c in names}
+        for item in ok:
+            for n in item["neighbours"]:
+                vote[n["class"]] = vote.get(n["class"], 0) + 1
+        case = {"images": len(ok), "predicted": names[int(mean.argmax())],
+                "probabilities": {c: float(p) for c, p in zip(names, mean)}, "neighbour_vote": vote}
+        return {"classes": list(names), "task": self.model.class_map.task, "k": k, "images": items, "case": case}
+
+    def _neighbours(self, hits, q: int, rows: np.ndarray | None, top: set[int]) -> list[dict]:
+        out = []
+        meta = self.index.metadata
+        for r in range(hits.indices.shape[1]):
+            i = int(hits.indices[q, r]) if rows is None else int(rows[hits.indices[q, r]])
+            out.append({"id": i, "rank": r + 1, "class": str(meta[self.label_key][i]), "label": str(meta["labels"][i]),
+                        "tumor_type": str(meta["tumor_types"][i]), "magnification": int(meta["magnifications"][i]),
+                        "patient": str(meta["patients"][i]), "file": Path(str(meta["paths"][i])).name,
+                        "distance": float(hits.distances[q, r]), "in_top_k": i in top})
+        return out
+
+    def thumbnail(self, ref_id: int) -> bytes:
+        """A JPEG of reference ``ref_id`` (longest side ``THUMBNAIL_SIDE``); the path comes from the index only.
+
+        Raises:
+            KeyError: no reference has this id.
+            ImageError: the reference image cannot be read any more.
+        """
+        if not 0 <= ref_id < len(self.index):
+            raise KeyError(ref_id)
+        with self._lock:
+            if ref_id in self._thumbs:
+                self._thumbs.move_to_end(ref_id)
+                return self._thumbs[ref_id]
+            image = read_image(str(self.index.metadata["paths"][ref_id]))
+            image.thumbnail((self.THUMBNAIL_SIDE, self.THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=88)
+            self._thumbs[ref_id] = buffer.getvalue()
+            if len(self._thumbs) > self._thumbs_cached:
+                self._thumbs.popitem(last=False)
+            return self._thumbs[ref_id]
+
+
+__all__ = ["Limits", "ReferenceMap", "Service", "Upload", "magnification_from_name", "parse_magnification",
+           "reference_index"]
