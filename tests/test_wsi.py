@@ -167,6 +167,7 @@ def test_slide_without_resolution_needs_mpp(tmp_path, monkeypatch, capsys):
     with open_slide(only_power) as slide:
         assert (slide.mpp, slide.mpp_source) == (0.25, "objective power")
     monkeypatch.setattr(sys, "argv", ["smse", "tiles", str(path), "--out", str(tmp_path / "tiles")])
+    capsys.readouterr()  # only the command's own output below
     with pytest.raises(SystemExit) as stop:
         main()
     err = capsys.readouterr().err

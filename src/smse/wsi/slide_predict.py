@@ -7,7 +7,6 @@ import dataclasses
 import html
 import io
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -22,8 +21,6 @@ from smse.report.html import SELF_CHECK, STYLE
 from smse.runtime import resolve_device
 from smse.wsi.reader import open_slide
 from smse.wsi.tiles import TilePlan, TileSpec, plan_tiles
-
-log = logging.getLogger(__name__)
 
 TOP_LOCATIONS = 6
 
@@ -233,5 +230,4 @@ def predict_slide(run: str | os.PathLike, slide_path: str | os.PathLike, out: st
         write_text(out / "report.html", _page(result, plan, location_prob, heat))
     result["files"] = {name: str(out / name) for name in ("tiles.csv", "heatmap.png", "report.html", "score.json")}
     write_json(out / "score.json", result)
-    log.info("%s: mean P(%s) %.3f over %d tiles", slide.name, positive, result["mean_probability"], len(keys))
     return result
