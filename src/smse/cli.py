@@ -326,12 +326,14 @@ def tiles(
                     grid=parse_magnifications(grid)[0] if grid else None, min_tissue=min_tissue,
                     max_locations=max_tiles, seed=seed)
     result = write_tiles(slides, out, spec, labels=labels, mpp=mpp, backend=backend, image_format=image_format)
+    said = ""
     for s in result.slides:
         levels = ", ".join(f"{m} from level {v['level']}" + ("" if v["scale"] == 1 else f" resampled {v['scale']:.3g}:1")
                            for m, v in s["sources"].items())
+        levels = f"{s['mpp']:g} um/px from {s['mpp_source']}; {levels}"
         found = f"{s['locations']} locations" if s["locations"] else "no location with enough tissue, skipped"
-        typer.echo(f"{s['slide']}: {found} of {s['grid_cells']} grid cells ({s['mpp']:g} um/px from {s['mpp_source']}; "
-                   f"{levels})")
+        typer.echo(f"{s['slide']}: {found} of {s['grid_cells']} grid cells" + (f" ({levels})" if levels != said else ""))
+        said = levels
     typer.echo(f"wrote {result.tiles} tiles and {result.manifest}")
 
 

@@ -111,7 +111,7 @@ def _rgb(region: Image.Image, path: Path) -> Image.Image:
 
 
 class Slide:
-    """An open whole-slide image whose resolution is known; regions come back as HxWx3 uint8 arrays.
+    """An open whole-slide image whose resolution is known; regions come back as RGB images or arrays.
 
     Attributes:
         path: the file.
@@ -143,7 +143,11 @@ class Slide:
             raise SlideError(f"{self.path}: not a whole-slide image {lib.name} can read ({exc})") from None
         self.properties = properties
         self.objective_power = _positive(properties.get(f"{lib.name}.objective-power"))
-        self.mpp, self.mpp_source = self._resolution(properties, mpp)
+        try:
+            self.mpp, self.mpp_source = self._resolution(properties, mpp)
+        except (SlideError, ConfigError):
+            self._handle.close()
+            raise
 
     def _resolution(self, properties: dict, given: float | None) -> tuple[float, str]:
         if given is not None:
