@@ -239,43 +239,135 @@ def serve(
     uvicorn.run(web, host=host, port=port, log_level="info")
 
 
-def _size(text: str) -> tuple[int, int]:
+def _size(text: str, option: str = "--size") -> tuple[int, int]:
     from smse.errors import ConfigError
 
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ConfigError(f"--size: expected WIDTHxHEIGHT such as 192x128, got {text!r}") from None
+        raise ConfigError(f"{option}: expected WIDTHxHEIGHT such as 700x460, got {text!r}") from None
     return w, h
 
 
 @app.command()
 def synth(
-    out: Path = typer.Option(Path("smse-demo/data"), "--out", file_okay=False,
-                             help="Output folder (BreaKHis_v1/... is written inside)."),
-    patients: int = typer.Option(32, min=1, help="Number of patients (one virtual slide each)."),
+    out: Optional[Path] = typer.Option(None, "--out", file_okay=False,
+                                       help="Output folder (default smse-demo/data; with --wsi, smse-wsi)."),
+    patients: Optional[int] = typer.Option(None, min=1, help="Number of patients, one virtual slide each "
+                                                             "(default 32; with --wsi, 8)."),
     seed: int = typer.Option(0, min=0, help="Random seed; the output depends only on the arguments."),
-    size: str = typer.Option("192x128", help="Image size WIDTHxHEIGHT."),
+    size: Optional[str] = typer.Option(None, help="Image size WIDTHxHEIGHT (default 192x128; with --wsi, the slide's "
+                                                  "level-0 size, default 4000x3000)."),
     images_per_mag: int = typer.Option(12, min=1, help="Images per patient and magnification."),
     proportions: Optional[str] = typer.Option(None, help="breakhis (default), balanced, or A=1,F=2,... per type."),
     workers: Optional[int] = typer.Option(None, min=1, help="Processes (default: all cores)."),
     preview_path: Optional[Path] = typer.Option(None, "--preview", dir_okay=False,
                                                 help="Only write a contact sheet PNG here."),
+    wsi: bool = typer.Option(False, "--wsi", help="Write pyramidal whole-slide TIFFs and labels.csv instead of images."),
+    mpp: float = typer.Option(0.5, help="With --wsi: microns per level-0 pixel (0.5 = a 20x scan)."),
 ) -> None:
-    """Generate the synthetic BreakHis-shaped H&E dataset (or, with --preview, a contact sheet)."""
+    """Generate the synthetic BreakHis-shaped H&E dataset (or, with --preview, a contact sheet; with --wsi, slides)."""
     import time
 
+    start = time.perf_counter()
+    if wsi:
+        from smse.errors import ConfigError
+        from smse.synth.wsi import DEFAULT_SIZE, generate_slides
+
+        if preview_path is not None:
+            raise ConfigError("--preview: a contact sheet of the image set; leave out --wsi")
+        n = patients or 8
+        wh = _size(size) if size else DEFAULT_SIZE
+        root = generate_slides(out or Path("smse-wsi"), patients=n, seed=seed, size=wh, mpp=mpp,
+                               proportions=proportions, workers=workers)
+        typer.echo(f"wrote {n} slides of {wh[0]}x{wh[1]} px at {mpp:g} um/px under {root / 'slides'} and their labels in "
+                   f"{root / 'labels.csv'} in {time.perf_counter() - start:.1f} s")
+        return
     from smse.synth import generate, preview
 
-    wh = _size(size)
+    wh = _size(size or "192x128")
     if preview_path is not None:
         typer.echo(f"wrote {preview(preview_path, seed=seed, size=wh)}")
         return
-    start = time.perf_counter()
-    root = generate(out, patients=patients, seed=seed, size=wh, images_per_mag=images_per_mag,
-                    proportions=proportions, workers=workers)
+    patients = patients or 32
+    root = generate(out or Path("smse-demo/data"), patients=patients, seed=seed, size=wh,
+                    images_per_mag=images_per_mag, proportions=proportions, workers=workers)
     n = patients * images_per_mag * 4
     typer.echo(f"wrote {n} images of {patients} patients under {root} in {time.perf_counter() - start:.1f} s")
+
+
+MAGS_HELP = "Total (BreakHis) magnifications: 40X = 2.5, 100X = 1.0, 200X = 0.5, 400X = 0.25 um/px."
+TILE_HELP = "Tile size WIDTHxHEIGHT in pixels, the same at every magnification (BreakHis: 700x460)."
+GRID_HELP = "The magnification whose field spaces the locations (default: the lowest requested)."
+MPP_HELP = "Microns per level-0 pixel, for slides whose metadata lacks it (overrides the metadata)."
+BACKEND_HELP = "openslide or tiffslide (default: openslide when it imports)."
+
+
+@app.command()
+def tiles(
+    slides: List[Path] = typer.Argument(..., help="Whole-slide images (SVS, NDPI, MRXS, pyramidal TIFF, ...)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: tiles, manifest.csv and tiles.json."),
+    labels: Optional[Path] = typer.Option(None, help="CSV slide,label[,patient][,tumor_type] (default: 'unlabelled')."),
+    magnifications: str = typer.Option("40X,100X,200X,400X", help=MAGS_HELP),
+    tile: str = typer.Option("700x460", help=TILE_HELP),
+    grid: Optional[str] = typer.Option(None, help=GRID_HELP),
+    min_tissue: float = typer.Option(0.5, help="Least tissue share of every tile of a location."),
+    max_tiles: Optional[int] = typer.Option(None, help="At most this many locations per slide (a tile per magnification each)."),
+    mpp: Optional[float] = typer.Option(None, help=MPP_HELP),
+    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
+    image_format: str = typer.Option("jpg", "--format", help="jpg (quality 95) or png (lossless, slower)."),
+    seed: int = typer.Option(0, help="Seed of the --max-tiles sample."),
+) -> None:
+    """Cut slides into concentric multi-magnification tiles on their tissue, with a manifest smse train reads."""
+    from smse.wsi.export import write_tiles
+    from smse.wsi.tiles import TileSpec, parse_magnifications
+
+    spec = TileSpec(magnifications=parse_magnifications(magnifications), size=_size(tile, "--tile"),
+                    grid=parse_magnifications(grid)[0] if grid else None, min_tissue=min_tissue,
+                    max_locations=max_tiles, seed=seed)
+    result = write_tiles(slides, out, spec, labels=labels, mpp=mpp, backend=backend, image_format=image_format)
+    said = ""
+    for s in result.slides:
+        levels = ", ".join(f"{m} from level {v['level']}" + ("" if v["scale"] == 1 else f" resampled {v['scale']:.3g}:1")
+                           for m, v in s["sources"].items())
+        levels = f"{s['mpp']:g} um/px from {s['mpp_source']}; {levels}"
+        found = f"{s['locations']} locations" if s["locations"] else "no location with enough tissue, skipped"
+        typer.echo(f"{s['slide']}: {found} of {s['grid_cells']} grid cells" + (f" ({levels})" if levels != said else ""))
+        said = levels
+    typer.echo(f"wrote {result.tiles} tiles and {result.manifest}")
+
+
+@app.command("predict-slide")
+def predict_slide(
+    run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
+    slide: Path = typer.Argument(..., help="Whole-slide image."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: <slide name>-prediction)."),
+    magnifications: Optional[str] = typer.Option(None, help=MAGS_HELP + " Default: the run's training tiles'."),
+    tile: Optional[str] = typer.Option(None, help=TILE_HELP + " Default: the run's training tiles'."),
+    grid: Optional[str] = typer.Option(None, help=GRID_HELP),
+    min_tissue: Optional[float] = typer.Option(None, help="Least tissue share of every tile of a location."),
+    threshold: float = typer.Option(0.5, help="A tile counts as positive from this probability on."),
+    positive: Optional[str] = typer.Option(None, help="The class scored (default: malignant, else the model's last class)."),
+    mpp: Optional[float] = typer.Option(None, help=MPP_HELP),
+    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
+    which: str = typer.Option("best", help="best or last checkpoint."),
+) -> None:
+    """Classify every tile of a slide: heat map PNG, per-tile CSV, slide score and an HTML page."""
+    from smse.wsi.slide_predict import predict_slide as run_predict_slide
+    from smse.wsi.tiles import parse_magnifications
+
+    overrides = {k: v for k, v in {
+        "magnifications": parse_magnifications(magnifications) if magnifications else None,
+        "size": _size(tile, "--tile") if tile else None,
+        "grid": parse_magnifications(grid)[0] if grid else None, "min_tissue": min_tissue}.items() if v is not None}
+    result = run_predict_slide(run, slide, out, overrides=overrides, threshold=threshold, positive=positive, mpp=mpp,
+                               backend=backend, which=which)
+    pos = result["positive"]
+    typer.echo(f"{result['slide']}: mean P({pos}) {result['mean_probability']:.3f}; "
+               f"{100 * result['share_above_threshold']:.1f}% of {result['tiles']} tiles (at {result['locations']} "
+               f"locations) >= {result['threshold']:g}; prediction {result['predicted']}")
+    for name, path in result["files"].items():
+        typer.echo(f"{name}: {path}")
 
 
 def main() -> None:

@@ -24,6 +24,10 @@ class ImageError(DataError):
         self.reason = reason
 
 
+class SlideError(DataError):
+    """A whole-slide image cannot be opened, lacks its resolution, or holds no tissue."""
+
+
 class LeakageError(DataError):
     """A split puts a patient or an identical image on both sides."""
 

@@ -1,0 +1,233 @@
+"""Classify every tile of a slide: per-tile CSV, slide score, heat map over the thumbnail, and an HTML page."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from smse.api import Model, load_model
+from smse.data.records import mag_name
+from smse.errors import ConfigError, SlideError
+from smse.io import atomic_path, writable_folder, write_csv, write_json, write_text
+from smse.report.html import SELF_CHECK, STYLE
+from smse.runtime import resolve_device
+from smse.wsi.reader import open_slide
+from smse.wsi.tiles import TilePlan, TileSpec, plan_tiles
+
+TOP_LOCATIONS = 6
+
+
+def tiling_of_run(model: Model) -> TileSpec:
+    """The tiling of a run's training tiles (``tiles.json`` beside its manifest), else the default tiling.
+
+    Tiles of a slide to classify should cover the fields the model learnt from: same tile size,
+    same magnifications.
+    """
+    root = Path(model.config.data.root)
+    meta = root.parent / "tiles.json"
+    if root.suffix.lower() != ".csv" or not meta.is_file():
+        return TileSpec()
+    tiling = json.loads(meta.read_text())["tiling"]
+    return TileSpec(magnifications=tuple(tiling["magnifications"]), size=tuple(tiling["size"]), grid=tiling["grid"],
+                    min_tissue=tiling["min_tissue"])
+
+
+def _positive_class(model: Model, positive: str | None) -> str:
+    if positive is None:
+        return "malignant" if "malignant" in model.classes else model.classes[-1]
+    if positive not in model.classes:
+        raise ConfigError(f"--positive: {positive!r} is not a class of the model ({', '.join(model.classes)})")
+    return positive
+
+
+def classify_tiles(model: Model, plan: TilePlan, batch_size: int = 32, progress: bool = False) -> tuple[list, np.ndarray]:
+    """Every tile of ``plan`` classified, a batch at a time: [(x, y, magnification)] and probabilities [N, C]."""
+    keys: list[tuple[int, int, int]] = []
+    probs: list[np.ndarray] = []
+    batch: list[np.ndarray] = []
+    for (x, y), tiles in plan.tiles(progress):
+        for mag, tile in tiles.items():
+            keys.append((x, y, mag))
+            batch.append(tile)
+        if len(batch) >= batch_size:
+            probs.append(model.predict_proba(batch, batch_size))
+            batch = []
+    if batch:
+        probs.append(model.predict_proba(batch, batch_size))
+    return keys, np.concatenate(probs) if probs else np.zeros((0, len(model.classes)), np.float32)
+
+
+def heat_map(plan: TilePlan, location_prob: np.ndarray, positive: str, title: str, path: Path) -> Path:
+    """Two panels: the thumbnail with the tissue outline and the grid cells tiled; the probability heat map over it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    thumb = plan.thumbnail
+    scale = plan.tissue.scale
+    cw, ch = plan.cell[0] / scale, plan.cell[1] / scale
+    h, w = thumb.shape[:2]
+    # show the tissue and the tiled cells, with a margin, rather than the whole glass
+    rows, cols = np.nonzero(plan.tissue.mask)
+    xs = np.concatenate([cols, plan.locations[:, 0] / scale - cw / 2, plan.locations[:, 0] / scale + cw / 2])
+    ys = np.concatenate([rows, plan.locations[:, 1] / scale - ch / 2, plan.locations[:, 1] / scale + ch / 2])
+    pad = 0.05 * max(xs.max() - xs.min(), ys.max() - ys.min())
+    x0, x1 = max(xs.min() - pad, -0.5), min(xs.max() + pad, w - 0.5)
+    y0, y1 = max(ys.min() - pad, -0.5), min(ys.max() + pad, h - 0.5)
+    grey = (0.35 * thumb.mean(axis=2, keepdims=True) + 0.65 * 255).repeat(3, axis=2).astype(np.uint8)
+    fig_w = 13.0
+    aspect = float(np.clip((y1 - y0) / (x1 - x0), 0.3, 1.6))
+    fig, axes = plt.subplots(1, 2, figsize=(fig_w, (fig_w - 1.2) / 2 * aspect + 0.9), constrained_layout=True)
+    cmap = plt.get_cmap("turbo")
+    axes[0].imshow(thumb)
+    axes[0].contour(plan.tissue.mask.astype(float), levels=[0.5], colors="#00a651", linewidths=1.2)
+    axes[0].set_title(f"thumbnail: tissue outline (green), {len(plan)} locations tiled (boxes)", fontsize=10)
+    axes[1].imshow(grey)
+    axes[1].set_title(f"P({positive}) per location, mean over its magnifications", fontsize=10)
+    for (x, y), p in zip(plan.locations, location_prob):
+        cx, cy = x / scale, y / scale
+        axes[0].add_patch(Rectangle((cx - cw / 2, cy - ch / 2), cw, ch, fill=False, lw=0.5, ec="#333333", alpha=0.6))
+        axes[1].add_patch(Rectangle((cx - cw / 2, cy - ch / 2), cw, ch, color=cmap(float(p)), alpha=0.7, lw=0))
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y1, y0)
+    bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1)), ax=axes[1], fraction=0.04, pad=0.02)
+    bar.set_label(f"P({positive})")
+    fig.suptitle(title, fontsize=12)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _png(image: np.ndarray, alt: str, width: int) -> str:
+    buffer = io.BytesIO()
+    picture = Image.fromarray(image)
+    picture.thumbnail((width, width), Image.Resampling.LANCZOS)
+    picture.save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _page(result: dict, plan: TilePlan, location_prob: np.ndarray, heat: Path) -> str:
+    """The HTML page: score, heat map, the most suspicious locations at every magnification, slide facts."""
+    slide = result["slide_info"]
+    pos = result["positive"]
+    kpis = [(f"mean P({pos})", f"{result['mean_probability']:.3f}"),
+            (f"tiles with P({pos}) >= {result['threshold']:g}", f"{100 * result['share_above_threshold']:.1f}%"),
+            ("slide prediction (mean probabilities)", result["predicted"]),
+            ("tiles / locations", f"{result['tiles']} / {result['locations']}")]
+    heat_img = f'<img alt="heat map" src="data:image/png;base64,{base64.b64encode(heat.read_bytes()).decode()}">'
+    mags = list(plan.sources)
+    by_mag = {m: result["per_magnification"][mag_name(m)] for m in mags}
+    per_mag = "".join(f"<tr><td>{mag_name(m)}</td><td>{by_mag[m]['mean_probability']:.3f}</td>"
+                      f"<td>{100 * by_mag[m]['share_above_threshold']:.1f}%</td>"
+                      f"<td>{plan.sources[m].level}</td><td>{plan.sources[m].scale:.3g}</td></tr>" for m in mags)
+    top = np.argsort(-location_prob, kind="stable")[:TOP_LOCATIONS]
+    gallery = "".join(
+        f"<tr><td>({int(plan.locations[i][0])}, {int(plan.locations[i][1])})</td><td>{location_prob[i]:.3f}</td>"
+        + "".join(f"<td>{_png(tile, f'{mag_name(m)} tile', 180)}</td>"
+                  for m, tile in plan.cut(tuple(int(v) for v in plan.locations[i])).items()) + "</tr>"
+        for i in top)
+    levels = ", ".join(f"{lv['size'][0]}x{lv['size'][1]} ({lv['mpp']:g} um/px)" for lv in slide["levels"])
+    facts = [("file", slide["path"]), ("reader", slide["backend"]),
+             ("level 0", f"{slide['dimensions'][0]}x{slide['dimensions'][1]} px at {slide['mpp']:g} um/px "
+                         f"(from {slide['mpp_source']})"),
+             ("objective power", f"{slide['objective_power']:g}x" if slide["objective_power"] else "not recorded"),
+             ("levels", levels), ("model", f"{result['run']} (classes {', '.join(result['classes'])})"),
+             ("tiling", f"{plan.spec.size[0]}x{plan.spec.size[1]} px tiles at {', '.join(mag_name(m) for m in mags)}; "
+                        f"one location per {mag_name(plan.spec.grid_magnification)} field with at least "
+                        f"{100 * plan.spec.min_tissue:.0f}% tissue in every tile")]
+    sections = [
+        ("score", "Slide score",
+         "".join(f'<div class="kpi"><b>{html.escape(v)}</b>{html.escape(k)}</div>' for k, v in kpis)
+         + f'<p class="note">Mean probability and share above the threshold are taken over all {result["tiles"]} tiles '
+           f'(every magnification of every location). Per-tile probabilities: <code>tiles.csv</code>.</p>'),
+        ("heatmap", "Heat map", heat_img),
+        ("magnifications", "Per magnification",
+         f"<table><tr><th>magnification</th><th>mean P({html.escape(pos)})</th><th>tiles &gt;= {result['threshold']:g}</th>"
+         f"<th>level read</th><th>level px per tile px</th></tr>{per_mag}</table>"),
+        ("top", f"The {len(top)} locations with the highest P({pos})",
+         "<table><tr><th>centre (level 0)</th><th>P</th>" + "".join(f"<th>{mag_name(m)}</th>" for m in mags)
+         + f"</tr>{gallery}</table>"),
+        ("slide", "Slide", "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                                               for k, v in facts) + "</table>"),
+    ]
+    body = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>'
+                   for sid, title, content in sections)
+    name = html.escape(result["slide"])
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>smse slide: {name}</title>"
+            f"<style>{STYLE}td,th{{vertical-align:middle}}#top img{{width:180px;height:auto}}#slide td{{text-align:left}}"
+            f"#heatmap img{{width:100%}}</style></head><body><header><h1>smse slide: {name}</h1>"
+            f"<p>{result['locations']} tissue locations, {result['tiles']} tiles, classified by "
+            f"{html.escape(result['run'])}</p></header><main>{body}<p id=\"selfcheck\">pending</p></main>{SELF_CHECK}</body></html>")
+
+
+def predict_slide(run: str | os.PathLike, slide_path: str | os.PathLike, out: str | os.PathLike | None = None,
+                  spec: TileSpec | None = None, overrides: dict | None = None, threshold: float = 0.5,
+                  positive: str | None = None, mpp: float | None = None, backend: str | None = None,
+                  batch_size: int = 32, which: str = "best", device: str = "auto", progress: bool = True) -> dict:
+    """Tile a slide, classify every tile, and write ``tiles.csv``, ``score.json``, ``heatmap.png`` and ``report.html``.
+
+    Args:
+        run: run folder (or checkpoint file).
+        slide_path: the slide.
+        out: output folder (default ``<slide name>-prediction``).
+        spec: the tiling; default: the run's training tiling (``tiling_of_run``).
+        overrides: TileSpec fields replacing those of ``spec`` (the command line's options).
+        threshold: a tile counts as positive from this probability on.
+        positive: the class scored (default ``malignant`` where the model has it, else its last class).
+        mpp: microns per level-0 pixel for a slide whose metadata lacks it.
+        backend: ``openslide`` or ``tiffslide``.
+
+    Returns:
+        The slide score: mean probability, share of tiles above the threshold, per magnification, paths.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"--threshold: a probability in [0, 1], got {threshold}")
+    model = load_model(run, which, resolve_device(device))
+    positive = _positive_class(model, positive)
+    spec = dataclasses.replace(spec or tiling_of_run(model), **(overrides or {}))
+    with open_slide(slide_path, backend, mpp) as slide:
+        out = writable_folder(out if out is not None else f"{slide.name}-prediction", "--out")
+        plan = plan_tiles(slide, spec)
+        if not len(plan):
+            raise SlideError(f"{slide.path}: no tissue found (no location with {100 * spec.min_tissue:.0f}% tissue "
+                             "in every tile); check the slide or lower --min-tissue")
+        keys, probs = classify_tiles(model, plan, batch_size, progress)
+        col = model.classes.index(positive)
+        p_pos = probs[:, col]
+        mags = np.array([k[2] for k in keys])
+        location_prob = p_pos.reshape(len(plan), len(plan.sources)).mean(axis=1)
+        result = {
+            "slide": slide.name, "run": str(run), "classes": list(model.classes), "positive": positive,
+            "threshold": threshold, "mean_probability": float(p_pos.mean()),
+            "share_above_threshold": float((p_pos >= threshold).mean()),
+            "predicted": model.classes[int(probs.mean(axis=0).argmax())],
+            "mean_probabilities": {c: float(v) for c, v in zip(model.classes, probs.mean(axis=0))},
+            "per_magnification": {mag_name(m): {"mean_probability": float(p_pos[mags == m].mean()),
+                                                "share_above_threshold": float((p_pos[mags == m] >= threshold).mean())}
+                                  for m in plan.sources},
+            "tiles": len(keys), "locations": len(plan), "tiling": spec.to_dict(), "slide_info": slide.describe(),
+        }
+        write_csv(out / "tiles.csv", ["slide", "x", "y", "magnification", *(f"p_{c}" for c in model.classes)],
+                  ([slide.name, x, y, m, *(f"{v:.6f}" for v in row)] for (x, y, m), row in zip(keys, probs)))
+        title = (f"{slide.name}: mean P({positive}) {result['mean_probability']:.3f}, "
+                 f"{100 * result['share_above_threshold']:.0f}% of {len(keys)} tiles >= {threshold:g}")
+        heat = heat_map(plan, location_prob, positive, title, out / "heatmap.png")
+        write_text(out / "report.html", _page(result, plan, location_prob, heat))
+    result["files"] = {name: str(out / name) for name in ("tiles.csv", "heatmap.png", "report.html", "score.json")}
+    write_json(out / "score.json", result)
+    return result
