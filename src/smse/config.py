@@ -134,7 +134,8 @@ class TrainConfig:
     amp: bool = True
     num_workers: int = ranged(0, 0, 1024)
     deterministic: bool = True  # bit-identical reruns; false lets torch pick faster nondeterministic kernels
-    batches_per_epoch: int | None = ranged(None, 1, 1_000_000_000)
+    batches_per_epoch: int | None = ranged(None, 1, 1_000_000_000)  # None: ceil(images / batch), at least ...
+    min_batches_per_epoch: int = ranged(10, 1, 1_000_000)  # ... this many, so small sets train long enough
 
 
 @dataclass

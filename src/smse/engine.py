@@ -185,14 +185,14 @@ def build_sampler(cfg: Config, prep: Prepared, train_idx: np.ndarray, dist: Dist
     targets = np.asarray(prep.dataset.targets)[train_idx].tolist()
     if cfg.sampler.mode == "pooled" and cfg.loss.metric != "none":
         sampler = OfflineTupleSampler(targets, cfg.sampler.batch_size, cfg.loss.metric, cfg.seed,
-                                      cfg.train.batches_per_epoch)
+                                      cfg.train.batches_per_epoch, cfg.train.min_batches_per_epoch)
         if (sampler.tuples_per_batch * sampler.arity) % dist.world:
             raise ConfigError("sampler.batch_size: paper-mode tuples do not split evenly over the processes")
         return sampler
     mags = [prep.records[i].magnification for i in train_idx]
     patients = [prep.records[i].patient for i in train_idx] if cfg.sampler.balance == "patient" else None
     return MagnificationBalancedSampler(targets, mags, cfg.sampler.batch_size, cfg.seed, cfg.train.batches_per_epoch,
-                                        patients)
+                                        patients, cfg.train.min_batches_per_epoch)
 
 
 def trainable_module(prep: Prepared, train_idx: np.ndarray) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Batch samplers. An epoch is ceil(N / batch_size) batches: about one look at each training image.
+"""Batch samplers. An epoch is ceil(N / batch_size) batches: about one look at each training image, and at
+least ``min_batches``, so that a learning-rate schedule counted in epochs also suits a small dataset.
 
 - ``MagnificationBalancedSampler``: every batch holds the same number of images of each
   magnification, classes at their natural frequency, so that every anchor finds positives at
@@ -49,7 +50,7 @@ class MagnificationBalancedSampler:
     """
 
     def __init__(self, targets: Sequence[int], mags: Sequence[int], batch_size: int, seed: int = 0,
-                 batches_per_epoch: int | None = None, patients: Sequence[str] | None = None):
+                 batches_per_epoch: int | None = None, patients: Sequence[str] | None = None, min_batches: int = 1):
         self.n = len(targets)
         self.batch_size = batch_size
         self.seed = seed
@@ -66,7 +67,7 @@ class MagnificationBalancedSampler:
                     count[patients[i]] += 1
                 w = np.array([1.0 / count[patients[i]] for i in pool])
                 self.weights.append(w / w.sum())
-        self.batches = batches_per_epoch or max(1, math.ceil(self.n / batch_size))
+        self.batches = batches_per_epoch or max(min_batches, math.ceil(self.n / batch_size))
 
     def __len__(self) -> int:
         return self.batches
@@ -92,14 +93,14 @@ class OfflineTupleSampler:
     """
 
     def __init__(self, targets: Sequence[int], batch_size: int, kind: str = "triplet", seed: int = 0,
-                 batches_per_epoch: int | None = None):
+                 batches_per_epoch: int | None = None, min_batches: int = 1):
         self.targets = np.asarray(targets)
         self.kind = kind
         self.arity = 3 if kind == "triplet" else 2
         self.tuples_per_batch = max(1, batch_size // self.arity)
         self.seed = seed
         self.by_class = {c: np.flatnonzero(self.targets == c) for c in np.unique(self.targets)}
-        self.batches = batches_per_epoch or max(1, math.ceil(len(self.targets) / self.tuples_per_batch))
+        self.batches = batches_per_epoch or max(min_batches, math.ceil(len(self.targets) / self.tuples_per_batch))
 
     def __len__(self) -> int:
         return self.batches
