@@ -155,13 +155,16 @@ class MetricLoss(nn.Module):
             raise ValueError(f"embeddings {tuple(emb.shape)} and labels {tuple(labels.shape)} do not match")
         if tuples is None:
             tuples = self.miner(emb, labels, mags, patients)
-        terms = self.compute(emb, *tuples)
+        # the losses gather from the batch's distance matrix, not from the embeddings: a batch of 128 can
+        # mine a million triplets, and [T, d] gathers would cost gigabytes where [T] gathers cost megabytes
+        terms = self.compute(squared_distances(emb), *tuples)
         self.num_tuples = len(terms)
         if len(terms) == 0:  # no valid tuple: a zero that keeps the graph
             return emb.sum() * 0.0
         return terms.mean()
 
-    def compute(self, emb: torch.Tensor, *tuples: torch.Tensor) -> torch.Tensor:
+    def compute(self, d2: torch.Tensor, *tuples: torch.Tensor) -> torch.Tensor:
+        """Per-tuple losses from the [B, B] squared distances ``d2`` of the batch."""
         raise NotImplementedError
 
 
@@ -170,10 +173,8 @@ class TripletLoss(MetricLoss):
 
     kind = "triplet"
 
-    def compute(self, emb, a, p, n):
-        dap = (emb[a] - emb[p]).pow(2).sum(dim=1)
-        dan = (emb[a] - emb[n]).pow(2).sum(dim=1)
-        return torch.relu(dap - dan + self.margin)
+    def compute(self, d2, a, p, n):
+        return torch.relu(d2[a, p] - d2[a, n] + self.margin)
 
 
 class PairLoss(MetricLoss):
@@ -184,17 +185,17 @@ class PairLoss(MetricLoss):
 
     kind = "pair"
 
-    def compute(self, emb, *tuples):
+    def compute(self, d2, *tuples):
         if len(tuples) == 4:
             a1, p, a2, n = tuples
             i, j = torch.cat([a1, a2]), torch.cat([p, n])
             y = torch.cat([torch.ones_like(a1), torch.zeros_like(a2)])
         else:
             i, j, y = tuples
-        d2 = (emb[i] - emb[j]).pow(2).sum(dim=1)
-        d = torch.sqrt(d2 + 1e-12)  # gradient-safe at d = 0
-        y = y.to(emb.dtype)
-        return 0.5 * (y * d2 + (1 - y) * torch.relu(self.margin - d).pow(2))
+        dij = d2[i, j]
+        d = torch.sqrt(dij + 1e-12)  # gradient-safe at d = 0
+        y = y.to(d2.dtype)
+        return 0.5 * (y * dij + (1 - y) * torch.relu(self.margin - d).pow(2))
 
 
 METRIC_LOSSES: dict[str, type[MetricLoss]] = {"pair": PairLoss, "triplet": TripletLoss}
