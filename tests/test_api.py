@@ -78,3 +78,20 @@ def test_reference_index_searches_training_images(run, tmp_path):
     np.testing.assert_allclose(rebuilt.embeddings, saved, atol=1e-4)
     with pytest.raises(CheckpointError, match="no split.csv"):
         smse.ReferenceIndex.from_run(tmp_path)
+
+
+def test_evaluation_and_inference_do_not_import_the_trainer():
+    """Concerns stay apart: evaluating, predicting and serving need no training code."""
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    code = ("import sys, smse.evaluate, smse.predict, smse.api; "
+            "print(sorted(m for m in sys.modules if m in ('smse.engine', 'smse.cv')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    light = subprocess.run([sys.executable, "-c", "import sys, smse; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, env=subprocess_env())
+    assert light.stdout.strip() == "False"  # import smse is instant; the API loads on first use
