@@ -80,6 +80,37 @@ def test_reference_index_searches_training_images(run, tmp_path):
         smse.ReferenceIndex.from_run(tmp_path)
 
 
+def test_tensors_are_scaled_or_refused_never_misread(run):
+    model = smse.load_model(run)
+    path = str(np.load(run.path / "eval" / "test-embeddings.npz")["paths"][0])
+    array = np.asarray(Image.open(path).convert("RGB").resize((48, 32), Image.BILINEAR))
+    chw = torch.from_numpy(array.copy()).permute(2, 0, 1)
+    expected = model.embed(array)
+    np.testing.assert_allclose(model.embed(chw), expected, atol=1e-5)  # uint8: 0..255 scaled by 1/255
+    np.testing.assert_allclose(model.embed(chw.double() / 255), expected, atol=1e-5)  # float64 in [0, 1]
+    with pytest.raises(ImageError, match=r"expected values in \[0, 1\], got 0 to 255 \(divide"):
+        model.embed(torch.cat([torch.zeros(3, 1, 48), torch.full((3, 31, 48), 255.0)], dim=1))
+    with pytest.raises(ImageError, match="NaN or infinite"):
+        model.embed(torch.full((3, 32, 48), float("nan")))
+    with pytest.raises(ImageError, match="uint8 or floating-point"):
+        model.embed(torch.zeros((3, 32, 48), dtype=torch.int32))
+
+
+def test_reference_search_refuses_bad_k_and_foreign_queries(run):
+    model = smse.load_model(run)
+    index = smse.ReferenceIndex.from_run(run)
+    query = model.embed(str(index.metadata["paths"][0]))
+    everything = index.search(query, k=len(index) + 50)
+    assert everything.indices.shape == (1, len(index))  # k above the index size: every reference, nearest first
+    for k in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="k: the number of nearest references must be an integer of at least 1"):
+            index.search(query, k=k)
+    with pytest.raises(ValueError, match=r"queries: expected \[N, 16\] embeddings .*got shape \(1, 5\)"):
+        index.search(np.zeros((1, 5), np.float32))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        index.search(np.full_like(query, np.nan))
+
+
 def test_evaluation_and_inference_do_not_import_the_trainer():
     """Concerns stay apart: evaluating, predicting and serving need no training code."""
     import subprocess

@@ -24,8 +24,9 @@ from smse.models import Embedder
 from smse.runfolder import check_finite_outputs
 
 log = logging.getLogger(__name__)
+UNIT_SLACK = 1e-3  # float tensors may stray this far outside [0, 1] (rounding, antialiased resizing)
 
-ImageLike = Any  # a path, a PIL image, an HxWx3 uint8 array or a 3xHxW float tensor in [0, 1]
+ImageLike = Any  # a path, a PIL image, an HxWx3 uint8 array, a 3xHxW uint8 tensor or float tensor in [0, 1]
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class Model:
         if isinstance(image, torch.Tensor):
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ImageError("<tensor>", f"expected a 3xHxW tensor in [0, 1], got shape {tuple(image.shape)}")
-            image = image.float()
+            image = _unit_range(image)
             if tuple(image.shape[1:]) != self.size:
                 image = F.interpolate(image[None], size=self.size, mode="bilinear", antialias=True,
                                       align_corners=False)[0].clamp_(0, 1)
@@ -162,6 +163,22 @@ class Model:
     def __repr__(self) -> str:
         return (f"Model({self.config.model.backbone}, classes={list(self.classes)}, "
                 f"input={self.size[0]}x{self.size[1]}, device={self.device})")
+
+
+def _unit_range(image: torch.Tensor) -> torch.Tensor:
+    """A float32 image tensor in [0, 1]: uint8 is scaled by 1/255; floats must already lie in [0, 1]."""
+    if image.dtype == torch.uint8:
+        return image.float() / 255
+    if not image.is_floating_point():
+        raise ImageError("<tensor>", f"expected a uint8 or floating-point tensor, got {image.dtype}")
+    image = image.float()
+    if not bool(torch.isfinite(image).all()):
+        raise ImageError("<tensor>", "holds NaN or infinite values")
+    low, high = float(image.min()), float(image.max())
+    if low < -UNIT_SLACK or high > 1 + UNIT_SLACK:
+        raise ImageError("<tensor>", f"expected values in [0, 1], got {low:g} to {high:g} "
+                                     "(divide 0-255 values by 255, or pass a uint8 tensor)")
+    return image.clamp_(0, 1)
 
 
 def load_model(run: str | os.PathLike | Run, which: str = "best", device: str | torch.device = "cpu") -> Model:
@@ -231,10 +248,23 @@ class ReferenceIndex:
         return cls.load(path, backend or (model_cfg.eval.knn_backend if model_cfg else "torch"))
 
     def search(self, queries: np.ndarray, k: int = 5) -> Hits:
-        """The ``k`` nearest references of each query embedding (one [d] vector or an [N, d] array)."""
+        """The ``k`` nearest references of each query embedding (one [d] vector or an [N, d] array).
+
+        A ``k`` above the index's size gives every reference, nearest first.
+
+        Raises:
+            ValueError: ``k`` below 1, queries of another dimension, or non-finite queries.
+        """
         from smse.retrieval import search
 
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k: the number of nearest references must be an integer of at least 1, got {k!r}")
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if queries.ndim != 2 or queries.shape[1] != self.embeddings.shape[1]:
+            raise ValueError(f"queries: expected [N, {self.embeddings.shape[1]}] embeddings of this index's model, "
+                             f"got shape {queries.shape}")
+        if not np.isfinite(queries).all():
+            raise ValueError("queries: embeddings hold NaN or infinite values")
         dist, idx = search(queries, self.embeddings, k, self.backend)
         return Hits(dist, idx, *(self.metadata[name][idx] for name in self.FIELDS))
 
