@@ -54,6 +54,10 @@ def test_predict_csv_with_neighbours_and_a_broken_file(trained_run, synth_data, 
     assert bad["path"] == str(broken) and "corrupt or truncated" in bad["error"]
     folder = invoke("predict", trained_run, some[0].parent, "--out", tmp_path / "folder.csv")
     assert "wrote" in folder
+    invoke("predict", trained_run, some[0], "--out", tmp_path / "all.csv", "--k", 10_000)
+    header = next(csv.reader(open(tmp_path / "all.csv")))
+    references = len(np.load(trained_run / "reference.npz")["embeddings"])
+    assert f"nn{references}_distance" in header and f"nn{references + 1}_path" not in header  # no empty columns
 
 
 def test_predict_errors_for_wrong_run(tmp_path):

@@ -74,6 +74,7 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
                 row[f"nn{r + 1}_magnification"] = int(hits.magnifications[q, r])
                 row[f"nn{r + 1}_distance"] = float(hits.distances[q, r])
     if out_csv:
+        k = min(k, len(index.embeddings))  # a k above the reference set's size gives every reference
         columns = (["path", "magnification", "predicted"] + [f"p_{c}" for c in class_map.names]
                    + [f"nn{r}_{f}" for r in range(1, k + 1) for f in ("path", "label", "magnification", "distance")]
                    + ["error"])
