@@ -87,7 +87,8 @@ def bootstrap(y, probs_by_repeat: list[np.ndarray], patients: np.ndarray, refere
         rows = np.concatenate([rows_of[p] for p in sample_ids])
         # a patient drawn twice counts twice: rename the copies so patient scores stay per draw
         names = np.concatenate([np.full(len(rows_of[p]), f"{p}#{i}") for i, p in enumerate(sample_ids)])
-        return {k: np.mean([metrics(y[rows], pr[rows], names)[k] for pr in probs_list]) for k in ("patient", "image", "balanced", "auc")}
+        per_repeat = [metrics(y[rows], pr[rows], names) for pr in probs_list]
+        return {k: float(np.mean([m[k] for m in per_repeat])) for k in ("patient", "image", "balanced", "auc")}
 
     point = score(ids, probs_by_repeat)
     draws, diffs = [], []
