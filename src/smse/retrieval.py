@@ -24,8 +24,8 @@ def search(queries: np.ndarray, refs: np.ndarray, k: int, backend: str = "torch"
     """The ``k`` nearest references (squared L2) of each query: (distances, indices), nearest first.
 
     Args:
-        backend: ``torch`` (exact, chunked top-k; the default, as fast as or faster than faiss's
-            flat index at every size measured in BENCHMARKS.md) or ``faiss`` (exact ``IndexFlatL2``).
+        backend: ``torch`` (exact, chunked top-k; the default, about as fast as faiss's flat
+            index at the sizes measured in BENCHMARKS.md) or ``faiss`` (exact ``IndexFlatL2``).
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     refs = np.ascontiguousarray(refs, dtype=np.float32)
