@@ -105,9 +105,9 @@ def shift_matrix(root: Path, seeds: int) -> dict:
         out[f"CE, trained on {train_mag}X"] = summarize(rows)
     rows = [run_one(root, ["loss.classification=ce", "loss.metric=none", "sampler.mode=pooled"], s) for s in range(seeds)]
     out["CE, trained on all"] = summarize(rows)
-    rows = [run_one(root, ["loss.classification=rfl", "loss.metric=triplet", "sampler.mode=cross-magnification"], s)
+    rows = [run_one(root, ["loss.classification=rfl", "loss.metric=pair", "sampler.mode=cross-magnification"], s)
             for s in range(seeds)]
-    out["SMSE (RFL + triplet, cross-mag), trained on all"] = summarize(rows)
+    out["SMSE (RFL + pair, cross-mag), trained on all"] = summarize(rows)
     print("\n## Magnification shift: patient-level accuracy by test magnification\n")
     print("| trained on | 40X | 100X | 200X | 400X | all |")
     print("|---|---|---|---|---|---|")
@@ -115,7 +115,7 @@ def shift_matrix(root: Path, seeds: int) -> dict:
         print(f"| {name} | " + " | ".join(fmt(r[f'patient_{m}X']) for m in mags) + f" | {fmt(r['patient_all'])} |")
     diag = np.mean([out[f"CE, trained on {m}X"][f"patient_{m}X"][0] for m in mags])
     offd = np.mean([out[f"CE, trained on {m}X"][f"patient_{t}X"][0] for m in mags for t in mags if t != m])
-    smse = out["SMSE (RFL + triplet, cross-mag), trained on all"]["patient_all"][0]
+    smse = out["SMSE (RFL + pair, cross-mag), trained on all"]["patient_all"][0]
     print(f"\nCE single-magnification: {100 * diag:.1f}% on its own magnification, {100 * offd:.1f}% on the others "
           f"(gap {100 * (diag - offd):.1f} points); SMSE on all magnifications: {100 * smse:.1f}%.")
     return out

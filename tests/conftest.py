@@ -109,3 +109,14 @@ def tiny_config(data_root: Path, out: Path, *overrides: str):
                               "model.backbone=paper-cnn", "model.pretrained=false", "model.embedding_dim=16",
                               "model.views=2", "train.epochs=3", "sampler.batch_size=16", "train.device=cpu",
                               "data.split.val_fraction=0.25", *overrides])
+
+
+def invoke(*args) -> str:
+    """Runs the CLI in process with these arguments (str() of each); asserts exit 0 and returns the output."""
+    from typer.testing import CliRunner
+
+    from smse.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.output

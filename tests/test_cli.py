@@ -7,15 +7,10 @@ import pytest
 from typer.testing import CliRunner
 
 from smse.cli import app
+from tests.conftest import invoke
 
 TINY = ["data.image_size=[32, 48]", "model.backbone=paper-cnn", "model.pretrained=false", "model.embedding_dim=16",
         "model.views=2", "train.epochs=2", "sampler.batch_size=16", "train.device=cpu", "data.split.val_fraction=0.25"]
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result.output
 
 
 @pytest.fixture(scope="module")

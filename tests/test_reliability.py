@@ -23,9 +23,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from smse.cli import app
 from smse.config import Config, DataConfig, SplitConfig, _ranged_fields, load_config
 from smse.cv import check_folds, cross_validate
 from smse.data.images import read_image
@@ -44,16 +42,10 @@ from smse.evaluate import evaluate_run
 from smse.predict import predict
 from smse.report import html, write_report
 from smse.runfolder import check_finite_weights, locked
-from tests.conftest import breakhis_path, make_tree, subprocess_env, tiny_config, write_png
+from tests.conftest import breakhis_path, invoke, make_tree, subprocess_env, tiny_config, write_png
 
 TINY = ["data.image_size=[32, 48]", "model.backbone=paper-cnn", "model.pretrained=false", "model.embedding_dim=16",
         "model.views=2", "train.epochs=1", "sampler.batch_size=16", "train.device=cpu", "data.split.val_fraction=0.25"]
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result.output
 
 
 def smse(*args, **kwargs) -> subprocess.CompletedProcess:

@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from smse.api import load_model
-from smse.cli import app, main
+from smse.cli import main
 from smse.data.manifest import read_manifest
 from smse.engine import train
 from smse.errors import DataError, SlideError
@@ -20,7 +19,7 @@ from smse.wsi import TileSpec, available_backends, magnification_mpp, open_slide
 from smse.wsi import reader
 from smse.wsi.tiles import cut
 from smse.wsi.tissue import otsu_threshold, tissue_mask
-from tests.conftest import tiny_config
+from tests.conftest import invoke, tiny_config
 
 BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(name not in available_backends(),
                                                           reason=f"{name} does not import here (pip install 'smse[wsi]')"))
@@ -248,12 +247,6 @@ def test_model_trained_on_slide_tiles_learns(slide_run):
     predicted = load_model(run).predict([r["path"] for r in held])
     accuracy = np.mean([p == r["label"] for p, r in zip(predicted, held)])
     assert accuracy >= 0.75, f"{accuracy:.2f} on {len(held)} tiles of held-out slides (chance 0.5)"
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result.output
 
 
 def test_synthetic_slides_to_tiles_to_training_to_slide_heat_map(tmp_path):

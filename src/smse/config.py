@@ -99,7 +99,7 @@ class LossConfig:
     """Classification loss, metric loss and their weights."""
 
     classification: str = "rfl"  # rfl | ce | balanced-ce | focal | ohem
-    metric: str = "triplet"  # none | pair | triplet
+    metric: str = "pair"  # none | pair | triplet (pair measured best on real patients and the synthetic set)
     margin: float = ranged(1.0, 0, 100, low_open=True)
     alpha: float = ranged(2.0, 0, 1000, low_open=True)
     gamma: float = ranged(1.2, 0, 100)
