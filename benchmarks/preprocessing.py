@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT, SAMPLE, machine  # noqa: E402
 
-from smse.baselines import linear_probe, patient_folds  # noqa: E402
+from smse.baselines import linear_probe, out_of_fold, patient_folds  # noqa: E402
 from smse.config import DataConfig  # noqa: E402
 from smse.data.images import ImageCache  # noqa: E402
 from smse.data.loading import load_data  # noqa: E402
@@ -91,14 +91,9 @@ def main() -> None:
         x = features(lite_model(arch, variant), records, size, scaling, cache_dir)
         cells = []
         for plan in plans.values():
-            accs, aucs = [], []
-            for fold_list in plan:
-                prob = np.zeros(len(records))
-                for test in fold_list:
-                    te = np.isin(patients, list(test))
-                    prob[te] = linear_probe(x[~te], y[~te], x[te])[:, 1]
-                accs.append(patient_accuracy(y, (prob >= 0.5).astype(int), patients))
-                aucs.append(roc_auc(y, prob))
+            probs = out_of_fold(linear_probe, x, y, patients, plan)
+            accs = [patient_accuracy(y, (prob >= 0.5).astype(int), patients) for prob in probs]
+            aucs = [roc_auc(y, prob) for prob in probs]
             cells += [f"{100 * np.mean(accs):.1f}", f"{np.mean(aucs):.3f}"]
         print(f"| {label} | " + " | ".join(cells) + f" | {time.perf_counter() - started:.0f} |", flush=True)
 

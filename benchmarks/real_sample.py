@@ -35,11 +35,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT, SAMPLE, machine  # noqa: E402
 
-from smse.baselines import PROBE_C, knn_probe, linear_probe, patient_folds  # noqa: E402
+from smse.baselines import PROBE_C, knn_probe, linear_probe, out_of_fold, patient_folds  # noqa: E402
 from smse.config import load_config  # noqa: E402
-from smse.cv import fold_split, heads_out_of_fold  # noqa: E402
+from smse.cv import heads_out_of_fold  # noqa: E402
 from smse.data.loading import LoadedData, load_data  # noqa: E402
-from smse.metrics import patient_accuracy  # noqa: E402
+from smse.metrics import balanced_accuracy, image_accuracy, patient_accuracy, roc_auc  # noqa: E402
 from smse.prepare import prepare  # noqa: E402
 
 TRAINED = {
@@ -52,61 +52,42 @@ TRAINED = {
     "smse-pair-pooled": ["loss.metric=pair", "sampler.mode=pooled"],
 }
 BASELINES = {"logreg": linear_probe, "knn": knn_probe}
-
-
-def baseline_out_of_fold(probe, feats: np.ndarray, y: np.ndarray, records, plan, cfg) -> list[np.ndarray]:
-    out = []
-    for fold_list in plan:
-        prob = np.full(len(records), np.nan)
-        for test in fold_list:
-            split = fold_split(records, test, cfg)
-            test_idx = np.array([i for i, r in enumerate(split) if r.split == "test"])
-            train_idx = np.array([i for i, r in enumerate(split) if r.split != "test"])  # validation patients too
-            prob[test_idx] = probe(feats[train_idx], y[train_idx], feats[test_idx])[:, 1]
-        out.append(prob)
-    return out
+KEYS = ("patient", "image", "balanced", "auc")
 
 
 def metrics(y: np.ndarray, prob: np.ndarray, patients: np.ndarray) -> dict:
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-
     pred = (prob >= 0.5).astype(int)
-    return {"patient": patient_accuracy(y, pred, patients), "image": float((pred == y).mean()),
-            "balanced": float(balanced_accuracy_score(y, pred)),
-            "auc": float(roc_auc_score(y, prob)) if len(set(y.tolist())) == 2 else float("nan")}
+    return {"patient": patient_accuracy(y, pred, patients), "image": image_accuracy(y, pred),
+            "balanced": balanced_accuracy(y, pred), "auc": roc_auc(y, prob)}
 
 
-def bootstrap(y, probs_by_repeat: list[np.ndarray], patients: np.ndarray, reference: list[np.ndarray] | None,
+def bootstrap(y: np.ndarray, probs: dict[str, list[np.ndarray]], patients: np.ndarray, reference: str | None,
               n: int = 2000, seed: int = 0) -> dict:
-    """Mean over repeats of each metric, its bootstrap 95% interval over patients, and the paired difference."""
+    """Per method: the mean over repeats of each metric, its bootstrap 95% interval over patients and, against
+    the ``reference`` method, the paired difference on the same draws (each draw scored once per method)."""
     rng = np.random.default_rng(seed)
     ids = np.unique(patients)
     rows_of = {p: np.flatnonzero(patients == p) for p in ids}
+    samples = [ids] + [rng.choice(ids, size=len(ids), replace=True) for _ in range(n)]  # the point, then draws
 
     def score(sample_ids, probs_list):
         rows = np.concatenate([rows_of[p] for p in sample_ids])
         # a patient drawn twice counts twice: rename the copies so patient scores stay per draw
         names = np.concatenate([np.full(len(rows_of[p]), f"{p}#{i}") for i, p in enumerate(sample_ids)])
         per_repeat = [metrics(y[rows], pr[rows], names) for pr in probs_list]
-        return {k: float(np.mean([m[k] for m in per_repeat])) for k in ("patient", "image", "balanced", "auc")}
+        return [float(np.mean([m[k] for m in per_repeat])) for k in KEYS]
 
-    point = score(ids, probs_by_repeat)
-    draws, diffs = [], []
-    for _ in range(n):
-        sample = rng.choice(ids, size=len(ids), replace=True)
-        draws.append(score(sample, probs_by_repeat))
-        if reference is not None:
-            ref = score(sample, reference)
-            diffs.append({k: draws[-1][k] - ref[k] for k in ref})
+    scores = {m: np.array([score(sample, p) for sample in samples]) for m, p in probs.items()}  # [1 + n, metric]
     out = {}
-    for k in point:
-        vals = np.array([d[k] for d in draws])
-        out[k] = {"mean": float(point[k]), "lo": float(np.nanpercentile(vals, 2.5)), "hi": float(np.nanpercentile(vals, 97.5))}
-        if diffs:
-            dv = np.array([d[k] for d in diffs])
-            ref_point = score(ids, reference)[k]
-            out[k]["diff"] = float(point[k] - ref_point)
-            out[k]["diff_lo"], out[k]["diff_hi"] = float(np.nanpercentile(dv, 2.5)), float(np.nanpercentile(dv, 97.5))
+    for m, sc in scores.items():
+        out[m] = {}
+        for j, k in enumerate(KEYS):
+            cell = {"mean": sc[0, j], "lo": np.nanpercentile(sc[1:, j], 2.5), "hi": np.nanpercentile(sc[1:, j], 97.5)}
+            if reference in scores and m != reference:
+                diff = sc[:, j] - scores[reference][:, j]
+                cell |= {"diff": diff[0], "diff_lo": np.nanpercentile(diff[1:], 2.5),
+                         "diff_hi": np.nanpercentile(diff[1:], 97.5)}
+            out[m][k] = {key: float(v) for key, v in cell.items()}
     return out
 
 
@@ -145,14 +126,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for m in args.methods:
                 if m in BASELINES:
-                    probs[m] = baseline_out_of_fold(BASELINES[m], feats, y, records, plan, cfg)
+                    probs[m] = out_of_fold(BASELINES[m], feats, y, patients, plan)
                 else:
                     c = load_config("breakhis", base + TRAINED[m])
                     malignant = sorted({r.label for r in records}).index("malignant")
                     probs[m] = [p[:, malignant] for p in heads_out_of_fold(c, records, plan, Path(tmp) / m)]
-        reference = probs.get("logreg")
-        results[protocol] = {m: bootstrap(y, probs[m], patients, reference if m != "logreg" else None, args.bootstrap)
-                             for m in args.methods}
+        results[protocol] = bootstrap(y, probs, patients, "logreg", args.bootstrap)
         what = ("leave-one-patient-out" if protocol == "lopo"
                 else f"patient-grouped stratified {args.folds}-fold x {args.repeats} repeats")
         print(f"\n## {what} ({len(set(patients))} patients, {len(records)} images; {time.perf_counter() - t0:.0f} s)\n")

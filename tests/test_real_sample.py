@@ -12,9 +12,9 @@ a constant) is checked too.
 
 import numpy as np
 
-from smse.baselines import linear_probe, patient_folds
+from smse.baselines import linear_probe, out_of_fold, patient_folds
 from smse.config import load_config
-from smse.cv import fold_split, heads_out_of_fold
+from smse.cv import heads_out_of_fold
 from smse.data.loading import LoadedData, load_data
 from smse.metrics import patient_accuracy, roc_auc
 from smse.prepare import prepare
@@ -32,11 +32,7 @@ def test_default_is_not_below_the_linear_probe_on_real_patients(sample_root, tmp
     y = np.array([r.label == "malignant" for r in records], dtype=int)
     patients = np.array([r.patient for r in records])
     plan = patient_folds(records, k=5, repeats=1)
-    probe = np.full(len(records), np.nan)
-    for test in plan[0]:
-        split = fold_split(records, test, cfg)
-        is_test = np.array([r.split == "test" for r in split])
-        probe[is_test] = linear_probe(features[~is_test], y[~is_test], features[is_test])[:, 1]
+    probe = out_of_fold(linear_probe, features, y, patients, plan)[0]
     heads = heads_out_of_fold(cfg, records, plan, tmp_path / "folds")[0][:, 1]
     assert not np.isnan(probe).any() and not np.isnan(heads).any()  # every image tested once
     default = patient_accuracy(y, (heads >= 0.5).astype(int), patients)

@@ -41,6 +41,21 @@ def patient_folds(records: Sequence[Record], k: int | None = 5, repeats: int = 1
     return out
 
 
+def out_of_fold(probe, features: np.ndarray, y: np.ndarray, patients: Sequence[str],
+                plan: list[list[set[str]]]) -> list[np.ndarray]:
+    """Out-of-fold probabilities of class 1 per repeat of ``plan``: each fold's probe is fit on every
+    patient outside the fold (``probe``: ``linear_probe``, ``knn_probe`` or one of their signature)."""
+    patients = np.asarray(patients)
+    out = []
+    for fold_list in plan:
+        prob = np.full(len(y), np.nan)
+        for test in fold_list:
+            held = np.isin(patients, list(test))
+            prob[held] = probe(features[~held], y[~held], features[held])[:, 1]
+        out.append(prob)
+    return out
+
+
 def _fit_predict(clf, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter on tiny folds

@@ -49,11 +49,15 @@ pre{background:#f7f7f7;padding:10px;overflow:auto;font-size:12px;max-height:400p
 """
 
 
+def png_img(png: bytes, alt: str) -> str:
+    """An ``<img>`` tag holding the PNG bytes themselves (the page needs no other file)."""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
 def _img(path: Path | None, alt: str) -> str:
     if path is None:
         return f'<p class="note">({alt}: nothing to show for this run)</p>'
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return png_img(Path(path).read_bytes(), alt)
 
 
 def _md_table(markdown: str) -> str:

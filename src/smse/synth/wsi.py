@@ -20,6 +20,7 @@ from smse.synth.generator import allocate, parse_proportions
 from smse.synth.noise import fbm
 from smse.synth.slide import VirtualSlide
 from smse.synth.styles import FAT, LUMEN
+from smse.wsi.reader import MPP_TIMES_OBJECTIVE
 
 DEFAULT_SIZE = (4000, 3000)  # level-0 pixels (width, height)
 DEFAULT_MPP = 0.5  # microns per pixel: a scan with a 20x objective
@@ -93,7 +94,7 @@ class SynthSlide:
     @property
     def objective(self) -> float:
         """The objective power this resolution stands for (10 / mpp)."""
-        return 10.0 / self.mpp
+        return MPP_TIMES_OBJECTIVE / self.mpp
 
     def tissue(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """True where the point (x, y), in micrometres, lies on tissue: the known answer for tests."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import html
 import io
@@ -17,7 +16,7 @@ from smse.api import Model, load_model
 from smse.data.records import mag_name
 from smse.errors import ConfigError, SlideError
 from smse.io import atomic_path, writable_folder, write_csv, write_json, write_text
-from smse.report.html import SELF_CHECK, STYLE
+from smse.report.html import SELF_CHECK, STYLE, png_img
 from smse.runtime import resolve_device
 from smse.wsi.reader import open_slide
 from smse.wsi.tiles import TilePlan, TileSpec, plan_tiles
@@ -57,11 +56,11 @@ def classify_tiles(model: Model, plan: TilePlan, batch_size: int = 32, progress:
         for mag, tile in tiles.items():
             keys.append((x, y, mag))
             batch.append(tile)
-        if len(batch) >= batch_size:
-            probs.append(model.predict_proba(batch, batch_size))
+        if len(batch) >= batch_size:  # whole locations: a flush may pass batch_size by a few tiles, in one forward
+            probs.append(model.predict_proba(batch, len(batch)))
             batch = []
     if batch:
-        probs.append(model.predict_proba(batch, batch_size))
+        probs.append(model.predict_proba(batch, len(batch)))
     return keys, np.concatenate(probs) if probs else np.zeros((0, len(model.classes)), np.float32)
 
 
@@ -117,8 +116,7 @@ def _png(image: np.ndarray, alt: str, width: int) -> str:
     picture = Image.fromarray(image)
     picture.thumbnail((width, width), Image.Resampling.LANCZOS)
     picture.save(buffer, format="PNG")
-    data = base64.b64encode(buffer.getvalue()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return png_img(buffer.getvalue(), alt)
 
 
 def _page(result: dict, plan: TilePlan, location_prob: np.ndarray, heat: Path) -> str:
@@ -129,7 +127,7 @@ def _page(result: dict, plan: TilePlan, location_prob: np.ndarray, heat: Path) -
             (f"tiles with P({pos}) >= {result['threshold']:g}", f"{100 * result['share_above_threshold']:.1f}%"),
             ("slide prediction (mean probabilities)", result["predicted"]),
             ("tiles / locations", f"{result['tiles']} / {result['locations']}")]
-    heat_img = f'<img alt="heat map" src="data:image/png;base64,{base64.b64encode(heat.read_bytes()).decode()}">'
+    heat_img = png_img(heat.read_bytes(), "heat map")
     mags = list(plan.sources)
     by_mag = {m: result["per_magnification"][mag_name(m)] for m in mags}
     per_mag = "".join(f"<tr><td>{mag_name(m)}</td><td>{by_mag[m]['mean_probability']:.3f}</td>"

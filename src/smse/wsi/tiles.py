@@ -10,13 +10,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from smse.data.records import MAGNIFICATIONS
 from smse.errors import ConfigError
 from smse.wsi.reader import Slide, magnification_mpp
 from smse.wsi.tissue import TissueMap, tissue_mask
 
 #: BreakHis images are 700x460 pixels (width x height) at every magnification
 DEFAULT_SIZE = (700, 460)
-DEFAULT_MAGNIFICATIONS = (40, 100, 200, 400)
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class TileSpec:
         seed: the seed of that sample.
     """
 
-    magnifications: tuple[int, ...] = DEFAULT_MAGNIFICATIONS
+    magnifications: tuple[int, ...] = MAGNIFICATIONS
     size: tuple[int, int] = DEFAULT_SIZE
     grid: int | None = None
     min_tissue: float = 0.5
