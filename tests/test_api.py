@@ -57,11 +57,11 @@ def test_every_image_form_gives_the_same_embedding(run):
         model.embed(np.zeros((4, 4), np.float32))
 
 
-def test_reference_index_searches_training_images(run, tmp_path):
+def test_reference_index_searches_training_and_validation_images(run, tmp_path):
     model = smse.load_model(run)
     index = smse.ReferenceIndex.from_run(run)
     train_paths = {line.split(",")[0] for line in (run.path / "split.csv").read_text().splitlines()[1:]
-                   if line.endswith(",train")}
+                   if line.endswith((",train", ",val"))}
     assert len(index) == len(train_paths)
     query = sorted(train_paths)[0]
     hits = index.search(model.embed(query), k=3)
@@ -126,3 +126,17 @@ def test_evaluation_and_inference_do_not_import_the_trainer():
     light = subprocess.run([sys.executable, "-c", "import sys, smse; print('torch' in sys.modules)"],
                            capture_output=True, text=True, env=subprocess_env())
     assert light.stdout.strip() == "False"  # import smse is instant; the API loads on first use
+
+
+def test_reference_index_flags_queries_outside_the_references():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 4)).astype(np.float32) * 0.1
+    meta = {"labels": np.array(["benign", "malignant"] * 20), "tumor_types": np.array(["F", "DC"] * 20),
+            "patients": np.array([f"p{i % 8}" for i in range(40)])}
+    index = smse.ReferenceIndex(emb, **meta)
+    guide = index.guide()
+    assert guide["ood_threshold"] is not None and guide["references"] == 40
+    near, far = emb[:1] + 0.001, np.full((1, 4), 5.0, np.float32)
+    hits = index.search(np.concatenate([near, far]), k=3)
+    assert hits.out_of_distribution.tolist() == [False, True]
+    assert hits.distances[1, 0] > guide["ood_threshold"] > hits.distances[0, 0]

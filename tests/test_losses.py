@@ -273,3 +273,55 @@ def test_cross_magnification_miner_feeds_pml_losses():
     ref = torch.cat([0.5 * d(pairs[0], pairs[1]) ** 2, 0.5 * torch.relu(1.0 - d(pairs[2], pairs[3])) ** 2]).mean()
     assert torch.isclose(ours, ref)
     assert torch.isfinite(pml_pair(emb, labels, pairs))
+
+
+def loop_neighbourhood(emb, feats, t):
+    """mean_i sum_j P_ij (log P_ij - log Q_ij) over j != i, cosine similarities / t, by loops."""
+    n = len(emb)
+
+    def cos(x, y):
+        dot = sum(float(a) * float(b) for a, b in zip(x, y))
+        return dot / math.sqrt(sum(float(a) ** 2 for a in x) * sum(float(b) ** 2 for b in y))
+
+    total = 0.0
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        sp = [math.exp(cos(feats[i], feats[j]) / t) for j in others]
+        sq = [math.exp(cos(emb[i], emb[j]) / t) for j in others]
+        p = [v / sum(sp) for v in sp]
+        q = [v / sum(sq) for v in sq]
+        total += sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q))
+    return total / n
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [0.1, 1.0])
+def test_neighbourhood_loss_matches_loop(dtype, temperature):
+    from smse.losses import NeighbourhoodLoss
+
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(6, 3, generator=g, dtype=dtype, requires_grad=True)
+    feats = torch.randn(6, 5, generator=g, dtype=dtype)
+    loss = NeighbourhoodLoss(temperature)(emb, feats)
+    assert math.isclose(float(loss.detach()), loop_neighbourhood(emb.detach(), feats, temperature),
+                        rel_tol=1e-5 if dtype == torch.float32 else 1e-10, abs_tol=1e-7)
+    loss.backward()
+    assert emb.grad is not None and torch.isfinite(emb.grad).all()
+    # an embedding with the features' own similarities (a scaled copy) has nothing left to learn
+    same = NeighbourhoodLoss(temperature)(3.0 * feats, feats)
+    assert abs(float(same)) < 1e-5
+    assert float(NeighbourhoodLoss(temperature)(emb[:2], feats[:2])) == 0.0  # one neighbour: no distribution
+
+
+def test_objective_adds_the_weighted_structure_term():
+    from smse.losses import NeighbourhoodLoss
+
+    emb, labels, mags, patients = batch(torch.float64)
+    feats = torch.randn(len(emb), 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    logits = torch.randn(len(emb), 2, dtype=torch.float64)
+    cls = make_classification_loss("ce", [4, 3])
+    parts = Objective(cls, None, 1.0, 1.0, NeighbourhoodLoss(0.5), 2.0)(emb, logits, labels, features=feats)
+    assert float(parts["total"]) == pytest.approx(float(parts["classification"]) + 2.0 * float(parts["structure"]))
+    assert "structure" not in Objective(cls, None, 1.0, 1.0, NeighbourhoodLoss(0.5), 0.0)(emb, logits, labels)
+    with pytest.raises(ValueError, match="features"):
+        Objective(cls, None, 1.0, 1.0, NeighbourhoodLoss(0.5), 1.0)(emb, logits, labels)

@@ -179,3 +179,37 @@ def test_heads_standardise_features_and_keep_it_in_their_weights():
     copy = Heads(5, 3, 2, normalize=False)
     copy.load_state_dict(heads.state_dict())
     assert torch.allclose(copy(x)[0], heads(x)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_knn_classifier_matches_a_loop_and_survives_a_checkpoint_round_trip(dtype, tmp_path):
+    from smse.models import Heads
+    from smse.models.embedder import KNN_PRIOR_VOTES
+
+    torch.manual_seed(0)
+    heads = Heads(6, 3, 2, classifier="knn", knn_k=3).to(dtype)
+    refs = torch.nn.functional.normalize(torch.randn(9, 3, dtype=dtype), dim=1)
+    targets = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1])
+    heads.set_references(refs, targets)
+    heads.eval()
+    feats = torch.randn(4, 6, dtype=dtype)
+    emb, logits = heads(feats)
+    for i in range(4):
+        d = [sum((float(a) - float(b)) ** 2 for a, b in zip(emb[i], r)) for r in refs]
+        nearest = sorted(range(9), key=lambda j: (d[j], j))[:3]
+        votes = [sum(int(targets[j]) == c for j in nearest) for c in range(2)]
+        expected = [(v + KNN_PRIOR_VOTES) / (3 + 2 * KNN_PRIOR_VOTES) for v in votes]
+        assert torch.softmax(logits[i], 0).tolist() == pytest.approx(expected, rel=1e-5)
+    heads.train()
+    assert torch.allclose(heads(feats)[1], heads.classify(emb.to(dtype)), atol=1e-6)  # training: the linear head
+    # the references travel with the weights, whatever their number; a state without them loads with none
+    fresh = Heads(6, 3, 2, classifier="knn", knn_k=3).to(dtype)
+    fresh.load_state_dict(heads.state_dict())
+    fresh.eval()
+    assert torch.allclose(fresh(feats)[1], heads.eval()(feats)[1])
+    old = {k: v for k, v in heads.state_dict().items() if not k.startswith("ref_")}
+    empty = Heads(6, 3, 2, classifier="knn", knn_k=3).to(dtype)
+    empty.load_state_dict(old)
+    assert len(empty.ref_targets) == 0
+    empty.eval()
+    assert torch.allclose(empty(feats)[1], empty.classify(empty(feats)[0]))  # no references: the linear head

@@ -60,7 +60,10 @@ def test_health_names_model_reference_and_limits(client, run, service):
     body = client.get("/api/health").json()
     assert body["status"] == "ok" and body["version"] == smse.__version__
     assert body["model"]["classes"] == ["benign", "malignant"] and body["model"]["backbone"] == "paper-cnn"
-    assert body["reference"]["size"] == len(split_paths(run, "train")) == len(service.index)
+    assert body["reference"]["size"] == len(split_paths(run, "train") + split_paths(run, "val")) == len(service.index)
+    guide = body["distance_guide"]
+    assert guide["references"] == len(service.index) and guide["ood_threshold"] > 0
+    assert guide["same_type"]["pairs"] + guide["same_class"]["pairs"] + guide["other_class"]["pairs"] > 0
     assert set(body["reference"]["magnifications"]) == {"40", "100", "200", "400"}
     assert body["limits"]["max_files"] == 4 and body["map"]["method"] == "PCA"
 

@@ -188,6 +188,10 @@ def load_model(run: str | os.PathLike | Run, which: str = "best", device: str | 
     return Model(module, cfg, class_map, device, meta, str(path))
 
 
+#: the splits whose images are a run's references: every image that is not a test image
+REFERENCE_SPLITS = ("train", "val")
+
+
 @dataclass
 class Hits:
     """The nearest references of each query, nearest first: arrays of shape [queries, k]."""
@@ -199,6 +203,9 @@ class Hits:
     magnifications: np.ndarray
     patients: np.ndarray
     paths: np.ndarray
+    #: per query: the nearest reference lies farther than the references usually are from their own nearest
+    #: reference of another patient (``ReferenceIndex.guide()["ood_threshold"]``): outside the references
+    out_of_distribution: np.ndarray | None = None
 
     def rows(self, query: int = 0) -> list[dict]:
         """The hits of one query as a list of dicts (rank, label, tumour type, magnification, patient, path, distance)."""
@@ -224,9 +231,21 @@ class ReferenceIndex:
             if len(self.metadata[name]) != n:
                 raise ValueError(f"{name}: {len(self.metadata[name])} values for {n} embeddings")
         self.backend = backend
+        self._guide: dict | None = None
 
     def __len__(self) -> int:
         return len(self.embeddings)
+
+    def guide(self) -> dict:
+        """How to read a distance to these references (``smse.similarity.distance_guide``; computed once): the
+        distance quantiles of same-type, same-class and other-class reference pairs, and ``ood_threshold``."""
+        from smse.similarity import distance_guide
+
+        if self._guide is None:
+            m = self.metadata
+            self._guide = distance_guide(self.embeddings, m["labels"].astype(str), m["tumor_types"].astype(str),
+                                         m["patients"].astype(str))
+        return self._guide
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "torch") -> "ReferenceIndex":
@@ -238,7 +257,8 @@ class ReferenceIndex:
     @classmethod
     def from_run(cls, run: str | os.PathLike | Run, model: Model | None = None,
                  backend: str | None = None) -> "ReferenceIndex":
-        """The training images of a run as references (``reference.npz``, computed and saved when missing)."""
+        """The training and validation images of a run as references (``reference.npz``, computed and saved when
+        missing): the images a ``model.classifier=knn`` model votes with."""
         folder = Path(run)
         folder = folder.parent if folder.is_file() else folder
         path = folder / "reference.npz"
@@ -266,11 +286,13 @@ class ReferenceIndex:
         if not np.isfinite(queries).all():
             raise ValueError("queries: embeddings hold NaN or infinite values")
         dist, idx = search(queries, self.embeddings, k, self.backend)
-        return Hits(dist, idx, *(self.metadata[name][idx] for name in self.FIELDS))
+        threshold = self.guide()["ood_threshold"]
+        ood = dist[:, 0] > threshold if dist.shape[1] and threshold is not None else np.zeros(len(queries), bool)
+        return Hits(dist, idx, *(self.metadata[name][idx] for name in self.FIELDS), out_of_distribution=ood)
 
 
 def build_reference(run: str | os.PathLike, model: Model | None = None, which: str = "best") -> Path:
-    """Embed the training images of a run (from its ``split.csv``) into ``run/reference.npz``."""
+    """Embed the training and validation images of a run (from its ``split.csv``) into ``run/reference.npz``."""
     from smse.data.manifest import read_manifest
     from smse.evaluate import save_embeddings
 
@@ -279,7 +301,7 @@ def build_reference(run: str | os.PathLike, model: Model | None = None, which: s
     if not split.exists():
         raise CheckpointError(f"{run}: no split.csv, so no reference images; is it a run folder written by smse train?")
     model = model or load_model(run, which)
-    records = [r for r in read_manifest(split)[0] if r.split == "train"]
+    records = [r for r in read_manifest(split)[0] if r.split in REFERENCE_SPLITS]
     log.info("embedding %d reference images of %s", len(records), run)
     emb = model.embed([r.path for r in records])
     save_embeddings(run / "reference.npz", emb, records, model.class_map)

@@ -17,6 +17,8 @@ from smse.data.splits import patient_labels
 
 #: L2 strength of the linear probe: strong, for a few hundred images of about a thousand features.
 PROBE_C = 0.1
+#: the values of C that ``tuned_linear_probe`` chooses from
+PROBE_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def patient_folds(records: Sequence[Record], k: int | None = 5, repeats: int = 1, seed: int = 0,
@@ -79,3 +81,43 @@ def knn_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: i
 
     clf = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=min(k, len(x_train)), metric="cosine"))
     return _fit_predict(clf, x_train, y_train, x_test)
+
+
+def choose_probe_c(x: np.ndarray, y: np.ndarray, groups: Sequence[str], grid: Sequence[float] = PROBE_C_GRID,
+                   folds: int = 4, seed: int = 0) -> float:
+    """The C of ``grid`` with the best patient-grouped cross-validated score on (x, y): patient-level accuracy
+    plus ROC-AUC (binary) or patient-level accuracy (more classes); the smaller C on a tie."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from smse.metrics import patient_accuracy, roc_auc
+
+    y, groups = np.asarray(y), np.asarray(groups)
+    ids = np.unique(groups)
+    first = {g: y[groups == g][0] for g in ids}
+    k = min(folds, len(ids), *np.bincount([first[g] for g in ids]).clip(min=1).tolist())
+    if k < 2 or len(np.unique(y)) < 2:
+        return float(grid[len(grid) // 2])
+    splits = list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(ids, [first[g] for g in ids], ids))
+    best, best_c = -np.inf, float(grid[0])
+    for c in grid:
+        scores = []
+        for tr, te in splits:
+            held = np.isin(groups, ids[te])
+            if len(np.unique(y[~held])) < len(np.unique(y)):
+                continue
+            prob = linear_probe(x[~held], y[~held], x[held], c)
+            pred = np.unique(y[~held])[prob.argmax(1)]
+            score = patient_accuracy(y[held], pred, groups[held])
+            if prob.shape[1] == 2 and len(np.unique(y[held])) == 2:
+                score += roc_auc(y[held] == np.unique(y[~held])[1], prob[:, 1])
+            scores.append(score)
+        if scores and np.mean(scores) > best + 1e-12:
+            best, best_c = float(np.mean(scores)), float(c)
+    return best_c
+
+
+def tuned_linear_probe(x_train: np.ndarray, y_train: np.ndarray, groups: Sequence[str], x_test: np.ndarray,
+                       grid: Sequence[float] = PROBE_C_GRID) -> np.ndarray:
+    """``linear_probe`` with C chosen by patient-grouped cross-validation on the training patients only
+    (``choose_probe_c``): the tuned probe a trained head has to beat."""
+    return linear_probe(x_train, y_train, x_test, choose_probe_c(x_train, y_train, groups, grid))

@@ -49,7 +49,8 @@ def build_model(cfg: Config, num_classes: int, pretrained: bool | None = None) -
                           f"{backbone.input_size[1]}]")
     if backbone.input_size and size != backbone.input_size:
         log.info("%s: native input %s, images resized to %s", m.backbone, backbone.input_size, size)
-    heads = Heads(backbone.num_features, m.embedding_dim, num_classes, normalize=cfg.model.normalize)
+    heads = Heads(backbone.num_features, m.embedding_dim, num_classes, normalize=m.normalize, classifier=m.classifier,
+                  knn_k=m.knn_k)
     return Embedder(backbone.module, heads, backbone.preprocessing), backbone.weights
 
 

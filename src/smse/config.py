@@ -92,6 +92,8 @@ class ModelConfig:
     freeze_backbone: bool = True
     views: int = ranged(4, 1, 256)
     standardize: bool = True  # frozen mode: features standardised by the training images' mean and std
+    classifier: str = "head"  # head (PReLU + linear on the embedding) | knn (vote of the knn_k nearest training images)
+    knn_k: int = ranged(15, 1, 100_000)
 
 
 @dataclass
@@ -108,6 +110,8 @@ class LossConfig:
     mining: str = "semihard"  # all | semihard | hard
     metric_weight: float = ranged(1.0, 0, 1000)
     classification_weight: float = ranged(1.0, 0, 1000)
+    structure_weight: float = ranged(0.0, 0, 1000)  # keeps the heads' input features' neighbourhoods (0: off)
+    structure_temperature: float = ranged(0.1, 0, 100, low_open=True)
 
 
 @dataclass
@@ -165,6 +169,7 @@ CHOICES = {
     "data.format": ("auto", "breakhis", "manifest"),
     "data.task": ("binary", "type"),
     "data.duplicates": ("prefer-ductal", "drop-conflicts", "keep"),
+    "model.classifier": ("head", "knn"),
     "loss.classification": ("rfl", "ce", "balanced-ce", "focal", "ohem"),
     "loss.metric": ("none", "pair", "triplet"),
     "loss.mining": ("all", "semihard", "hard"),

@@ -16,7 +16,7 @@ from smse.data.records import ClassMap, Record
 from smse.data.splits import carve_validation
 from smse.engine import train
 from smse.errors import ConfigError
-from smse.evaluate import evaluate_run
+from smse.evaluate import classifier_name, evaluate_run
 from smse.io import write_json, write_text
 from smse.prepare import embed, prepare
 from smse.report import write_report
@@ -32,7 +32,7 @@ def cross_validate(cfg: Config, folds: int = 5, progress: bool = True) -> dict:
     """
     check_folds(cfg, folds)
     base = Path(cfg.out)
-    heads, knns = [], []
+    heads, knns, probes = [], [], []
     for k in range(1, folds + 1):
         c = copy.deepcopy(cfg)
         c.out = str(base / f"fold{k}")
@@ -47,7 +47,12 @@ def cross_validate(cfg: Config, folds: int = 5, progress: bool = True) -> dict:
         write_report(c.out)
         heads.append(result["head"])
         knns.append(result["knn"])
-    table, data = mean_std_table({"SMSE (classifier head)": heads, f"SMSE (k-NN, k={cfg.eval.knn_k})": knns})
+        if "probe" in result:
+            probes.append(result["probe"]["results"])
+    rows = {f"SMSE ({classifier_name(cfg)})": heads, f"SMSE (k-NN, k={cfg.eval.knn_k})": knns}
+    if len(probes) == folds:
+        rows["baseline: logistic regression on the frozen features (C tuned per fold)"] = probes
+    table, data = mean_std_table(rows)
     summary = {"folds": folds, "split": cfg.data.split.method, "table": data}
     write_json(base / "cv.json", summary)
     write_text(base / "cv.md", table + "\n")

@@ -28,7 +28,7 @@ from smse.data.manifest import write_manifest
 from smse.data.samplers import Batch, MagnificationBalancedSampler, OfflineTupleSampler
 from smse.errors import ConfigError, TrainingDiverged
 from smse.io import atomic_path, write_json
-from smse.losses import Objective, make_classification_loss, make_metric_loss
+from smse.losses import NeighbourhoodLoss, Objective, make_classification_loss, make_metric_loss
 from smse.metrics import image_accuracy, patient_accuracy
 from smse.prepare import Prepared, embed, prepare
 from smse.runfolder import check_finite_weights, check_resume_data, guarded, split_fingerprint
@@ -99,6 +99,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
                                   progress and dist.main)
                 scheduler.step()
                 check_finite_weights(trainable, epoch + 1, run)
+                refresh_references(prep, train_idx)
                 row["lr"] = optimizer.param_groups[0]["lr"]
                 if len(val_idx) and dist.main:  # validation and saving are the main process's job
                     row.update(validate(prep, val_idx))
@@ -108,6 +109,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
                     log.info("epoch %d/%d (%.1f s): %s", epoch + 1, cfg.train.epochs, row["seconds"],
                              ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "seconds")))
                 dist.barrier()
+            if dist.main:
+                final_references(prep, done, trainable, np.sort(np.concatenate([train_idx, val_idx])))
         finally:  # also on divergence, an interrupt or a crash: the last completed epoch reaches the checkpoints
             if dist.main:
                 write_checkpoints(run, prep, done, trainable)
@@ -150,6 +153,24 @@ def write_run_files(run: Path, prep: Prepared) -> None:
                                    "class_map": prep.class_map.to_dict()})
 
 
+def final_references(prep: Prepared, done: Progress, trainable: nn.Module, indices: np.ndarray) -> None:
+    """With ``model.classifier=knn``, a finished run's references are every training *and validation* image.
+
+    Validation patients stay out of the references while they choose the best epoch; once it is chosen,
+    they are part of the archive a new image is compared with. Updates the kept best and last weights.
+    """
+    if prep.cfg.model.classifier != "knn" or done.last_state is None:
+        return
+    live = _copy(trainable)
+    for name in ("best_state", "last_state"):
+        if getattr(done, name) is not None:
+            trainable.load_state_dict(getattr(done, name))
+            refresh_references(prep, indices)
+            setattr(done, name, _copy(trainable))
+    trainable.load_state_dict(live)
+    done.written_epoch = -1  # the checkpoints on disk hold the training-only references: write them again
+
+
 def training_indices(prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
     """Training and validation image indices (one magnification in ``single`` mode); every class must train."""
     cfg = prep.cfg
@@ -169,7 +190,7 @@ def class_counts(prep: Prepared, indices: np.ndarray) -> np.ndarray:
 
 
 def build_objective(prep: Prepared, train_idx: np.ndarray) -> Objective:
-    """Classification loss (class balance from the training images) + metric loss, weighted."""
+    """Classification loss (class balance from the training images) + metric loss + neighbourhood term, weighted."""
     cfg, L = prep.cfg, prep.cfg.loss
     counts = class_counts(prep, train_idx).tolist()
     return Objective(
@@ -177,7 +198,19 @@ def build_objective(prep: Prepared, train_idx: np.ndarray) -> Objective:
         make_metric_loss(L.metric, margin=L.margin, strategy=L.mining,
                          cross_magnification=cfg.sampler.mode == "cross-magnification",
                          same_patient=cfg.sampler.same_patient),
-        L.classification_weight, L.metric_weight).to(prep.device)
+        L.classification_weight, L.metric_weight,
+        NeighbourhoodLoss(L.structure_temperature), L.structure_weight).to(prep.device)
+
+
+@torch.no_grad()
+def refresh_references(prep: Prepared, train_idx: np.ndarray) -> None:
+    """With ``model.classifier=knn``: the training images' embeddings under the current weights become the
+    classifier's references (every process sets them: DDP keeps buffers equal across processes)."""
+    if prep.cfg.model.classifier != "knn":
+        return
+    emb, _ = embed(prep, train_idx)
+    targets = torch.as_tensor(np.asarray(prep.dataset.targets)[train_idx])
+    prep.model.heads.set_references(torch.from_numpy(emb), targets)
 
 
 def build_sampler(cfg: Config, prep: Prepared, train_idx: np.ndarray, dist: Dist):
@@ -288,13 +321,14 @@ def train_epoch(prep: Prepared, net: nn.Module, objective: Objective, sampler, o
         mine = mine_of[step]
         inputs = prep.features[mine, view_of[mine]].to(device) if images is None else next(images)[0].to(device, non_blocking=True)
         with amp_ctx:
-            emb, logits = net(inputs)
+            emb, logits, feats = net(inputs, return_inputs=True)
         emb, logits = _gather(emb.float(), dist), _gather(logits.float(), dist)
+        feats = _gather(feats.detach().float(), dist) if objective.structure is not None else None
         idx = batch.indices
         tuples = None if batch.tuples is None else tuple(torch.as_tensor(t, device=device) for t in batch.tuples)
         classify = None if batch.classify is None else torch.as_tensor(batch.classify, device=device)
         parts = objective(emb, logits, targets[idx].to(device), mags[idx].to(device), patients[idx].to(device),
-                          tuples, classify)
+                          tuples, classify, feats)
         if not torch.isfinite(parts["total"]):
             raise TrainingDiverged(f"loss became {parts['total'].item()} at epoch {epoch + 1}, step {step + 1} "
                                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items())}); the last good "

@@ -1,4 +1,5 @@
-"""Evaluation of a trained run: the literature's image- and patient-level tables, k-NN, retrieval, leakage probe."""
+"""Evaluation of a trained run: the literature's image- and patient-level tables, k-NN, retrieval, leakage probe,
+what "similar" means in the embedding, and independent baselines on the frozen features in the same run."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from smse.metrics import by_magnification, patient_scores
 from smse.prepare import embed, prepare
 from smse.retrieval import cross_magnification_matrix, knn_predict, magnification_probe
 from smse.runfolder import check_finite_outputs
-from smse.tables import results_table
+from smse.similarity import distance_guide, embedding_spread, same_patient_retrieval, type_retrieval
+from smse.tables import result_rows, results_table
 
 
 def load_run(run: str | Path, which: str = "best"):
@@ -41,7 +43,8 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     backend = backend or cfg.eval.knn_backend
     prep = prepare(cfg, progress=progress, data=LoadedData(records, {}),
                    trained=(model, class_map, meta.get("backbone_weights", "")))
-    test, train = prep.indices("test"), prep.indices("train")
+    # references: every training and validation image, the archive a k-NN model votes with and a query is shown
+    test, train = prep.indices("test"), np.sort(np.concatenate([prep.indices("train"), prep.indices("val")]))
     targets = np.asarray(prep.dataset.targets)
     recs = prep.records
     emb, probs = embed(prep, test)
@@ -60,7 +63,13 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
         "knn_k": k,
         "retrieval": cross_magnification_matrix(emb, t_test, pats, mags, backend),
         "magnification_probe": magnification_probe(emb, mags, pats, seed=cfg.seed),
+        "classifier": classifier_name(cfg),
     }
+    test_recs, train_recs = [recs[i] for i in test], [recs[i] for i in train]
+    out["similarity"] = {"embedding": similarity(emb, ref_emb, test_recs, train_recs, backend)}
+    if prep.features is not None:  # frozen mode: the features the heads start from, as baselines in the same run
+        out["similarity"] |= frozen_baselines(prep, test, train, cfg.model.embedding_dim, backend)
+        out["probe"] = probe_baseline(prep, test, train)
     pred = probs.argmax(1)
     scores = patient_scores(t_test, pred, pats)
     out["patients"] = [
@@ -72,8 +81,7 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     ev = run / "eval"
     ev.mkdir(parents=True, exist_ok=True)
     write_json(ev / "metrics.json", out)
-    write_text(ev / "results.md", results_table({"SMSE (classifier head)": out["head"],
-                                                   f"SMSE (k-NN, k={k})": out["knn"]}) + "\n")
+    write_text(ev / "results.md", results_table(result_rows(out)) + "\n")
     write_csv(ev / "predictions.csv",
               ["path", "patient", "magnification", "label", "predicted"] + [f"p_{c}" for c in class_map.names],
               ([recs[i].path, recs[i].patient, recs[i].magnification, class_map.names[t_test[j]],
@@ -81,6 +89,65 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     save_embeddings(ev / "test-embeddings.npz", emb, [recs[i] for i in test], class_map, probs)
     save_embeddings(run / "reference.npz", ref_emb, [recs[i] for i in train], class_map)
     return out
+
+
+def classifier_name(cfg) -> str:
+    """How the model's own class probabilities are made, in words."""
+    if cfg.model.classifier == "knn":
+        return f"k-NN vote of the {cfg.model.knn_k} nearest training images"
+    return "classifier head"
+
+
+def similarity(emb: np.ndarray, ref_emb: np.ndarray, test_recs, ref_recs, backend: str = "torch") -> dict:
+    """Tumour-type retrieval (test against references), same-patient retrieval across magnifications (test set),
+    the references' spread and distance guide."""
+    def cols(recs):
+        return ([r.tumor_type for r in recs], [r.label for r in recs], [r.patient for r in recs],
+                [r.magnification for r in recs])
+
+    qt, ql, qp, qm = cols(test_recs)
+    gt, gl, gp, _ = cols(ref_recs)
+    return {"type_retrieval": type_retrieval(emb, qt, ql, qp, ref_emb, gt, gl, gp, backend=backend),
+            "same_patient": same_patient_retrieval(emb, qp, qm, backend=backend),
+            "spread": embedding_spread(ref_emb), "distance_guide": distance_guide(ref_emb, gl, gt, gp)}
+
+
+def _plain_features(prep, indices: np.ndarray) -> np.ndarray:
+    """The plain view's cached features, standardised as the heads standardise them."""
+    heads = prep.model.heads
+    with torch.no_grad():
+        return heads.standardized(prep.features[indices, 0].to(heads.feature_mean.device)).double().cpu().numpy()
+
+
+def frozen_baselines(prep, test: np.ndarray, train: np.ndarray, dim: int, backend: str = "torch") -> dict:
+    """The similarity measures on the frozen features themselves and on their PCA to the embedding's dimension."""
+    from sklearn.decomposition import PCA
+
+    x_test, x_train = _plain_features(prep, test), _plain_features(prep, train)
+    recs = prep.records
+    test_recs, train_recs = [recs[i] for i in test], [recs[i] for i in train]
+    out = {"frozen_features": similarity(x_test, x_train, test_recs, train_recs, backend)}
+    n = min(dim, len(train), x_train.shape[1])
+    if n >= 1 and len(train) > 1:
+        pca = PCA(n, random_state=0).fit(x_train)
+        out[f"frozen_pca{n}"] = similarity(pca.transform(x_test), pca.transform(x_train), test_recs, train_recs, backend)
+    return out
+
+
+def probe_baseline(prep, test: np.ndarray, train: np.ndarray) -> dict:
+    """The independent baseline: scikit-learn's logistic regression on the standardised frozen features of the
+    training images, C chosen by patient-grouped cross-validation on the training patients only."""
+    from smse.baselines import choose_probe_c, linear_probe
+
+    targets = np.asarray(prep.dataset.targets)
+    x_train, x_test = _plain_features(prep, train), _plain_features(prep, test)
+    groups = [prep.records[i].patient for i in train]
+    c = choose_probe_c(x_train, targets[train], groups)
+    probs = np.zeros((len(test), len(prep.class_map)))
+    probs[:, np.unique(targets[train])] = linear_probe(x_train, targets[train], x_test, c)
+    pats = [prep.records[i].patient for i in test]
+    mags = [prep.records[i].magnification for i in test]
+    return {"C": c, "results": by_magnification(targets[test], probs, pats, mags, len(prep.class_map))}
 
 
 def save_embeddings(path: str | Path, emb: np.ndarray, records, class_map, probs: np.ndarray | None = None) -> None:

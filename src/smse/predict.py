@@ -38,9 +38,10 @@ def _magnification_of(path: Path) -> str:
 
 def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None, k: int = 5,
             batch_size: int = 32, which: str = "best", device: str = "auto", backend: str | None = None) -> list[dict]:
-    """Classify images and find their ``k`` nearest reference images (the run's training set).
+    """Classify images and find their ``k`` nearest reference images (the run's training and validation images).
 
-    An unreadable image gets a row with its error and the rest go on.
+    An unreadable image gets a row with its error and the rest go on; ``out_of_distribution`` is 1 where the
+    nearest reference is farther than ``ReferenceIndex.guide()["ood_threshold"]``.
     """
     if k < 1:
         raise ConfigError(f"k: the number of nearest references must be at least 1, got {k}")
@@ -67,6 +68,7 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
         label_of = hits.labels if class_map.task == "binary" else hits.tumor_types
         for q, (row, p) in enumerate(zip(ok, probs)):
             row["predicted"] = class_map.names[int(p.argmax())]
+            row["out_of_distribution"] = int(hits.out_of_distribution[q])
             row.update({f"p_{c}": float(v) for c, v in zip(class_map.names, p)})
             for r in range(hits.indices.shape[1]):
                 row[f"nn{r + 1}_path"] = str(hits.paths[q, r])
@@ -75,7 +77,7 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
                 row[f"nn{r + 1}_distance"] = float(hits.distances[q, r])
     if out_csv:
         k = min(k, len(index.embeddings))  # a k above the reference set's size gives every reference
-        columns = (["path", "magnification", "predicted"] + [f"p_{c}" for c in class_map.names]
+        columns = (["path", "magnification", "predicted"] + [f"p_{c}" for c in class_map.names] + ["out_of_distribution"]
                    + [f"nn{r}_{f}" for r in range(1, k + 1) for f in ("path", "label", "magnification", "distance")]
                    + ["error"])
         write_csv(out_csv, columns, ([f"{row[c]:.6f}" if isinstance(row.get(c), float) else row.get(c, "")

@@ -52,3 +52,11 @@ def mean_std_table(runs: Mapping[str, Sequence[Mapping[str, dict]]]) -> tuple[st
                 cells.append("-" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}")
             lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines), data
+
+
+def result_rows(m: dict) -> dict[str, dict]:
+    """The rows of the results table: the model's classifier, the k-NN row and, where measured, the probe."""
+    rows = {f"SMSE ({m.get('classifier', 'classifier head')})": m["head"], f"SMSE (k-NN, k={m['knn_k']})": m["knn"]}
+    if "probe" in m:
+        rows[f"baseline: logistic regression on the frozen features (C={m['probe']['C']:g})"] = m["probe"]["results"]
+    return rows

@@ -1,4 +1,5 @@
-"""Metric losses (pair, triplet) with in-batch mining, classification losses (RFL and baselines), the objective."""
+"""Metric losses (pair, triplet) with in-batch mining, classification losses (RFL and baselines), neighbourhood
+preservation, the objective."""
 
 from smse.losses.classification import (
            CLASSIFICATION_LOSSES,
@@ -16,7 +17,8 @@ from smse.losses.metric import (
            pairs_to_pml,
 )
 from smse.losses.objective import Objective
+from smse.losses.structure import NeighbourhoodLoss
 
-__all__ = ["CLASSIFICATION_LOSSES", "METRIC_LOSSES", "CrossMagnificationMiner", "Objective", "PairLoss", "TripletLoss", "class_balance",
+__all__ = ["CLASSIFICATION_LOSSES", "METRIC_LOSSES", "CrossMagnificationMiner", "NeighbourhoodLoss", "Objective", "PairLoss", "TripletLoss", "class_balance",
            "make_classification_loss", "make_metric_loss", "mine_pairs", "mine_triplets",
            "pairs_to_pml"]

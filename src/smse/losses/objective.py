@@ -7,17 +7,23 @@ from torch import nn
 
 from smse.losses.classification import ClassificationLoss
 from smse.losses.metric import MetricLoss, Tuples
+from smse.losses.structure import NeighbourhoodLoss
 
 
 class Objective(nn.Module):
-    """total = w_cls * classification + w_metric * metric; each part returned for logging.
+    """total = w_cls * classification + w_metric * metric + w_structure * structure; each part returned for logging.
+
+    ``structure`` (a ``NeighbourhoodLoss``) keeps the neighbourhoods of the features the embedding is made from.
 
     How many tuples the metric loss saw in the last call is a statistic (``stats()``), not a loss part.
     """
 
     def __init__(self, classification: ClassificationLoss, metric: MetricLoss | None = None,
-                 classification_weight: float = 1.0, metric_weight: float = 1.0):
+                 classification_weight: float = 1.0, metric_weight: float = 1.0,
+                 structure: NeighbourhoodLoss | None = None, structure_weight: float = 0.0):
         super().__init__()
+        self.structure = structure if structure_weight > 0 else None
+        self.structure_weight = structure_weight
         self.classification = classification
         self.metric = metric
         self.classification_weight = classification_weight
@@ -25,8 +31,10 @@ class Objective(nn.Module):
 
     def forward(self, emb: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                 mags: torch.Tensor | None = None, patients: torch.Tensor | None = None,
-                tuples: Tuples | None = None, classify: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``tuples`` are given offline pairs/triplets (paper mode); ``classify`` selects the rows to classify."""
+                tuples: Tuples | None = None, classify: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``tuples`` are given offline pairs/triplets (paper mode); ``classify`` selects the rows to classify;
+        ``features`` are what the embedding was made from (the structure term's teacher)."""
         rows = slice(None) if classify is None else classify
         cls = self.classification(logits[rows], targets[rows])
         parts = {"classification": cls}
@@ -35,6 +43,12 @@ class Objective(nn.Module):
             metric = self.metric(emb, targets, mags, patients, tuples)
             parts["metric"] = metric
             total = total + self.metric_weight * metric
+        if self.structure is not None:
+            if features is None:
+                raise ValueError("the structure term needs the features the embeddings were made from")
+            structure = self.structure(emb, features)
+            parts["structure"] = structure
+            total = total + self.structure_weight * structure
         parts["total"] = total
         return parts
 

@@ -16,7 +16,7 @@ from smse.errors import CheckpointError
 from smse.io import write_text
 from smse.report import plots
 from smse.retrieval import search
-from smse.tables import results_table
+from smse.tables import result_rows, results_table
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,64 @@ def _gallery_queries(test: dict, ref: dict, per_cell: int = 1, k: int = 5) -> li
     return out[:8]
 
 
+def _bar_rows(m: dict) -> dict[str, dict]:
+    rows = {"model": m["head"], f"k-NN (k={m['knn_k']})": m["knn"]}
+    if "probe" in m:
+        rows["logistic regression (baseline)"] = m["probe"]["results"]
+    return rows
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.1f}"
+
+
+def _threshold(guide: dict) -> str:
+    return "-" if guide["ood_threshold"] is None else f"{guide['ood_threshold']:.2f}"
+
+
+def _similarity_html(m: dict) -> str:
+    """The similarity measures of the embedding beside the frozen features', and the guide to distances."""
+    sim = m.get("similarity")
+    if not sim:
+        return '<p class="note">(not measured for this run: evaluate it again)</p>'
+    names = {"embedding": "SMSE embedding"} | {k: ("frozen backbone features" if k == "frozen_features"
+                                                  else f"frozen features, PCA to {k[len('frozen_pca'):]} dims")
+                                               for k in sim if k != "embedding"}
+    head = ("<tr><th>embedding</th><th>type P@5 (chance)</th><th>type mAP@R</th><th>type P@5 within class (chance)</th>"
+            "<th>queries</th><th>same patient, other magnification: hit@5 (chance)</th><th>queries</th>"
+            "<th>variance on axis 1</th><th>effective rank</th><th>distance quantiles 5/50/95%</th></tr>")
+    rows = ""
+    for key, name in names.items():
+        s = sim[key]
+        t, w, sp, spread = s["type_retrieval"]["all"], s["type_retrieval"]["within_class"], s["same_patient"], s["spread"]
+        q = spread["distance_quantiles"]
+        rows += (f"<tr><td>{html.escape(name)}</td><td>{_pct(t['precision_at_5'])} ({_pct(t['chance_precision'])})</td>"
+                 f"<td>{_pct(t['map_at_r'])}</td><td>{_pct(w['precision_at_5'])} ({_pct(w['chance_precision'])})</td>"
+                 f"<td>{t['queries']}</td><td>{_pct(sp['hit_at_5'])} ({_pct(sp['chance_hit_at_5'])})</td>"
+                 f"<td>{sp['queries']}</td><td>{_pct(spread['first_axis_share'])}%</td>"
+                 f"<td>{spread['effective_rank']:.1f}</td><td>{q[0]:.2f} / {q[2]:.2f} / {q[4]:.2f}</td></tr>")
+    guide = sim["embedding"]["distance_guide"]
+    grows = ""
+    for key, name in (("same_type", "same tumour type"), ("same_class", "same class, another type"),
+                      ("other_class", "another class"), ("nearest", "each reference to its nearest")):
+        g = guide[key]
+        cells = " / ".join(f"{v:.2f}" for v in g["quantiles"][1:4]) if g["quantiles"] else "-"
+        grows += f"<tr><td>{name}</td><td>{cells}</td><td>{g['pairs']}</td></tr>"
+    return (f"<table>{head}{rows}</table>"
+            '<p class="note">Queries: test images; references: training images of other patients (a query\'s own '
+            'patient is never counted). Type P@5: the share of the 5 nearest references of the query\'s tumour type; '
+            'within class: ranked among the references of the query\'s class only, so a class-collapsed embedding '
+            'scores chance there. Same patient: among the test images at other magnifications, is one of the 5 nearest '
+            'of the query\'s patient. Variance on axis 1 near 100% and an effective rank near 1 mean a collapsed '
+            'embedding (every class one point).</p>'
+            "<h3>Reading a distance</h3><table><tr><th>pairs of references (different patients)</th>"
+            f"<th>distance quartiles 25/50/75%</th><th>pairs</th></tr>{grows}</table>"
+            f'<p class="note">A query whose nearest reference is farther than {_threshold(guide)} (the 95th '
+            "percentile of the references' distances to their own nearest reference) lies outside the references: "
+            "its class and neighbours are flagged as out of distribution on the page and in <code>smse predict</code>."
+            f" Computed on {guide['references']} references.</p>")
+
+
 def write_report(run: str | Path, projection_seed: int = 0) -> Path:
     """Write ``run/report/report.html`` and its PNGs from what train and evaluate left in ``run``."""
     run = Path(run)
@@ -156,8 +214,7 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
         "cm": plots.confusion(np.array(m["head"]["all"]["confusion_matrix"]), classes, classes,
                               f"{m['task']} task, all magnifications", out / "confusion.png"),
         "cm_types": plots.confusion(*second, out / "confusion-second.png") if second else None,
-        "bars": plots.magnification_bars({"classifier head": m["head"], f"k-NN (k={m['knn_k']})": m["knn"]},
-                                         out / "accuracy-by-magnification.png"),
+        "bars": plots.magnification_bars(_bar_rows(m), out / "accuracy-by-magnification.png"),
         "retrieval": plots.retrieval_heatmap(m["retrieval"], out / "cross-magnification-retrieval.png"),
     }
     test = _finite_rows(dict(np.load(run / "eval" / "test-embeddings.npz")), "test")
@@ -187,7 +244,7 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
     sections = [
         ("results", "Results on the test patients",
          "".join(f'<div class="kpi"><b>{v}</b>{html.escape(k)}</div>' for k, v in kpis)
-         + _md_table(results_table({"classifier head": m["head"], f"k-NN (k={m['knn_k']})": m["knn"]}))
+         + _md_table(results_table(result_rows(m)))
          + f'<p class="note">Patient-level accuracy is the mean over test patients of each patient\'s share of '
            f'correctly classified images. Data: {html.escape(data_note)}</p>'),
         ("curves", "Training curves", _img(figs["curves"], "training curves")),
@@ -199,6 +256,7 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
         ("retrieval", "Cross-magnification retrieval", _img(figs["retrieval"], "retrieval heat map")
          + '<p class="note">Queries from test patients at one magnification against test images of other patients at '
            'another; relevant = same class.</p>'),
+        ("similarity", "What similar means: tumour type, patient, spread", _similarity_html(m)),
         ("gallery", "Nearest reference cases", _img(figs["gallery"], "nearest references")
          + '<p class="note">Each row: a test image, then its nearest training images (any magnification); '
            'green frame = same class, red = other class.</p>'),

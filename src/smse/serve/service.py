@@ -162,6 +162,7 @@ class Service:
             "reference": {"size": len(self.index), "source": self.source,
                           "magnifications": {str(m): int((mags == m).sum()) for m, _, _ in self.groups}},
             "map": {"method": "PCA", "explained_variance": self.map.explained},
+            "distance_guide": self.index.guide() if len(self.index) else None,
             "limits": asdict(self.limits),
         }
 
@@ -210,6 +211,7 @@ class Service:
                 "predicted": names[int(probs[q].argmax())],
                 "probabilities": {c: float(p) for c, p in zip(names, probs[q])},
                 "map": [float(coords[q, 0]), float(coords[q, 1])],
+                "out_of_distribution": bool(overall.out_of_distribution[q]),
                 "neighbours": self._neighbours(overall, q, None, top),
                 "by_magnification": [{"magnification": mag, "neighbours": self._neighbours(hits, q, rows, top)}
                                      for mag, rows, hits in per_mag],
@@ -220,6 +222,7 @@ class Service:
             for n in item["neighbours"]:
                 vote[n["class"]] = vote.get(n["class"], 0) + 1
         case = {"images": len(ok), "predicted": names[int(mean.argmax())],
+                "out_of_distribution": sum(item["out_of_distribution"] for item in ok),
                 "probabilities": {c: float(p) for c, p in zip(names, mean)}, "neighbour_vote": vote}
         return {"classes": list(names), "task": self.model.class_map.task, "k": k, "images": items, "case": case}
 

@@ -211,6 +211,16 @@ function neighbourFigure(n, queryMag) {
   return {figure, loaded};
 }
 
+// how to read a distance: quartiles of reference pairs (different patients), from /api/health
+function distanceGuide() {
+  const g = state.health && state.health.distance_guide;
+  if (!g) return null;
+  const median = (part) => (part.quantiles.length ? part.quantiles[2].toPrecision(2) : "-");
+  return el("p", {class: "guide muted"}, "Reading d (median between references of other patients): same type " +
+    `${median(g.same_type)}, same class ${median(g.same_class)}, other class ${median(g.other_class)}` +
+    (g.ood_threshold === null ? "" : `; beyond ${g.ood_threshold.toPrecision(3)} an image is out of distribution`) + ".");
+}
+
 async function renderResults(result) {
   const pending = [];
   const cards = result.images.map((r, i) => {
@@ -225,7 +235,11 @@ async function renderResults(result) {
         r.error ? null : [
           el("div", {class: "verdict"}, el("span", {class: "chip big", style: {background: classColour(r.predicted)}, text: r.predicted}),
             el("span", {class: "muted", text: pct(r.probabilities[r.predicted])})),
-          bars(r.probabilities, r.predicted)]));
+          bars(r.probabilities, r.predicted),
+          r.out_of_distribution ? el("p", {class: "ood", role: "note", text: "Out of distribution: the nearest " +
+            `reference (d = ${r.neighbours[0].distance.toPrecision(3)}) is farther than references usually are from ` +
+            "each other. Class and neighbours are less reliable for this image."}) : null,
+          distanceGuide()]));
     if (r.error) {
       return el("article", {class: "result failed", id: `result-${i + 1}`}, head,
         el("div", {}, el("h4", {text: "This image could not be read"}), el("p", {class: "error", text: r.error}),
