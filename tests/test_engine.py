@@ -158,7 +158,10 @@ def test_sigkill_mid_epoch_then_resume_reaches_same_weights(synth_data, tmp_path
 def test_two_process_torchrun_matches_one_process(synth_data, tmp_path):
     common = ["-c", "none", f"data.root={synth_data}", "data.image_size=[32, 48]", "model.backbone=paper-cnn",
               "model.pretrained=false", "model.embedding_dim=16", "model.views=2", "train.epochs=2",
-              "sampler.batch_size=16", "train.device=cpu", "data.split.val_fraction=0.25", "loss.mining=all"]
+              "sampler.batch_size=16", "train.device=cpu", "data.split.val_fraction=0.25", "loss.mining=all",
+              # the k-NN references are buffers DDP keeps equal across processes; the neighbourhood term
+              # sees the features gathered from every process
+              "model.classifier=knn", "loss.structure_weight=1"]
     env = subprocess_env(OMP_NUM_THREADS="1", SMSE_CACHE_DIR=str(tmp_path / "cache"))
     one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "smse.cli",
                           "train", "--no-evaluate", *common[2:], f"out={tmp_path / 'one'}"],
@@ -274,13 +277,15 @@ def colour_manifest(root: Path, aligned: bool) -> Path:
     return root / "manifest.csv"
 
 
+@pytest.mark.parametrize("classifier", ["head", "knn"])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_training_learns_what_a_linear_model_can(tmp_path, aligned):
+def test_training_learns_what_a_linear_model_can(tmp_path, aligned, classifier):
     """Separable data: high validation accuracy after a few epochs; labels shuffled against images: not."""
     (tmp_path / "data").mkdir()
     manifest = colour_manifest(tmp_path / "data", aligned)
     cfg = tiny_config(manifest, tmp_path / "run", "train.epochs=8", "data.split.val_fraction=0.5",
-                      "data.split.test_fraction=0.2", "train.lr=0.01")
+                      "data.split.test_fraction=0.2", "train.lr=0.01", f"model.classifier={classifier}",
+                      "model.knn_k=5")
     history = json.loads((train(cfg, progress=False) / "history.json").read_text())
     final = history[-1]["val_patient_accuracy"]
     if aligned:
@@ -305,3 +310,33 @@ def test_frozen_heads_standardise_by_the_training_images_only(synth_data, tmp_pa
     assert not torch.allclose(model.heads.feature_mean, everything, atol=1e-5)  # no validation or test image in it
     off = train(tiny_config(synth_data, tmp_path / "off", "train.epochs=1", "model.standardize=false"), progress=False)
     assert torch.equal(load_checkpoint(off / "last.safetensors")[0].heads.feature_mean, torch.zeros_like(expected))
+
+
+def test_knn_runs_vote_with_training_and_validation_images_and_resume_exactly(synth_data, tmp_path):
+    from smse.data.loading import LoadedData
+    from smse.data.manifest import read_manifest
+    from smse.prepare import embed, prepare
+
+    knn = ["model.classifier=knn", "model.knn_k=5", "loss.structure_weight=2"]
+    run = train(tiny_config(synth_data, tmp_path / "run", *knn), progress=False)
+    history = json.loads((run / "history.json").read_text())
+    assert all(h["loss_structure"] > 0 for h in history) and "val_patient_accuracy" in history[-1]
+    model, cfg, class_map, _ = load_checkpoint(run / "best.safetensors")
+    records = read_manifest(run / "split.csv")[0]
+    reference = [i for i, r in enumerate(records) if r.split in ("train", "val")]
+    assert len(model.heads.ref_targets) == len(reference) < len(records)
+    prep = prepare(cfg, progress=False, data=LoadedData(records, {}), trained=(model, class_map, ""))
+    emb, probs = embed(prep, np.arange(len(records)))
+    assert torch.allclose(model.heads.ref_embeddings, torch.from_numpy(emb[reference]), atol=1e-5)
+    # a test image's probabilities are the smoothed votes of its 5 nearest references
+    test = [i for i, r in enumerate(records) if r.split == "test"]
+    targets = np.array(class_map.targets(records))
+    for i in test[:5]:
+        d = ((emb[reference] - emb[i]) ** 2).sum(1)
+        votes = np.bincount(targets[reference][np.argsort(d, kind="stable")[:5]], minlength=len(class_map))
+        np.testing.assert_allclose(probs[i], (votes + 0.5) / (5 + 0.5 * len(class_map)), atol=1e-5)
+    # stopped after 2 of 3 epochs and resumed: the same weights and references as a straight run
+    train(tiny_config(synth_data, tmp_path / "resumed", *knn, "train.epochs=2"), progress=False)
+    resumed = train(tiny_config(synth_data, tmp_path / "resumed", *knn), progress=False)
+    assert same_weights(resumed / "best.safetensors", run / "best.safetensors")
+    assert same_weights(resumed / "last.safetensors", run / "last.safetensors")

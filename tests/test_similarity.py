@@ -98,8 +98,7 @@ def test_spread_matches_a_loop_and_sees_a_collapse(dtype):
     centred = emb.astype(np.float64) - emb.astype(np.float64).mean(0)
     eig = sorted(np.linalg.eigvalsh(centred.T @ centred), reverse=True)
     assert got["first_axis_share"] == pytest.approx(eig[0] / sum(eig), rel=1e-5)
-    s = [math.sqrt(max(v, 0)) for v in eig]
-    p = [v / sum(s) for v in s]
+    p = [max(v, 0) / sum(eig) for v in eig]
     assert got["effective_rank"] == pytest.approx(math.exp(-sum(v * math.log(v) for v in p if v > 0)), rel=1e-5)
     d = [math.dist(emb[i].tolist(), emb[j].tolist()) ** 2 for i in range(20) for j in range(i + 1, 20)]
     assert got["distance_quantiles"][2] == pytest.approx(float(np.median(d)), rel=1e-5)

@@ -4,6 +4,7 @@ of the trained heads for comparisons with baselines on the same folds (``heads_o
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -86,16 +87,32 @@ def fold_split(records: Sequence[Record], test_patients: set[str], cfg: Config) 
     return carve_validation(marked, cfg.data.split.val_fraction, cfg.data.split.seed, cfg.data.task)
 
 
-def heads_out_of_fold(cfg: Config, records: Sequence[Record], plan: list[list[set[str]]], workdir: str | Path) -> list[np.ndarray]:
+@dataclass
+class FoldEmbeddings:
+    """One fold's embeddings under that fold's model: its test images and its references (training and
+    validation images), as positions in the records."""
+
+    test: np.ndarray
+    test_embeddings: np.ndarray
+    references: np.ndarray
+    reference_embeddings: np.ndarray
+
+
+def heads_out_of_fold(cfg: Config, records: Sequence[Record], plan: list[list[set[str]]], workdir: str | Path,
+                      embeddings: list[list[FoldEmbeddings]] | None = None) -> list[np.ndarray]:
     """Out-of-fold class probabilities [N, C] per repeat of ``plan`` (from ``baselines.patient_folds``).
 
     Each fold trains the config's model with the trainer, on that fold's training patients, into
     ``workdir``, then classifies the fold's test images (from the cached features in frozen mode).
+
+    Args:
+        embeddings: a list to which each repeat's list of ``FoldEmbeddings`` is appended, where given.
     """
     out = []
     class_names = ClassMap.from_records(records, cfg.data.task).names
     for r, fold_list in enumerate(plan):
         probs = np.full((len(records), len(class_names)), np.nan)
+        folds = []
         for f, test in enumerate(fold_list):
             split = fold_split(records, test, cfg)
             c = copy.deepcopy(cfg)
@@ -105,6 +122,12 @@ def heads_out_of_fold(cfg: Config, records: Sequence[Record], plan: list[list[se
             prep = prepare(c2, progress=False, data=LoadedData(split, {}),
                            trained=(model, class_map, meta.get("backbone_weights", "")))
             test_idx = prep.indices("test")
-            probs[test_idx] = embed(prep, test_idx)[1][:, [class_map.names.index(n) for n in class_names]]
+            emb, p = embed(prep, test_idx)
+            probs[test_idx] = p[:, [class_map.names.index(n) for n in class_names]]
+            if embeddings is not None:
+                refs = np.sort(np.concatenate([prep.indices("train"), prep.indices("val")]))
+                folds.append(FoldEmbeddings(test_idx, emb, refs, embed(prep, refs)[0]))
         out.append(probs)
+        if embeddings is not None:
+            embeddings.append(folds)
     return out

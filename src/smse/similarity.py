@@ -32,24 +32,49 @@ OOD_QUANTILE = 0.95
 GUIDE_SAMPLE = 2000
 
 
-def _ranked_scores(order: np.ndarray, relevant_of, keep_of, k: int) -> dict[str, float]:
-    """precision@k and mAP@R over queries, from each query's ranking ``order[q]``, and the precision@k of a
-    random ranking (``chance_precision``: the mean share of relevant items); queries without a relevant item
-    are skipped and counted."""
-    pk, aps, chance, skipped = [], [], [], 0
+def _per_query(order: np.ndarray, relevant_of, keep_of, k: int) -> dict[str, np.ndarray]:
+    """Per query, from its ranking ``order[q]``: precision@k, AP@R and the precision of a random ranking (the
+    share of relevant items); NaN for a query without a relevant item."""
+    out = {"precision": np.full(len(order), np.nan), "ap": np.full(len(order), np.nan),
+           "chance": np.full(len(order), np.nan)}
     for q in range(len(order)):
         ranked = order[q][keep_of(q, order[q])]
         rel = relevant_of(q, ranked)
         r = int(rel.sum())
         if len(ranked) == 0 or r == 0:
-            skipped += 1
             continue
-        pk.append(float(rel[:k].mean()))
-        aps.append(average_precision_at_r(rel, r))
-        chance.append(r / len(ranked))
-    mean = (lambda v: float(np.mean(v)) if v else float("nan"))
-    return {f"precision_at_{k}": mean(pk), "map_at_r": mean(aps), "chance_precision": mean(chance),
-            "queries": len(pk), "skipped": skipped}
+        out["precision"][q] = float(rel[:k].mean())
+        out["ap"][q] = average_precision_at_r(rel, r)
+        out["chance"][q] = r / len(ranked)
+    return out
+
+
+def _summary(per: dict[str, np.ndarray], k: int) -> dict[str, float]:
+    valid = ~np.isnan(per["precision"])
+    mean = (lambda v: float(v[valid].mean()) if valid.any() else float("nan"))
+    return {f"precision_at_{k}": mean(per["precision"]), "map_at_r": mean(per["ap"]),
+            "chance_precision": mean(per["chance"]), "queries": int(valid.sum()), "skipped": int((~valid).sum())}
+
+
+def type_retrieval_per_query(q_emb: np.ndarray, q_types: Sequence[str], q_labels: Sequence[str],
+                             q_patients: Sequence[str], g_emb: np.ndarray, g_types: Sequence[str],
+                             g_labels: Sequence[str], g_patients: Sequence[str], k: int = 5,
+                             backend: str = "torch") -> dict[str, dict[str, np.ndarray]]:
+    """``type_retrieval``'s values for each query (``precision``, ``ap``, ``chance`` arrays; NaN where skipped),
+    for intervals by resampling patients."""
+    q_types, q_labels, q_patients = (np.asarray(a, dtype=str) for a in (q_types, q_labels, q_patients))
+    g_types, g_labels, g_patients = (np.asarray(a, dtype=str) for a in (g_types, g_labels, g_patients))
+    if len(q_emb) == 0 or len(g_emb) == 0:
+        empty = {key: np.full(len(q_emb), np.nan) for key in ("precision", "ap", "chance")}
+        return {"all": empty, "within_class": {key: v.copy() for key, v in empty.items()}}
+    _, order = search(q_emb, g_emb, len(g_emb), backend)
+
+    def relevant(q, ranked):
+        return g_types[ranked] == q_types[q]
+
+    return {"all": _per_query(order, relevant, lambda q, r: g_patients[r] != q_patients[q], k),
+            "within_class": _per_query(
+                order, relevant, lambda q, r: (g_patients[r] != q_patients[q]) & (g_labels[r] == q_labels[q]), k)}
 
 
 def type_retrieval(q_emb: np.ndarray, q_types: Sequence[str], q_labels: Sequence[str], q_patients: Sequence[str],
@@ -60,23 +85,13 @@ def type_retrieval(q_emb: np.ndarray, q_types: Sequence[str], q_labels: Sequence
     Returns:
         ``all``: relevant = same tumour type, ranked among every gallery item; ``within_class``: the
         same, ranked among the gallery items of the query's class only (does the embedding keep the
-        types apart inside a class?). Each: ``precision_at_{k}``, ``map_at_r``, ``queries``, ``skipped``
-        (queries whose type has no gallery item of another patient).
+        types apart inside a class?). Each: ``precision_at_{k}``, ``map_at_r``, ``chance_precision`` (the
+        expected precision of a random ranking), ``queries``, ``skipped`` (queries whose type has no gallery
+        item of another patient).
     """
-    q_types, q_labels, q_patients = (np.asarray(a, dtype=str) for a in (q_types, q_labels, q_patients))
-    g_types, g_labels, g_patients = (np.asarray(a, dtype=str) for a in (g_types, g_labels, g_patients))
-    if len(q_emb) == 0 or len(g_emb) == 0:
-        empty = {f"precision_at_{k}": float("nan"), "map_at_r": float("nan"), "chance_precision": float("nan"),
-                 "queries": 0, "skipped": len(q_emb)}
-        return {"all": dict(empty), "within_class": dict(empty)}
-    _, order = search(q_emb, g_emb, len(g_emb), backend)
-
-    def relevant(q, ranked):
-        return g_types[ranked] == q_types[q]
-
-    return {"all": _ranked_scores(order, relevant, lambda q, r: g_patients[r] != q_patients[q], k),
-            "within_class": _ranked_scores(
-                order, relevant, lambda q, r: (g_patients[r] != q_patients[q]) & (g_labels[r] == q_labels[q]), k)}
+    per = type_retrieval_per_query(q_emb, q_types, q_labels, q_patients, g_emb, g_types, g_labels, g_patients,
+                                   k, backend)
+    return {part: _summary(values, k) for part, values in per.items()}
 
 
 def same_patient_retrieval(emb: np.ndarray, patients: Sequence[str], mags: Sequence[int], k: int = 5,
@@ -126,8 +141,8 @@ def embedding_spread(emb: np.ndarray) -> dict:
     Returns:
         ``first_axis_share``: the share of the total variance on the first principal axis (near 1:
         everything lies on one line, e.g. one point per class of two); ``effective_rank``: the
-        exponential of the entropy of the normalised singular values of the centred embeddings
-        (Roy & Vetterli 2007; 1 for a line, d for an isotropic cloud); ``distance_quantiles``: the
+        exponential of the entropy of the principal axes' shares of the variance (the entropy effective
+        rank of Roy & Vetterli 2007, on the covariance's spectrum; 1 for a line, d for an isotropic cloud); ``distance_quantiles``: the
         5/25/50/75/95% quantiles of the pairwise squared Euclidean distances (the unit
         every distance the tool shows is in); ``images``.
     """
@@ -138,7 +153,7 @@ def embedding_spread(emb: np.ndarray) -> dict:
     s = np.linalg.svd(e - e.mean(0), compute_uv=False)
     var = s ** 2
     share = float(var[0] / var.sum()) if var.sum() > 0 else float("nan")
-    p = s[s > 0] / s.sum() if s.sum() > 0 else np.ones(1)
+    p = var[var > 0] / var.sum() if var.sum() > 0 else np.ones(1)
     d = pairwise_distances(e)[np.triu_indices(len(e), 1)]
     return {"first_axis_share": share, "effective_rank": float(np.exp(-(p * np.log(p)).sum())),
             "distance_quantiles": [float(v) for v in np.quantile(d, QUANTILES)], "images": len(e)}
