@@ -53,7 +53,7 @@ from smse.cv import FoldEmbeddings, heads_out_of_fold  # noqa: E402
 from smse.data.loading import LoadedData, load_data  # noqa: E402
 from smse.metrics import balanced_accuracy, image_accuracy, patient_accuracy, roc_auc  # noqa: E402
 from smse.prepare import prepare  # noqa: E402
-from smse.similarity import embedding_spread, type_retrieval_per_query  # noqa: E402
+from smse.similarity import embedding_spread, same_patient_retrieval, type_retrieval_per_query  # noqa: E402
 
 HEAD = ["model.classifier=head", "loss.structure_weight=0"]
 TRAINED = {
@@ -143,7 +143,10 @@ def similarity_of(folds: list[FoldEmbeddings], records, n: int) -> tuple[dict[st
                                        types[g], labels[g], pats[g], k=5)
         cols["type"][q], cols["type_chance"][q] = per["all"]["precision"], per["all"]["chance"]
         cols["within"][q], cols["within_chance"][q] = per["within_class"]["precision"], per["within_class"]["chance"]
-        spreads.append(embedding_spread(f.reference_embeddings))
+        spread = embedding_spread(f.reference_embeddings)
+        # the fold's test images against its test images at other magnifications: is the own patient found?
+        spread["same_patient"] = same_patient_retrieval(f.test_embeddings, pats[q], [records[i].magnification for i in q])
+        spreads.append(spread)
     return cols, spreads
 
 
@@ -224,8 +227,9 @@ def fmt(res: dict, k: str, pct: bool = True) -> str:
 
 def print_table(results: dict, spreads: dict[str, list[dict]]) -> None:
     print("| method | patient acc | image acc | ROC-AUC | type P@5 (chance) | type P@5 within class (chance) "
+          "| same patient, other magnification: hit@5 (chance; queries) "
           "| variance on axis 1 | effective rank | patient acc - logreg-tuned | AUC - logreg-tuned |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for m, res in results.items():
         sim = "-", "-"
         if "type" in res:
@@ -234,11 +238,15 @@ def print_table(results: dict, spreads: dict[str, list[dict]]) -> None:
         sp = spreads.get(m)
         ax = f"{100 * np.mean([s['first_axis_share'] for s in sp]):.1f}%" if sp else "-"
         er = f"{np.mean([s['effective_rank'] for s in sp]):.1f}" if sp else "-"
+        same = [s["same_patient"] for s in sp or [] if s["same_patient"]["queries"]]
+        n = sum(x["queries"] for x in same)
+        hit = "-" if not n else (f"{100 * sum(x['hit_at_5'] * x['queries'] for x in same) / n:.1f} "
+                                 f"({100 * sum(x['chance_hit_at_5'] * x['queries'] for x in same) / n:.1f}; {n})")
         d, a = res["patient"], res["auc"]
         diff = f"{100 * d['diff']:+.1f} [{100 * d['diff_lo']:+.1f}, {100 * d['diff_hi']:+.1f}]" if "diff" in d else "-"
         adiff = f"{a['diff']:+.3f} [{a['diff_lo']:+.3f}, {a['diff_hi']:+.3f}]" if "diff" in a else "-"
         print(f"| {m} | {fmt(res, 'patient')} | {fmt(res, 'image')} | {fmt(res, 'auc', False)} | {sim[0]} | {sim[1]} "
-              f"| {ax} | {er} | {diff} | {adiff} |")
+              f"| {hit} | {ax} | {er} | {diff} | {adiff} |")
 
 
 def main() -> None:

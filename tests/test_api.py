@@ -1,5 +1,7 @@
 """The public Python API: train, load a model, embed and classify any image form, search references."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +142,17 @@ def test_reference_index_flags_queries_outside_the_references():
     hits = index.search(np.concatenate([near, far]), k=3)
     assert hits.out_of_distribution.tolist() == [False, True]
     assert hits.distances[1, 0] > guide["ood_threshold"] > hits.distances[0, 0]
+
+
+def test_every_run_file_is_named_by_runfiles_only():
+    """'Where is X written?' has one answer: no other module spells a run file's name."""
+    import re
+
+    src = Path(smse.__file__).parent
+    names = re.compile(r'"(split\.csv|reference\.npz|metrics\.json|history\.json|test-embeddings\.npz|config\.yaml|'
+                       r'versions\.json|data\.json|run\.json|state\.pt|results\.md|(best|last)\.safetensors)"|/ "(eval|report)"')
+    offenders = [f"{p.relative_to(src)}:{i}" for p in src.rglob("*.py") if p.name != "runfiles.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if names.search(line)]
+    assert offenders == []
+    files = smse.RunFiles("runs/x")
+    assert files.metrics == Path("runs/x/eval/metrics.json") and files.checkpoint("last") == Path("runs/x/last.safetensors")

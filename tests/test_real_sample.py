@@ -31,6 +31,7 @@ AUC_TOLERANCE = 0.08
 MAX_FIRST_AXIS = 0.5  # share of the references' variance on their first axis (collapsed: 0.97)
 MIN_EFFECTIVE_RANK = 10.0  # collapsed: about 1
 TYPE_TOLERANCE = 0.05  # tumour-type precision@5 (the bootstrap half-width on this sample is about 0.04)
+MIN_QUARTILE_RATIO = 0.2  # distances: 25% quantile / 75% quantile (a two-point embedding: near 0 / near 4)
 
 
 def test_default_is_not_below_the_tuned_probe_and_does_not_collapse_on_real_patients(sample_root, tmp_path,
@@ -70,11 +71,14 @@ def test_default_is_not_below_the_tuned_probe_and_does_not_collapse_on_real_pati
     weighted = (lambda v: sum(p * n for p, n in v if n) / sum(n for _, n in v))
     first_axis = max(s["first_axis_share"] for s in spreads)
     rank = min(s["effective_rank"] for s in spreads)
+    # a step function of the class: half the distances near 0 (same class), half near 4 (antipodes)
+    quartiles = min(s["distance_quantiles"][1] / s["distance_quantiles"][3] for s in spreads)
     print(f"patient-level accuracy: default {default:.3f}, tuned probe {baseline:.3f}; ROC-AUC: default {auc:.3f}, "
           f"tuned probe {auc_baseline:.3f}; references: first axis at most {first_axis:.3f}, effective rank at least "
-          f"{rank:.1f}; type P@5: default {weighted(type_p5):.3f}, frozen features {weighted(frozen_p5):.3f}")
+          f"{rank:.1f}, distance quartile ratio at least {quartiles:.2f}; type P@5: default {weighted(type_p5):.3f}, frozen features {weighted(frozen_p5):.3f}")
     assert default >= baseline - TOLERANCE, (default, baseline)
     assert auc >= auc_baseline - AUC_TOLERANCE, (auc, auc_baseline)
     assert first_axis <= MAX_FIRST_AXIS, spreads
     assert rank >= MIN_EFFECTIVE_RANK, spreads
+    assert quartiles >= MIN_QUARTILE_RATIO, spreads
     assert weighted(type_p5) >= weighted(frozen_p5) - TYPE_TOLERANCE, (type_p5, frozen_p5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from smse.data.records import ClassMap
 from smse.data.transforms import to_tensor
 from smse.errors import CheckpointError, ImageError
 from smse.models import Embedder
+from smse.runfiles import RunFiles
 from smse.runfolder import check_finite_outputs
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,12 @@ class Run:
     @property
     def history(self) -> list[dict]:
         """One row per epoch: losses, learning rate, validation accuracy."""
-        file = self.path / "history.json"
-        return json.loads(file.read_text()) if file.exists() else []
+        return RunFiles(self.path).read_history()
 
     @property
     def metrics(self) -> dict | None:
         """The test-split metrics of ``evaluate`` (None before evaluation)."""
-        file = self.path / "eval" / "metrics.json"
-        return json.loads(file.read_text()) if file.exists() else None
+        return RunFiles(self.path).read_metrics()
 
     def checkpoint(self, which: str = "best") -> Path:
         return find_checkpoint(self.path, which)
@@ -261,7 +259,7 @@ class ReferenceIndex:
         missing): the images a ``model.classifier=knn`` model votes with."""
         folder = Path(run)
         folder = folder.parent if folder.is_file() else folder
-        path = folder / "reference.npz"
+        path = RunFiles(folder).reference
         if not path.exists():
             build_reference(folder, model)
         model_cfg = model.config if model is not None else None
@@ -293,16 +291,11 @@ class ReferenceIndex:
 
 def build_reference(run: str | os.PathLike, model: Model | None = None, which: str = "best") -> Path:
     """Embed the training and validation images of a run (from its ``split.csv``) into ``run/reference.npz``."""
-    from smse.data.manifest import read_manifest
-    from smse.evaluate import save_embeddings
-
-    run = Path(run)
-    split = run / "split.csv"
-    if not split.exists():
+    files = RunFiles(run)
+    if not files.split.exists():
         raise CheckpointError(f"{run}: no split.csv, so no reference images; is it a run folder written by smse train?")
     model = model or load_model(run, which)
-    records = [r for r in read_manifest(split)[0] if r.split in REFERENCE_SPLITS]
+    records = [r for r in files.read_split() if r.split in REFERENCE_SPLITS]
     log.info("embedding %d reference images of %s", len(records), run)
     emb = model.embed([r.path for r in records])
-    save_embeddings(run / "reference.npz", emb, records, model.class_map)
-    return run / "reference.npz"
+    return files.write_reference(emb, records, model.class_map)

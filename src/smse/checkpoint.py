@@ -92,7 +92,9 @@ def find_checkpoint(run: str | Path, which: str = "best") -> Path:
         return run
     if not run.exists():
         raise CheckpointError(f"{run}: no such run folder or checkpoint")
-    path = run / f"{which}.safetensors"
+    from smse.runfiles import RunFiles
+
+    path = RunFiles(run).checkpoint(which)
     if not path.is_file():
         raise CheckpointError(f"{run}: no {which}.safetensors here; is it a finished smse run folder?")
     return path

@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from smse.errors import SmseError
+from smse.runfiles import RunFiles
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
@@ -98,7 +99,7 @@ def _evaluate(run: Path, which: str = "best", report: bool = True) -> dict:
     from smse.evaluate import evaluate_run
 
     result = evaluate_run(run, which)
-    typer.echo((Path(run) / "eval" / "results.md").read_text())
+    typer.echo(RunFiles(run).results.read_text())
     probe = result["magnification_probe"]
     typer.echo(f"magnification probe: {100 * probe['accuracy']:.1f}% (chance {100 * probe['chance']:.1f}%; lower is more magnification-independent)")
     if report:

@@ -20,6 +20,7 @@ from smse.errors import ConfigError
 from smse.evaluate import classifier_name, evaluate_run
 from smse.io import write_json, write_text
 from smse.prepare import embed, prepare
+from smse.runfiles import RunFiles
 from smse.report import write_report
 from smse.tables import mean_std_table
 
@@ -118,7 +119,7 @@ def heads_out_of_fold(cfg: Config, records: Sequence[Record], plan: list[list[se
             c = copy.deepcopy(cfg)
             c.out = str(Path(workdir) / f"repeat{r + 1}-fold{f + 1}")
             run = train(c, progress=False, data=LoadedData(split, {}))
-            model, c2, class_map, meta = load_checkpoint(run / "best.safetensors")
+            model, c2, class_map, meta = load_checkpoint(RunFiles(run).checkpoint("best"))
             prep = prepare(c2, progress=False, data=LoadedData(split, {}),
                            trained=(model, class_map, meta.get("backbone_weights", "")))
             test_idx = prep.indices("test")

@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 from smse.checkpoint import save_checkpoint
 from smse.config import Config, save_config, to_dict
 from smse.data.loading import LoadedData, load_data
-from smse.data.manifest import write_manifest
 from smse.data.samplers import Batch, MagnificationBalancedSampler, OfflineTupleSampler
 from smse.errors import ConfigError, TrainingDiverged
 from smse.io import atomic_path, write_json
 from smse.losses import NeighbourhoodLoss, Objective, make_classification_loss, make_metric_loss
 from smse.metrics import image_accuracy, patient_accuracy
 from smse.prepare import Prepared, embed, prepare
+from smse.runfiles import RunFiles
 from smse.runfolder import check_finite_weights, check_resume_data, guarded, split_fingerprint
 from smse.runtime import Dist, resolve_device, seed_everything, torch_threads, versions
 
@@ -115,7 +115,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
             if dist.main:
                 write_checkpoints(run, prep, done, trainable)
     if dist.main:
-        write_json(run / "run.json", {"finished": True, "epochs": cfg.train.epochs, "best_val": done.best,
+        write_json(RunFiles(run).summary, {"finished": True, "epochs": cfg.train.epochs, "best_val": done.best,
                                       "best_epoch": done.best_epoch, "backbone_weights": prep.weights,
                                       "data": prep.data.summary_line()})
     return run
@@ -133,7 +133,7 @@ def load_resume_state(cfg: Config, run: Path, dist: Dist) -> dict | None:
     """The saved state of an unfinished run in ``run``, after checking that it is the same run."""
     if cfg.sampler.batch_size % dist.world:
         raise ConfigError(f"sampler.batch_size: {cfg.sampler.batch_size} is not divisible by the {dist.world} processes")
-    path = run / "state.pt"
+    path = RunFiles(run).state
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -145,10 +145,11 @@ def load_resume_state(cfg: Config, run: Path, dist: Dist) -> dict | None:
 def write_run_files(run: Path, prep: Prepared) -> None:
     """Config, versions, the split of every image, and what loading found, before the first step."""
     run.mkdir(parents=True, exist_ok=True)
-    save_config(prep.cfg, run / "config.yaml")
-    write_json(run / "versions.json", versions())
-    write_manifest(run / "split.csv", prep.records)
-    write_json(run / "data.json", {"summary": prep.data.summary_line(), "skipped": prep.data.skipped,
+    files = RunFiles(run)
+    save_config(prep.cfg, files.config)
+    write_json(files.versions, versions())
+    files.write_split(prep.records)
+    write_json(files.data, {"summary": prep.data.summary_line(), "skipped": prep.data.skipped,
                                    "duplicates": asdict(prep.data.duplicates), "backbone_weights": prep.weights,
                                    "class_map": prep.class_map.to_dict()})
 
@@ -264,7 +265,7 @@ def restore(state: dict | None, trainable: nn.Module, optimizer, scheduler, scal
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     return Progress(state["epoch"], state["history"], state["best"], state["best_epoch"], state["best_row"],
-                    state["best_state"], _copy(trainable), _checkpoint_epoch(run / "last.safetensors"))
+                    state["best_state"], _copy(trainable), _checkpoint_epoch(RunFiles(run).checkpoint("last")))
 
 
 def _checkpoint_epoch(path: Path) -> int:
@@ -370,14 +371,15 @@ def record_epoch(done: Progress, row: dict, trainable: nn.Module) -> None:
 
 def save_progress(run: Path, prep: Prepared, done: Progress, trainable: nn.Module, optimizer, scheduler, scaler) -> None:
     """state.pt (the resume point) and history every epoch; the checkpoints at most every CHECKPOINT_EVERY_S."""
-    write_json(run / "history.json", done.history)
+    files = RunFiles(run)
+    files.write_history(done.history)
     if time.monotonic() - done.written_at >= CHECKPOINT_EVERY_S:
         write_checkpoints(run, prep, done, trainable)
     state = {"epoch": done.epoch, "trainable": done.last_state, "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": done.history,
              "best": done.best, "best_epoch": done.best_epoch, "best_row": done.best_row, "best_state": done.best_state,
              "config": resume_key(prep.cfg), "data": split_fingerprint(prep.records)}
-    with atomic_path(run / "state.pt") as tmp:
+    with atomic_path(files.state) as tmp:
         torch.save(state, tmp)
 
 
@@ -397,9 +399,9 @@ def write_checkpoints(run: Path, prep: Prepared, done: Progress, trainable: nn.M
         return {**current, **{prefix + k: v for k, v in part.items()}}
 
     if all(torch.isfinite(v).all() for v in done.last_state.values() if v.is_floating_point()):
-        save_checkpoint(run / "last.safetensors", model, cfg, prep.class_map, done.epoch, done.history[-1], prep.weights,
+        save_checkpoint(RunFiles(run).checkpoint("last"), model, cfg, prep.class_map, done.epoch, done.history[-1], prep.weights,
                         state=full(done.last_state))
     if done.best_state is not None:
-        save_checkpoint(run / "best.safetensors", model, cfg, prep.class_map, done.best_epoch, done.best_row,
+        save_checkpoint(RunFiles(run).checkpoint("best"), model, cfg, prep.class_map, done.best_epoch, done.best_row,
                         prep.weights, state=full(done.best_state))
     done.written_epoch, done.written_at = done.epoch, time.monotonic()

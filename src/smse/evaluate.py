@@ -10,12 +10,12 @@ import torch
 
 from smse.checkpoint import find_checkpoint, load_checkpoint
 from smse.data.loading import LoadedData
-from smse.data.manifest import read_manifest
 from smse.errors import CheckpointError
-from smse.io import atomic_path, write_csv, write_json, write_text
+from smse.io import write_csv, write_text
 from smse.metrics import by_magnification, patient_scores
 from smse.prepare import embed, prepare
 from smse.retrieval import cross_magnification_matrix, knn_predict, magnification_probe
+from smse.runfiles import RunFiles, save_embeddings
 from smse.runfolder import check_finite_outputs
 from smse.similarity import distance_guide, embedding_spread, same_patient_retrieval, type_retrieval
 from smse.tables import result_rows, results_table
@@ -25,9 +25,7 @@ def load_run(run: str | Path, which: str = "best"):
     """A run's model, config, class map, checkpoint metadata and its records with their splits."""
     path = find_checkpoint(run, which)
     model, cfg, class_map, meta = load_checkpoint(path)
-    split = Path(path).parent / "split.csv"
-    records = read_manifest(split)[0] if split.exists() else None
-    return model, cfg, class_map, meta, records
+    return model, cfg, class_map, meta, RunFiles(Path(path).parent).read_split()
 
 
 def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, backend: str | None = None) -> dict:
@@ -78,16 +76,16 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
          "predicted": class_map.names[int(np.bincount(pred[pats == p], minlength=len(class_map)).argmax())],
          "magnifications": sorted({int(m) for m in mags[pats == p]})}
         for p in sorted(scores)]
-    ev = run / "eval"
-    ev.mkdir(parents=True, exist_ok=True)
-    write_json(ev / "metrics.json", out)
-    write_text(ev / "results.md", results_table(result_rows(out)) + "\n")
-    write_csv(ev / "predictions.csv",
+    files = RunFiles(run)
+    files.eval.mkdir(parents=True, exist_ok=True)
+    files.write_metrics(out)
+    write_text(files.results, results_table(result_rows(out)) + "\n")
+    write_csv(files.predictions,
               ["path", "patient", "magnification", "label", "predicted"] + [f"p_{c}" for c in class_map.names],
               ([recs[i].path, recs[i].patient, recs[i].magnification, class_map.names[t_test[j]],
                 class_map.names[pred[j]]] + [f"{v:.6f}" for v in probs[j]] for j, i in enumerate(test)))
-    save_embeddings(ev / "test-embeddings.npz", emb, [recs[i] for i in test], class_map, probs)
-    save_embeddings(run / "reference.npz", ref_emb, [recs[i] for i in train], class_map)
+    save_embeddings(files.test_embeddings, emb, [recs[i] for i in test], class_map, probs)
+    files.write_reference(ref_emb, [recs[i] for i in train], class_map)
     return out
 
 
@@ -148,26 +146,6 @@ def probe_baseline(prep, test: np.ndarray, train: np.ndarray) -> dict:
     pats = [prep.records[i].patient for i in test]
     mags = [prep.records[i].magnification for i in test]
     return {"C": c, "results": by_magnification(targets[test], probs, pats, mags, len(prep.class_map))}
-
-
-def save_embeddings(path: str | Path, emb: np.ndarray, records, class_map, probs: np.ndarray | None = None) -> None:
-    """Embeddings with their metadata in one ``.npz`` (``np.load(path)`` gives every array by name)."""
-    arrays = {
-        "embeddings": np.asarray(emb, dtype=np.float32),
-        "paths": np.array([r.path for r in records], dtype=str),
-        "labels": np.array([r.label for r in records], dtype=str),
-        "tumor_types": np.array([r.tumor_type for r in records], dtype=str),
-        "patients": np.array([r.patient for r in records], dtype=str),
-        "magnifications": np.array([r.magnification for r in records], dtype=np.int64),
-        "splits": np.array([r.split or "" for r in records], dtype=str),
-        "targets": np.array(class_map.targets(records), dtype=np.int64),
-        "class_names": np.array(class_map.names, dtype=str),
-    }
-    if probs is not None:
-        arrays["probabilities"] = np.asarray(probs, dtype=np.float32)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
 
 
 @torch.no_grad()

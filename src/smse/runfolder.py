@@ -19,6 +19,7 @@ from smse.config import Config
 from smse.data.records import Record
 from smse.errors import DataError, Interrupted, OutputError, RunLockedError, TrainingDiverged
 from smse.io import describe, writable_folder
+from smse.runfiles import RunFiles
 from smse.runtime import Dist
 
 try:
@@ -28,7 +29,6 @@ except ImportError:  # Windows: no advisory locks; the run folder is not guarded
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"
 SPLIT_FIELDS = ("label", "tumor_type", "patient", "magnification", "split")
 
 
@@ -48,9 +48,9 @@ def locked(run: str | os.PathLike) -> Iterator[Path]:
         yield run
         return
     try:
-        handle = open(run / LOCK_FILE, "a+")
+        handle = open(RunFiles(run).lock, "a+")
     except OSError as exc:
-        raise OutputError(f"{run / LOCK_FILE}: cannot open the run folder's lock ({describe(exc)})") from None
+        raise OutputError(f"{RunFiles(run).lock}: cannot open the run folder's lock ({describe(exc)})") from None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -88,7 +88,7 @@ def guarded(train: Callable[..., Path]) -> Callable[..., Path]:
 
 def resume_hint(run: Path) -> str:
     """What an interrupted training left in ``run`` and how to go on."""
-    state = run / "state.pt"
+    state = RunFiles(run).state
     if not state.exists():
         return (f"interrupted before the first epoch ended; nothing in {run} to resume: "
                 "run the same command to start again")
@@ -114,7 +114,7 @@ def check_resume_data(state: dict | None, records: Sequence[Record], run: Path) 
     """
     if state is None or state.get("data") == split_fingerprint(records):
         return
-    changes = _changes(run / "split.csv", records)
+    changes = _changes(RunFiles(run).split, records)
     if "data" not in state and not changes:
         return  # a run from before the fingerprint was saved, with the very same split
     raise DataError(f"{run}: the data changed since this run started ({'; '.join(changes) or 'split.csv is missing'}); "

@@ -16,6 +16,7 @@ from smse.errors import CheckpointError
 from smse.io import write_text
 from smse.report import plots
 from smse.retrieval import search
+from smse.runfiles import RunFiles
 from smse.tables import result_rows, results_table
 
 logger = logging.getLogger(__name__)
@@ -175,21 +176,21 @@ def _similarity_html(m: dict) -> str:
 def write_report(run: str | Path, projection_seed: int = 0) -> Path:
     """Write ``run/report/report.html`` and its PNGs from what train and evaluate left in ``run``."""
     run = Path(run)
-    metrics_path = run / "eval" / "metrics.json"
-    if not metrics_path.exists():
+    files = RunFiles(run)
+    m = files.read_metrics()
+    if m is None:
         raise CheckpointError(f"{run}: no eval/metrics.json; run `smse evaluate {run}` first")
-    m = json.loads(metrics_path.read_text())
-    out = run / "report"
+    out = files.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    history = json.loads((run / "history.json").read_text()) if (run / "history.json").exists() else []
+    history = files.read_history()
     classes = m["classes"]
     # confusion matrices: the task's own, plus true tumour type x predicted class (binary task)
     # or the 8-type predictions collapsed to benign/malignant (type task)
     rows = {}
-    if (run / "split.csv").exists():
-        with open(run / "split.csv", newline="") as handle:
+    if files.split.exists():
+        with open(files.split, newline="") as handle:
             rows = {canonical_path(row["path"]): row for row in csv.DictReader(handle)}
-    with open(run / "eval" / "predictions.csv", newline="") as handle:
+    with open(files.predictions, newline="") as handle:
         preds = [{**p, "path": canonical_path(p["path"])} for p in csv.DictReader(handle)]
     second = None
     if rows and m["task"] == "binary":
@@ -217,12 +218,13 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
         "bars": plots.magnification_bars(_bar_rows(m), out / "accuracy-by-magnification.png"),
         "retrieval": plots.retrieval_heatmap(m["retrieval"], out / "cross-magnification-retrieval.png"),
     }
-    test = _finite_rows(dict(np.load(run / "eval" / "test-embeddings.npz")), "test")
+    test = _finite_rows(files.read_embeddings(files.test_embeddings), "test")
     coords, method = _project(test["embeddings"], projection_seed)
     label_key = "labels" if m["task"] == "binary" else "tumor_types"
     figs["map"] = plots.embedding_map(coords, test[label_key].tolist(), [mag_name(int(v)) for v in test["magnifications"]],
                                       method, out / "embedding-map.png") if method != "none" else None
-    ref = _finite_rows(dict(np.load(run / "reference.npz")), "reference") if (run / "reference.npz").exists() else None
+    ref = files.read_embeddings(files.reference)
+    ref = _finite_rows(ref, "reference") if ref is not None else None
     figs["gallery"] = plots.gallery(_gallery_queries(test, ref), out / "nearest-references.png") if ref else None
 
     head_all = m["head"]["all"]
@@ -238,9 +240,9 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
         f"<tr><td>{html.escape(p['patient'])}</td><td>{html.escape(p['label'])}</td><td>{html.escape(p['predicted'])}</td>"
         f"<td>{p['images']}</td><td>{', '.join(f'{x}X' for x in p['magnifications'])}</td><td>{100 * p['score']:.1f}%</td></tr>"
         for p in m["patients"])
-    config_text = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
-    versions = json.loads((run / "versions.json").read_text()) if (run / "versions.json").exists() else {}
-    data_note = json.loads((run / "data.json").read_text()).get("summary", "") if (run / "data.json").exists() else ""
+    config_text = files.config.read_text() if files.config.exists() else ""
+    versions = files.read_json(files.versions, {})
+    data_note = files.read_json(files.data, {}).get("summary", "")
     sections = [
         ("results", "Results on the test patients",
          "".join(f'<div class="kpi"><b>{v}</b>{html.escape(k)}</div>' for k, v in kpis)
@@ -271,6 +273,6 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
             f"<p>{html.escape(m['task'])} task, classes {', '.join(map(html.escape, classes))}; checkpoint "
             f"{html.escape(m['checkpoint'])} (epoch {m['epoch']})</p></header><main>{body}"
             f'<p id="selfcheck">pending</p></main>{SELF_CHECK}</body></html>')
-    path = out / "report.html"
+    path = files.report
     write_text(path, page)
     return path

@@ -21,6 +21,7 @@ from smse.checkpoint import find_checkpoint
 from smse.data.breakhis import parse_name
 from smse.data.images import read_image
 from smse.errors import ConfigError, DataError, ImageError
+from smse.runfiles import RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def reference_index(run: str | Path, model: Model, reference: str | Path | None 
     checkpoint = find_checkpoint(Path(run))
     key = hashlib.sha1(f"{reference.resolve()}|{checkpoint.resolve()}|{checkpoint.stat().st_mtime_ns}".encode())
     run_dir = checkpoint.parent
-    cache = run_dir / "references" / f"{reference.stem or 'data'}-{key.hexdigest()[:12]}.npz"
+    cache = RunFiles(run_dir).references / f"{reference.stem or 'data'}-{key.hexdigest()[:12]}.npz"
     if cache.exists():
         log.info("reference embeddings of %s from %s (delete it to embed the data again)", reference, cache)
     else:
