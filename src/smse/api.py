@@ -61,14 +61,9 @@ def train(cfg: Config, evaluate: bool = True, progress: bool = False) -> Run:
     The only API call that changes process-wide state: it seeds the random generators and sets
     torch's deterministic-kernel switch as ``cfg`` says.
     """
-    from smse.engine import train as run_training
+    from smse.pipeline import run_pipeline
 
-    path = run_training(cfg, progress=progress)
-    if evaluate:
-        from smse.evaluate import evaluate_run
-
-        evaluate_run(path, progress=progress)
-    return Run(path)
+    return Run(run_pipeline(cfg, evaluate=evaluate, report=False, progress=progress)[0])
 
 
 class Model:

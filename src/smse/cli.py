@@ -85,27 +85,29 @@ def train(
     evaluate: bool = typer.Option(True, help="Evaluate the best checkpoint on the test split afterwards."),
 ) -> None:
     """Train a model (resumes when the out folder holds an unfinished run of the same config)."""
-    from smse.engine import train as run_train
-    from smse.runtime import Dist
+    from smse.pipeline import run_pipeline
 
-    cfg = _config(config, overrides or [])
-    run = run_train(cfg)
-    if evaluate and Dist.from_env().main:
-        _evaluate(run)
+    run, result = run_pipeline(_config(config, overrides or []), evaluate=evaluate)
+    if result is not None:
+        _print_results(run, result)
     typer.echo(f"run folder: {run}")
 
 
-def _evaluate(run: Path, which: str = "best", report: bool = True) -> dict:
-    from smse.evaluate import evaluate_run
-
-    result = evaluate_run(run, which)
+def _print_results(run: Path, result: dict, report: bool = True) -> None:
     typer.echo(RunFiles(run).results.read_text())
     probe = result["magnification_probe"]
     typer.echo(f"magnification probe: {100 * probe['accuracy']:.1f}% (chance {100 * probe['chance']:.1f}%; lower is more magnification-independent)")
     if report:
-        from smse.report import write_report
+        typer.echo(f"report: {RunFiles(run).report}")
 
-        typer.echo(f"report: {write_report(run)}")
+
+def _evaluate(run: Path, which: str = "best") -> dict:
+    from smse.evaluate import evaluate_run
+    from smse.report import write_report
+
+    result = evaluate_run(run, which)
+    write_report(run)
+    _print_results(run, result)
     return result
 
 
@@ -190,10 +192,10 @@ def demo(
         typer.echo(f"generating {patients * images_per_mag * 4} synthetic images of {patients} patients ...")
         generate(data, patients=patients, seed=0, images_per_mag=images_per_mag)
     overrides = [f"data.root={data}", f"out={out / 'run'}"] + ([f"train.epochs={epochs}"] if epochs else [])
-    from smse.engine import train as run_train
+    from smse.pipeline import run_pipeline
 
-    run = run_train(_config("demo", overrides))
-    _evaluate(run)
+    run, result = run_pipeline(_config("demo", overrides))
+    _print_results(run, result)
     typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s")
     typer.echo(f"data: {data}\nrun: {run} (best.safetensors, history.json, eval/)")
 

@@ -17,11 +17,11 @@ from smse.data.records import ClassMap, Record
 from smse.data.splits import carve_validation
 from smse.engine import train
 from smse.errors import ConfigError
-from smse.evaluate import classifier_name, evaluate_run
+from smse.evaluate import classifier_name
 from smse.io import write_json, write_text
+from smse.pipeline import run_pipeline
 from smse.prepare import embed, prepare
 from smse.runfiles import RunFiles
-from smse.report import write_report
 from smse.tables import mean_std_table
 
 
@@ -44,13 +44,15 @@ def cross_validate(cfg: Config, folds: int = 5, progress: bool = True) -> dict:
             s.fold = k
         else:
             s.seed = cfg.data.split.seed + k - 1
-        train(c, progress=progress)
-        result = evaluate_run(c.out, progress=progress)
-        write_report(c.out)
+        _, result = run_pipeline(c, progress=progress)
+        if result is None:  # another process of a distributed run: the main one evaluates and sums up
+            continue
         heads.append(result["head"])
         knns.append(result["knn"])
         if "probe" in result:
             probes.append(result["probe"]["results"])
+    if not heads:
+        return {}
     rows = {f"SMSE ({classifier_name(cfg)})": heads, f"SMSE (k-NN, k={cfg.eval.knn_k})": knns}
     if len(probes) == folds:
         rows["baseline: logistic regression on the frozen features (C tuned per fold)"] = probes
