@@ -75,3 +75,17 @@ def test_report_for_the_eight_type_task(synth_data, tmp_path):
     text = report.read_text()
     assert (report.parent / "confusion-second.png").exists()  # the 8 types collapsed to benign / malignant
     assert text.count("<section") == 10
+
+
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    """A notebook user's backend is theirs: importing and drawing must not switch it (no pyplot state)."""
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); from pathlib import Path; import numpy as np; "
+            "from smse.report import plots; from smse.wsi import slide_predict; "
+            f"plots.confusion(np.eye(2, dtype=int), ['a', 'b'], ['a', 'b'], 't', Path({str(tmp_path / 'c.png')!r})); "
+            "print(matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "svg" and (tmp_path / "c.png").stat().st_size > 1000

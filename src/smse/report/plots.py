@@ -5,22 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from smse.data.records import mag_name  # noqa: E402
+from smse.data.records import mag_name
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _subplots(*args, figsize=None, **kwargs):
+    """A figure and its axes without pyplot: no process-wide backend switch, no global figure state."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -30,7 +32,7 @@ def training_curves(history: Sequence[dict], path: Path) -> Path | None:
     epochs = [h["epoch"] for h in history]
     losses = sorted({k for h in history for k in h if k.startswith("loss_")})
     vals = [k for k in ("val_image_accuracy", "val_patient_accuracy") if k in history[0]]
-    fig, axes = plt.subplots(1, 2 if vals else 1, figsize=(11 if vals else 6, 3.6), squeeze=False)
+    fig, axes = _subplots(1, 2 if vals else 1, figsize=(11 if vals else 6, 3.6), squeeze=False)
     for k in losses:
         axes[0, 0].plot(epochs, [h.get(k, np.nan) for h in history], marker="o", ms=3, label=k.removeprefix("loss_"))
     axes[0, 0].set(xlabel="epoch", ylabel="loss", title="training loss parts")
@@ -45,7 +47,7 @@ def training_curves(history: Sequence[dict], path: Path) -> Path | None:
 
 def confusion(cm: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, path: Path) -> Path:
     cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(max(4.2, 1.2 + 0.9 * len(cols)), max(3.0, 1.0 + 0.55 * len(rows))))
+    fig, ax = _subplots(figsize=(max(4.2, 1.2 + 0.9 * len(cols)), max(3.0, 1.0 + 0.55 * len(rows))))
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(cm.shape[0]):
@@ -61,7 +63,7 @@ def magnification_bars(results: dict[str, dict], path: Path) -> Path:
     """Grouped bars: per magnification, image- and patient-level accuracy of each method."""
     methods = list(results)
     cols = list(next(iter(results.values())).keys())
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cols) * len(methods)), 3.8))
+    fig, ax = _subplots(figsize=(max(6, 1.6 * len(cols) * len(methods)), 3.8))
     width = 0.8 / (2 * len(methods))
     x = np.arange(len(cols))
     k = 0
@@ -79,7 +81,7 @@ def magnification_bars(results: dict[str, dict], path: Path) -> Path:
 
 
 def embedding_map(coords: np.ndarray, labels: Sequence[str], mags: Sequence[str], method: str, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    fig, axes = _subplots(1, 2, figsize=(11, 4.6))
     for ax, values, title in ((axes[0], labels, "coloured by class"), (axes[1], mags, "coloured by magnification")):
         levels = sorted(set(values), key=lambda v: (len(v), v))
         for i, level in enumerate(levels):
@@ -94,7 +96,7 @@ def retrieval_heatmap(matrix: dict, path: Path) -> Path | None:
     mags = matrix["magnifications"]
     if not mags:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig, axes = _subplots(1, 2, figsize=(9, 3.8))
     for ax, key, title in ((axes[0], "map_at_r", "mAP@R"), (axes[1], "precision_at_1", "precision@1")):
         m = np.array(matrix[key], dtype=float)
         ax.imshow(np.nan_to_num(m, nan=0.0), cmap="viridis", vmin=0, vmax=1)
@@ -113,7 +115,7 @@ def gallery(queries: list[dict], path: Path, thumb: tuple[int, int] = (150, 100)
     if not queries:
         return None
     k = max(len(q["neighbours"]) for q in queries)
-    fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.9 * (k + 1), 1.55 * len(queries)), squeeze=False)
+    fig, axes = _subplots(len(queries), k + 1, figsize=(1.9 * (k + 1), 1.55 * len(queries)), squeeze=False)
     for r, q in enumerate(queries):
         cells = [(q["path"], f"query: {q['label']}\n{mag_name(q['magnification'])}", "black")] + [
             (n["path"], f"{n['label']} {mag_name(n['magnification'])}\nd={n['distance']:.2f}",

@@ -67,9 +67,9 @@ def classify_tiles(model: Model, plan: TilePlan, batch_size: int = 32, progress:
 def heat_map(plan: TilePlan, location_prob: np.ndarray, positive: str, title: str, path: Path) -> Path:
     """Two panels: the thumbnail with the tissue outline and the grid cells tiled; the probability heat map over it."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     thumb = plan.thumbnail
@@ -86,8 +86,9 @@ def heat_map(plan: TilePlan, location_prob: np.ndarray, positive: str, title: st
     grey = (0.35 * thumb.mean(axis=2, keepdims=True) + 0.65 * 255).repeat(3, axis=2).astype(np.uint8)
     fig_w = 13.0
     aspect = float(np.clip((y1 - y0) / (x1 - x0), 0.3, 1.6))
-    fig, axes = plt.subplots(1, 2, figsize=(fig_w, (fig_w - 1.2) / 2 * aspect + 0.9), constrained_layout=True)
-    cmap = plt.get_cmap("turbo")
+    fig = Figure(figsize=(fig_w, (fig_w - 1.2) / 2 * aspect + 0.9), constrained_layout=True)  # no pyplot state
+    axes = fig.subplots(1, 2)
+    cmap = matplotlib.colormaps["turbo"]
     axes[0].imshow(thumb)
     axes[0].contour(plan.tissue.mask.astype(float), levels=[0.5], colors="#00a651", linewidths=1.2)
     axes[0].set_title(f"thumbnail: tissue outline (green), {len(plan)} locations tiled (boxes)", fontsize=10)
@@ -102,12 +103,11 @@ def heat_map(plan: TilePlan, location_prob: np.ndarray, positive: str, title: st
         ax.set_yticks([])
         ax.set_xlim(x0, x1)
         ax.set_ylim(y1, y0)
-    bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1)), ax=axes[1], fraction=0.04, pad=0.02)
+    bar = fig.colorbar(ScalarMappable(cmap=cmap, norm=Normalize(0, 1)), ax=axes[1], fraction=0.04, pad=0.02)
     bar.set_label(f"P({positive})")
     fig.suptitle(title, fontsize=12)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
     return path
 
 
