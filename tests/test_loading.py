@@ -185,3 +185,16 @@ def test_type_task_split_keeps_every_type_in_training(tiny_tree):
         split = seeded_split(records, 0.3, 0.15, seed=seed, task="type")
         check_split(split)
         assert {r.tumor_type for r in split if r.split == "train"} == {r.tumor_type for r in records}
+
+
+def test_cli_data_summary_writes_json_only_where_asked(synth_data, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from smse.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["data", "summary", str(synth_data)])
+    assert result.exit_code == 0, result.output
+    assert "benign" in result.output and list(tmp_path.iterdir()) == []  # printed; nothing written here
+    result = CliRunner().invoke(app, ["data", "summary", str(synth_data), "--json", "s.json"])
+    assert result.exit_code == 0 and json.loads((tmp_path / "s.json").read_text())["patients"] == 10

@@ -36,12 +36,12 @@ def _options(quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warni
 def data_summary(
     path: Path = typer.Argument(..., help="BreakHis folder (official or nested copy) or manifest CSV."),
     json_out: Optional[Path] = typer.Option(None, "--json", dir_okay=False,
-                                            help="Where to write the JSON (default: ./data-summary.json)."),
+                                            help="Also write the summary as JSON to this file."),
     skip_bad: bool = typer.Option(False, help="Skip unreadable or misnamed files and list them."),
     cache_dir: Optional[Path] = typer.Option(None, file_okay=False,
                                              help="Cache folder (default $SMSE_CACHE_DIR or ~/.cache/smse)."),
 ) -> None:
-    """Print images by class, type and magnification, and patient counts; write them as JSON."""
+    """Print images by class, type and magnification, and patient counts (as JSON too with --json)."""
     from smse.config import DataConfig
     from smse.data.loading import load_data
     from smse.data.summary import format_table, summarize
@@ -62,9 +62,9 @@ def data_summary(
         typer.echo(f"skipped {p}: {why}")
     for group in data.duplicates.conflicting:
         typer.echo("identical images with different labels: " + " == ".join(group))
-    target = json_out or Path("data-summary.json")
-    write_json(target, summary)
-    typer.echo(f"wrote {target}")
+    if json_out is not None:
+        write_json(json_out, summary)
+        typer.echo(f"wrote {json_out}")
 
 
 def _config(config: Optional[str], overrides: List[str]):
