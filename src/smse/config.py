@@ -9,7 +9,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import yaml
 
@@ -52,12 +52,27 @@ def ranged(default: Any, low: float | None = None, high: float | None = None, *,
 
 SEED_MAX = 2**32 - 1
 
+# the choices of every field that takes one of a few words: written once, here; validation and the
+# error messages read them from these types
+SplitMethod = Literal["auto", "seeded", "fold-file", "manifest"]  # auto: a manifest's split column if it has one
+DataFormat = Literal["auto", "breakhis", "manifest"]
+Task = Literal["binary", "type"]
+Duplicates = Literal["prefer-ductal", "drop-conflicts", "keep"]
+Classifier = Literal["head", "knn"]  # head: PReLU + linear on the embedding; knn: vote of the nearest references
+ClassificationLossName = Literal["rfl", "ce", "balanced-ce", "focal", "ohem"]
+MetricLossName = Literal["none", "pair", "triplet"]
+Mining = Literal["all", "semihard", "hard"]
+SamplerMode = Literal["cross-magnification", "pooled", "single"]
+SamplerBalance = Literal["none", "patient"]  # patient: each patient drawn as often, whatever its image count
+Device = Literal["auto", "cpu", "cuda", "mps"]
+KnnBackend = Literal["torch", "faiss"]  # faiss: pip install 'smse[faiss]'
+
 
 @dataclass
 class SplitConfig:
     """How images are divided into train / val / test, always by patient."""
 
-    method: str = "auto"  # auto (a manifest's split column if it has one, else seeded) | seeded | fold-file | manifest
+    method: SplitMethod = "auto"
     fold_file: str | None = None
     fold: int = ranged(1, 1)
     test_fraction: float = ranged(0.3, 0, 1, low_open=True, high_open=True)
@@ -70,11 +85,11 @@ class DataConfig:
     """Where the images are and how they are read."""
 
     root: str = "smse-demo/data"
-    format: str = "auto"  # auto | breakhis | manifest
-    task: str = "binary"  # binary | type
+    format: DataFormat = "auto"
+    task: Task = "binary"
     magnifications: list[int] | None = None
     image_size: list[int] = field(default_factory=lambda: [128, 192])
-    duplicates: str = "prefer-ductal"
+    duplicates: Duplicates = "prefer-ductal"
     skip_bad: bool = False
     cache_dir: str | None = None
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -92,7 +107,7 @@ class ModelConfig:
     freeze_backbone: bool = True
     views: int = ranged(4, 1, 256)
     standardize: bool = True  # frozen mode: features standardised by the training images' mean and std
-    classifier: str = "head"  # head (PReLU + linear on the embedding) | knn (vote of the knn_k nearest training images)
+    classifier: Classifier = "head"
     knn_k: int = ranged(15, 1, 100_000)
 
 
@@ -100,14 +115,14 @@ class ModelConfig:
 class LossConfig:
     """Classification loss, metric loss and their weights."""
 
-    classification: str = "rfl"  # rfl | ce | balanced-ce | focal | ohem
-    metric: str = "pair"  # none | pair | triplet (pair measured best on real patients and the synthetic set)
+    classification: ClassificationLossName = "rfl"
+    metric: MetricLossName = "pair"
     margin: float = ranged(1.0, 0, 100, low_open=True)
     alpha: float = ranged(2.0, 0, 1000, low_open=True)
     gamma: float = ranged(1.2, 0, 100)
     balance: bool = True
     ohem_keep: float = ranged(0.5, 0, 1, low_open=True)
-    mining: str = "semihard"  # all | semihard | hard
+    mining: Mining = "semihard"
     metric_weight: float = ranged(1.0, 0, 1000)
     classification_weight: float = ranged(1.0, 0, 1000)
     structure_weight: float = ranged(0.0, 0, 1000)  # keeps the heads' input features' neighbourhoods (0: off)
@@ -118,8 +133,8 @@ class LossConfig:
 class SamplerConfig:
     """How training batches are drawn."""
 
-    mode: str = "cross-magnification"  # cross-magnification | pooled | single
-    balance: str = "none"  # none | patient: each patient drawn as often, whatever its image count
+    mode: SamplerMode = "cross-magnification"
+    balance: SamplerBalance = "none"
     same_patient: bool = False
     magnification: int = ranged(100, 1)
     batch_size: int = ranged(64, 2, 1_000_000)
@@ -134,7 +149,7 @@ class TrainConfig:
     weight_decay: float = ranged(1e-4, 0, 1)
     step_size: int = ranged(8, 1)
     lr_gamma: float = ranged(0.1, 0, 1, low_open=True)
-    device: str = "auto"  # auto | cpu | cuda | mps
+    device: Device = "auto"
     amp: bool = True
     num_workers: int = ranged(0, 0, 1024)
     deterministic: bool = True  # bit-identical reruns; false lets torch pick faster nondeterministic kernels
@@ -147,7 +162,7 @@ class EvalConfig:
     """Evaluation extras."""
 
     knn_k: int = ranged(5, 1, 100_000)
-    knn_backend: str = "torch"  # torch | faiss (pip install 'smse[faiss]')
+    knn_backend: KnnBackend = "torch"
 
 
 @dataclass
@@ -164,20 +179,20 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES = {
-    "data.split.method": ("auto", "seeded", "fold-file", "manifest"),
-    "data.format": ("auto", "breakhis", "manifest"),
-    "data.task": ("binary", "type"),
-    "data.duplicates": ("prefer-ductal", "drop-conflicts", "keep"),
-    "model.classifier": ("head", "knn"),
-    "loss.classification": ("rfl", "ce", "balanced-ce", "focal", "ohem"),
-    "loss.metric": ("none", "pair", "triplet"),
-    "loss.mining": ("all", "semihard", "hard"),
-    "sampler.mode": ("cross-magnification", "pooled", "single"),
-    "sampler.balance": ("none", "patient"),
-    "train.device": ("auto", "cpu", "cuda", "mps"),
-    "eval.knn_backend": ("torch", "faiss"),
-}
+def _choices(cls: type | None = None, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """Dotted field name -> its allowed words, for every ``Literal`` field (nested sections too)."""
+    cls = cls or Config
+    out: dict[str, tuple[str, ...]] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out.update(_choices(hint, f"{prefix}{f.name}."))
+        elif typing.get_origin(hint) is Literal:
+            out[f"{prefix}{f.name}"] = typing.get_args(hint)
+    return out
+
+
 # every spelling of a decimal number: 1e-3, 1E-3, .5, 5., 1.0e+20, -2 (YAML 1.1 reads some of them as strings)
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
@@ -203,6 +218,11 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)
         return [_convert(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if isinstance(value, str) and value in allowed:
+            return value
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -249,7 +269,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
 def validate(cfg: Config) -> Config:
     """Check value ranges and choices; raise ``ConfigError`` naming the field."""
     flat = to_flat(cfg)
-    for name, allowed in CHOICES.items():
+    for name, allowed in CHOICES.items():  # also for values set in Python after loading
         if flat[name] not in allowed:
             raise ConfigError(f"{name}: {flat[name]!r} is not one of {', '.join(allowed)}")
     for name, allowed, value in _ranged_fields(cfg):
@@ -351,3 +371,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def save_config(cfg: Config, path: str | Path) -> None:
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+CHOICES = _choices()
