@@ -86,3 +86,18 @@ def test_train_on_real_sample(sample_root, tmp_path):
 def test_bad_override_is_named():
     result = CliRunner().invoke(app, ["train", "loss.gama=1"])
     assert result.exit_code != 0 and "loss.gama: unknown field" in str(result.exception)
+
+
+def test_version_short_help_and_config_show():
+    from smse import __version__
+
+    assert invoke("--version").strip() == f"smse {__version__}"
+    assert "Usage: " in invoke("-h") and "train" in invoke("-h") and "--config" in invoke("train", "-h")
+    shown = invoke("config", "show", "-c", "breakhis", "model.knn_k=7")
+    import yaml
+
+    cfg = yaml.safe_load(shown)
+    assert cfg["model"]["knn_k"] == 7 and cfg["model"]["classifier"] == "knn" and cfg["data"]["image_size"] == [460, 700]
+    assert yaml.safe_load(invoke("config", "show"))["loss"]["metric"] == "pair"  # the defaults
+    bad = CliRunner().invoke(app, ["config", "show", "loss.metric=quadruplet"])
+    assert bad.exit_code != 0

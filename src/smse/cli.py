@@ -12,13 +12,26 @@ import typer
 from smse.errors import SmseError
 from smse.runfiles import RunFiles
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
+HELP = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, context_settings=HELP)
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.", context_settings=HELP)
 app.add_typer(data_app, name="data")
+config_app = typer.Typer(no_args_is_help=True, help="Show configs.", context_settings=HELP)
+app.add_typer(config_app, name="config")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from smse import __version__
+
+        typer.echo(f"smse {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _options(quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warnings and errors only.")) -> None:
+def _options(quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warnings and errors only."),
+             version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
     """Show the library's log (epochs, resumes, warnings) on standard error."""
     import logging
 
@@ -65,6 +78,20 @@ def data_summary(
     if json_out is not None:
         write_json(json_out, summary)
         typer.echo(f"wrote {json_out}")
+
+
+@config_app.command("show", context_settings={"allow_extra_args": True, **HELP})
+def config_show(
+    config: Optional[str] = typer.Option(None, "-c", "--config", help="A YAML file or a packaged config name "
+                                                                      "(demo, breakhis, breakhis-paper); none: the defaults."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides such as loss.gamma=1.5."),
+) -> None:
+    """Print the resolved config (file + overrides, validated) as YAML: what smse train would run."""
+    import yaml
+
+    from smse.config import to_dict
+
+    typer.echo(yaml.safe_dump(to_dict(_config(config, overrides or [])), sort_keys=False).rstrip())
 
 
 def _config(config: Optional[str], overrides: List[str]):
