@@ -183,6 +183,17 @@ def test_a_second_training_into_a_locked_run_folder_fails_at_once(synth_data, tm
     train(tiny_config(synth_data, tmp_path / "run", "train.epochs=1"), progress=False)  # free again
 
 
+def test_a_refused_training_leaves_no_out_folder_and_no_lock(tmp_path):
+    out = tmp_path / "runs" / "new"
+    with pytest.raises(DataError):
+        train(tiny_config(tmp_path / "no-such-data", out), progress=False)
+    assert not out.exists()
+    (tmp_path / "kept").mkdir()  # a folder the user made stays, without a stray lock
+    with pytest.raises(DataError):
+        train(tiny_config(tmp_path / "no-such-data", tmp_path / "kept"), progress=False)
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
+
+
 INTERRUPT_SCRIPT = textwrap.dedent("""
     import functools, os, signal, sys
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell may have left Ctrl-C ignored

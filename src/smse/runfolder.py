@@ -43,9 +43,32 @@ def locked(run: str | os.PathLike) -> Iterator[Path]:
         RunLockedError: at once, naming the folder and the process that holds it.
         OutputError: when the folder cannot be created or written.
     """
+    existed = Path(run).exists()
     run = writable_folder(run, "out folder", "choose another out")
+    with _flock(run):
+        try:
+            yield run
+        finally:  # only the holder of the lock tidies
+            _tidy(run, existed)
+
+
+def _tidy(run: Path, existed: bool) -> None:
+    """A training refused before it wrote anything (bad data, bad config) leaves no folder and no lock behind."""
+    files = RunFiles(run)
+    try:
+        if {p.name for p in run.iterdir()} <= {files.lock.name}:
+            files.lock.unlink(missing_ok=True)
+            if not existed:
+                run.rmdir()
+    except OSError:  # the folder is in use or gone: nothing to tidy
+        pass
+
+
+@contextmanager
+def _flock(run: Path) -> Iterator[None]:
+    """The operating system's lock on the run folder's lock file, holding this process's id."""
     if fcntl is None:
-        yield run
+        yield
         return
     try:
         handle = open(RunFiles(run).lock, "a+")
@@ -66,7 +89,7 @@ def locked(run: str | os.PathLike) -> Iterator[Path]:
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
-        yield run  # closing the file releases the lock
+        yield  # closing the file releases the lock
 
 
 def guarded(train: Callable[..., Path]) -> Callable[..., Path]:
