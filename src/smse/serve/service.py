@@ -150,7 +150,7 @@ class Service:
                  device: str = "cpu") -> "Service":
         model = load_model(run, device=device)
         index, source = reference_index(run, model, reference)
-        log.info("serving %r with %d reference images (%s)", model, len(index), source)
+        log.debug("serving %r with %d reference images (%s)", model, len(index), source)  # the CLI prints it
         return cls(model, index, source, limits)
 
     def health(self) -> dict:
