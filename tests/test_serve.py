@@ -354,6 +354,7 @@ def test_page_in_chromium_classifies_an_upload_and_shows_neighbours(service, run
     with serving(create_app(service=service)) as url, Chromium(browser, url + "/", tmp_path / "profile") as page:
         page.wait_for("document.body?.dataset.state === 'ready'")
         assert page.evaluate("document.querySelectorAll('#map .dots circle').length") == len(service.index)
+        assert "null" not in page.evaluate("document.getElementById('map-legend').textContent")  # before any query
         page.set_files("#file-input", [image])  # the same path as a drop: addFiles -> POST /api/predict
         state = page.wait_for("['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state")
         assert state == "done", page.evaluate("document.getElementById('status').textContent")
@@ -368,6 +369,7 @@ def test_page_in_chromium_classifies_an_upload_and_shows_neighbours(service, run
             painted: [...document.querySelectorAll('.chip, .track .fill, .legend i')]
                 .every(e => getComputedStyle(e).backgroundColor !== 'rgba(0, 0, 0, 0)'),
             vote: document.querySelector('#case-body .vote').textContent,
+            guide: document.querySelector('.result .guide')?.textContent || '',
             status: document.getElementById('status').textContent})""")
         shot = page.screenshot(tmp_path / "serve-page.png")
         broken = tmp_path / "broken.png"
@@ -387,6 +389,7 @@ def test_page_in_chromium_classifies_an_upload_and_shows_neighbours(service, run
     assert len(seen["thumbs"]) == 4 * 5 and all(seen["thumbs"]), seen  # k=5 per magnification, every one loaded
     assert seen["ranked"] == 5 and seen["marks"] == 1 and "1 image analysed" in seen["status"]
     assert seen["painted"] and "(5 neighbours): " in seen["vote"] and "object" not in seen["vote"]  # styles pass the CSP
+    assert seen["guide"].startswith("Reading d (median between references of other patients): same type"), seen
     assert len(after["failed"]) == 1 and after["failed"][0].startswith("broken.png: corrupt or truncated image"), after
     assert after["predicted"] == 1 and after["status"].endswith("1 unreadable")
     assert shot.stat().st_size > 30_000

@@ -292,8 +292,9 @@ function drawMap() {
     el("text", {x: 4, y: 11, class: "axis", text: `PC2 (${ev[1]})`}));
   const keys = state.colourBy === "class" ? state.health.model.classes.map((c) => [c, classColour(c)])
     : [...new Set(m.magnifications)].sort((a, b) => (a || 1e9) - (b || 1e9)).map((g) => [magName(g), MAG_COLOURS[g] || "#999"]);
+  // (replaceChildren is the DOM's own: a null argument would be written out as the text "null")
   $("map-legend").replaceChildren(...keys.map(([name, c]) => el("span", {}, el("i", {style: {background: c}}), name)),
-    queries.length ? el("span", {}, el("i", {class: "q"}), "your images") : null);
+    ...(queries.length ? [el("span", {}, el("i", {class: "q"}), "your images")] : []));
 }
 
 // ---------- wiring ----------
