@@ -234,7 +234,7 @@ def serve(
     port: int = typer.Option(8000, help="Port."),
     reference: Optional[Path] = typer.Option(None, help="Reference images: a BreakHis folder or manifest CSV "
                                                         "(embedded once, cached in the run folder) or an .npz of "
-                                                        "smse embed. Default: the run's training images."),
+                                                        "smse embed. Default: the run's training and validation images."),
     token: Optional[str] = typer.Option(None, envvar="SMSE_TOKEN", show_envvar=True,
                                         help="Every API call must send 'Authorization: Bearer TOKEN'."),
     max_files: int = typer.Option(16, help="Images per request."),

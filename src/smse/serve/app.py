@@ -150,7 +150,7 @@ def create_app(run: str | Path | None = None, reference: str | Path | None = Non
 
     Args:
         run: run folder or checkpoint file.
-        reference: reference images: None (the run's training images), a ``.npz`` of ``smse embed``, or a
+        reference: reference images: None (the run's training and validation images), a ``.npz`` of ``smse embed``, or a
             BreakHis folder / manifest CSV (embedded once and cached in the run folder).
         token: when set, every ``/api/`` call (health included) needs ``Authorization: Bearer <token>``.
             Without a token only local ``Host`` names are answered, so a web page elsewhere cannot reach the

@@ -96,13 +96,13 @@ class ReferenceMap:
 def reference_index(run: str | Path, model: Model, reference: str | Path | None = None) -> tuple[ReferenceIndex, str]:
     """The reference set and a description of where it came from.
 
-    ``None``: the run's training images (``reference.npz``). A ``.npz`` from ``smse embed``: loaded as is.
+    ``None``: the run's training and validation images (``reference.npz``). A ``.npz`` from ``smse embed``: loaded as is.
     A BreakHis folder or manifest CSV: embedded once into ``RUN/references/`` (keyed by the data path and
     the checkpoint), then loaded from there; delete that file to embed the data again.
     """
     backend = model.config.eval.knn_backend
     if reference is None:
-        return ReferenceIndex.from_run(run, model, backend), "the run's training images"
+        return ReferenceIndex.from_run(run, model, backend), "the run's training and validation images"
     reference = Path(reference)
     if not reference.exists():
         raise DataError(f"--reference {reference}: no such file or folder")
