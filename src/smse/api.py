@@ -20,6 +20,7 @@ from smse.data.records import ClassMap
 from smse.data.transforms import to_tensor
 from smse.errors import CheckpointError, ImageError
 from smse.models import Embedder
+from smse.progress import progress
 from smse.runfiles import RunFiles
 from smse.runfolder import check_finite_outputs
 
@@ -116,13 +117,14 @@ class Model:
             return image
         raise ImageError(repr(type(image)), "not an image: give a path, a PIL image, a uint8 array or a tensor")
 
+    @staticmethod
+    def _as_list(images: ImageLike | Sequence[ImageLike]) -> list:
+        if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+            return list(images)
+        return list(images) if isinstance(images, (list, tuple)) else [images]
+
     def _batches(self, images: ImageLike | Sequence[ImageLike], batch_size: int):
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            images = list(images)
-        elif isinstance(images, np.ndarray) and images.ndim == 4:
-            images = list(images)
-        elif not isinstance(images, (list, tuple)):
-            images = [images]
+        images = self._as_list(images)
         for start in range(0, len(images), batch_size):
             yield torch.stack([self.transform(x) for x in images[start:start + batch_size]])
 
@@ -130,7 +132,12 @@ class Model:
     def infer(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings [N, d] and class probabilities [N, C] of ``images`` (one image or a sequence)."""
         embs, probs = [], []
-        for batch in self._batches(images, batch_size):
+        images = self._as_list(images)
+        batches = self._batches(images, batch_size)
+        if len(images) > 4 * batch_size:  # minutes on a CPU: show the way
+            batches = progress(batches, desc="embedding images", unit="images",
+                               weights=[len(images[s:s + batch_size]) for s in range(0, len(images), batch_size)])
+        for batch in batches:
             emb, logits = self.module(batch.to(self.device))
             embs.append(emb.float().cpu())
             probs.append(torch.softmax(logits.float(), dim=1).cpu())

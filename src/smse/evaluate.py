@@ -45,8 +45,8 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     test, train = prep.indices("test"), np.sort(np.concatenate([prep.indices("train"), prep.indices("val")]))
     targets = np.asarray(prep.dataset.targets)
     recs = prep.records
-    emb, probs = embed(prep, test)
-    ref_emb, _ = embed(prep, train)
+    emb, probs = embed(prep, test, progress=progress)
+    ref_emb, _ = embed(prep, train, progress=progress)
     check_finite_outputs(find_checkpoint(run, which), embeddings=emb, probabilities=probs, reference_embeddings=ref_emb)
     t_test = targets[test]
     pats = np.array([recs[i].patient for i in test])

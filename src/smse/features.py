@@ -10,12 +10,12 @@ from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from smse.data.dataset import RecordDataset
 from smse.data.records import Record
 from smse.io import atomic_path
 from smse.models import Embedder
+from smse.progress import progress as report_progress
 
 
 #: Bumped whenever the way features are computed changes (architecture, preprocessing, augmented views),
@@ -39,7 +39,9 @@ def compute_features(model: Embedder, dataset: RecordDataset, views: int, batch_
     model.eval().to(device)
     out = []
     pairs = [(i, v) for i in range(len(dataset)) for v in range(views)]
-    for start in tqdm(range(0, len(pairs), batch_size), desc="features", disable=None if progress else True, leave=False):
+    starts = range(0, len(pairs), batch_size)
+    sizes = [len(pairs[s:s + batch_size]) for s in starts]
+    for start in report_progress(starts, desc="backbone features", unit="image views", enabled=progress, weights=sizes):
         chunk = pairs[start:start + batch_size]
         images = torch.stack([dataset.view(i, v) for i, v in chunk]).to(device)
         out.append(model.features(images).float().cpu())

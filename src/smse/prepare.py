@@ -16,6 +16,7 @@ from smse.data.loading import LoadedData, cache_dir_of, load_data
 from smse.data.records import ClassMap, Record
 from smse.features import cached_features, feature_key
 from smse.models import Embedder
+from smse.progress import progress as report_progress
 from smse.runtime import Dist, resolve_device
 
 
@@ -76,12 +77,16 @@ def prepare(cfg: Config, dist: Dist = Dist(), progress: bool = True, data: Loade
 
 
 @torch.no_grad()
-def embed(prep: Prepared, indices: Sequence[int], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings and class probabilities of the plain view of ``indices`` (from cached features in frozen mode)."""
+def embed(prep: Prepared, indices: Sequence[int], batch_size: int = 256,
+          progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and class probabilities of the plain view of ``indices`` (from cached features in frozen mode;
+    ``progress``: report the way where images go through the backbone)."""
     model = prep.model
     model.eval()
     embs, probs = [], []
-    for start in range(0, len(indices), batch_size):
+    starts = range(0, len(indices), batch_size)
+    for start in report_progress(starts, desc="embedding images", unit="images", enabled=progress and prep.features is None,
+                                 weights=[len(indices[s:s + batch_size]) for s in starts]):
         idx = list(indices[start:start + batch_size])
         if prep.features is not None:
             emb, logits = model.heads(prep.features[idx, 0].to(prep.device))

@@ -14,6 +14,7 @@ from smse.data.images import decode_image, read_bytes
 from smse.data.records import Record
 from smse.errors import ConfigError, ImageError
 from smse.io import write_json
+from smse.progress import progress
 
 DUPLICATE_POLICIES = ("prefer-ductal", "drop-conflicts", "keep")
 
@@ -58,7 +59,7 @@ def inspect_files(paths: Sequence[str], cache_dir: str | os.PathLike | None = No
         if isinstance(stored, dict) and stored.get("version") == CACHE_VERSION:
             cached = stored["files"]
     out: dict[str, FileInfo] = {}
-    changed = False
+    todo: list[tuple[str, list[int]]] = []
     for path in paths:
         try:
             st = os.stat(path)
@@ -70,11 +71,14 @@ def inspect_files(paths: Sequence[str], cache_dir: str | os.PathLike | None = No
         if hit and hit[:2] == stamp:
             out[path] = FileInfo(*hit[2:])
         else:
-            info = inspect_file(path)
-            out[path] = info
-            cached[path] = stamp + list(astuple(info))
-            changed = True
-    if cache_file and changed:
+            todo.append((path, stamp))
+    for path, stamp in progress(todo, desc="reading images (full decode and hash, once)", unit="images",
+                                enabled=len(todo) > 0):
+        info = inspect_file(path)
+        out[path] = info
+        cached[path] = stamp + list(astuple(info))
+    out = {p: out[p] for p in paths if p in out}  # the caller's order
+    if cache_file and todo:
         write_json(cache_file, {"version": CACHE_VERSION, "files": cached})
     return out
 

@@ -74,6 +74,7 @@ def _project(emb: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
     """2-D map of embeddings: UMAP when installed, t-SNE otherwise."""
     if len(emb) < 5:
         return np.zeros((len(emb), 2)), "none"
+    logger.info("embedding map of %d test images (UMAP or t-SNE; can take a minute for thousands)", len(emb))
     try:
         import umap
 

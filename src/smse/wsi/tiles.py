@@ -8,10 +8,10 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from smse.data.records import MAGNIFICATIONS
 from smse.errors import ConfigError
+from smse.progress import progress as report_progress
 from smse.wsi.reader import Slide, magnification_mpp
 from smse.wsi.tissue import TissueMap, tissue_mask
 
@@ -207,9 +207,8 @@ class TilePlan:
 
     def centres(self, progress: bool = False) -> Iterator[tuple[int, int]]:
         """The locations' level-0 centres, with a progress bar when asked."""
-        bar = tqdm(self.locations, desc=self.slide.name, unit="location", disable=None if progress else True,
-                   leave=False)
-        for x, y in bar:
+        for x, y in report_progress(self.locations, desc=f"tiling {self.slide.name}", unit="locations",
+                                    enabled=progress):
             yield int(x), int(y)
 
     def tiles(self, progress: bool = False) -> Iterator[tuple[tuple[int, int], dict[int, np.ndarray]]]:
