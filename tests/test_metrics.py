@@ -140,3 +140,55 @@ def test_magnification_probe_sees_magnification_when_it_is_there():
     hi, lo = magnification_probe(leaky, mags, patients), magnification_probe(blind, mags, patients)
     assert hi["chance"] == pytest.approx(0.25)
     assert hi["accuracy"] > 0.6 and lo["accuracy"] < 0.45
+
+
+@pytest.mark.parametrize("successes, n", [(0, 5), (3, 4), (7, 10), (10, 10), (45, 120)])
+def test_wilson_interval_by_its_formula(successes, n):
+    from smse.metrics import wilson_interval
+
+    z = 1.959963984540054
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    lo, hi = wilson_interval(successes, n)
+    assert lo == pytest.approx(max(0, centre - half)) and hi == pytest.approx(min(1, centre + half))
+    assert lo <= p <= hi
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_patient_bootstrap_intervals_match_a_loop(dtype):
+    from smse.metrics import accuracy_intervals
+
+    rng = np.random.default_rng(0)
+    patients = np.repeat([f"p{i}" for i in range(7)], [3, 5, 1, 8, 2, 4, 6])
+    y = rng.integers(0, 2, len(patients))
+    pred = np.where(rng.random(len(patients)) < 0.7, y, 1 - y).astype(dtype).astype(int)
+    got = accuracy_intervals(y, pred, patients, draws=200, seed=3)
+    ids = np.unique(patients)
+    pick = np.random.default_rng(3).integers(0, len(ids), size=(200, len(ids)))  # the same draws
+    image, patient = [], []
+    for draw in pick:
+        rows = [j for i in draw for j in range(len(patients)) if patients[j] == ids[i]]
+        image.append(np.mean([y[j] == pred[j] for j in rows]))
+        patient.append(np.mean([np.mean([y[j] == pred[j] for j in range(len(patients)) if patients[j] == ids[i]])
+                                for i in draw]))
+    assert got["method"] == "patient bootstrap"
+    assert got["image_accuracy"] == pytest.approx(np.percentile(image, [2.5, 97.5]).tolist())
+    assert got["patient_accuracy"] == pytest.approx(np.percentile(patient, [2.5, 97.5]).tolist())
+    one = accuracy_intervals([1, 1, 0], [1, 1, 1], ["a", "a", "a"])
+    assert one["method"] == "Wilson" and one["image_accuracy"][0] < 2 / 3 < one["image_accuracy"][1]
+
+
+def test_results_table_shows_intervals_counts_and_marks_few_patients():
+    from smse.tables import results_table
+
+    y = [0, 0, 1, 1, 1, 0, 1, 0]
+    probs = np.eye(2)[[0, 1, 1, 1, 0, 0, 1, 0]]
+    pats = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    mags = [40, 40, 40, 40, 100, 100, 100, 100]
+    table = results_table({"model": by_magnification(y, probs, pats, mags, 2)})
+    rows = {line.split("|")[2].strip() if line.split("|")[1].strip() != "n" else "n": line
+            for line in table.splitlines()[2:]}
+    assert "[" in rows["patient"] and rows["n"].split("|")[3].strip() == "4 / 2"
+    assert rows["patient"].split("|")[3].strip().endswith("*")  # 40X: two patients, marked
+    assert rows["n"].split("|")[-2].strip() == "8 / 4"

@@ -106,6 +106,50 @@ def expected_calibration_error(y_true: Sequence[int], probs: np.ndarray, bins: i
     return float(ece)
 
 
+#: bootstrap draws of the intervals, and their confidence
+BOOTSTRAP_DRAWS = 1000
+CONFIDENCE = 0.95
+
+
+def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson's score interval of a proportion (successes out of n); (nan, nan) for n = 0."""
+    from scipy.stats import norm
+
+    if n == 0:
+        return float("nan"), float("nan")
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (0.0 if successes == 0 else float(max(0.0, centre - half)),
+            1.0 if successes == n else float(min(1.0, centre + half)))
+
+
+def accuracy_intervals(y_true: Sequence[int], y_pred: Sequence[int], patients: Sequence[str],
+                       draws: int = BOOTSTRAP_DRAWS, confidence: float = CONFIDENCE, seed: int = 0) -> dict:
+    """95% intervals of image- and patient-level accuracy, resampling *patients* (their images stay together).
+
+    With one patient there is nothing to resample: both intervals are then Wilson's on the images.
+
+    Returns:
+        ``image_accuracy`` and ``patient_accuracy`` as [low, high], and ``method`` (``patient bootstrap``
+        or ``Wilson``).
+    """
+    y_true, y_pred, patients = np.asarray(y_true), np.asarray(y_pred), np.asarray(patients)
+    ids, inverse = np.unique(patients, return_inverse=True)
+    correct = np.bincount(inverse, weights=(y_true == y_pred).astype(float), minlength=len(ids))
+    count = np.bincount(inverse, minlength=len(ids)).astype(float)
+    if len(ids) < 2:
+        w = wilson_interval(int(correct.sum()), int(count.sum()), confidence)
+        return {"image_accuracy": list(w), "patient_accuracy": list(w), "method": "Wilson"}
+    pick = np.random.default_rng(seed).integers(0, len(ids), size=(draws, len(ids)))
+    image = correct[pick].sum(1) / count[pick].sum(1)
+    patient = (correct / count)[pick].mean(1)
+    q = [50 * (1 - confidence), 50 * (1 + confidence)]
+    return {"image_accuracy": np.percentile(image, q).tolist(), "patient_accuracy": np.percentile(patient, q).tolist(),
+            "method": "patient bootstrap"}
+
+
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray, patients: Sequence[str],
                            n_classes: int) -> dict:
     """Every classification metric on one set of images."""
@@ -125,6 +169,8 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, patients: S
         "calibration_error": expected_calibration_error(y_true, probs),
         "confusion_matrix": cm.tolist(),
     }
+    if len(y_true):
+        out["intervals"] = accuracy_intervals(y_true, y_pred, patients)
     if n_classes == 2:
         out["roc_auc"] = roc_auc(y_true, probs[:, 1] if len(probs) else [])
     return out

@@ -22,15 +22,43 @@ def _pct(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
+#: a cell resting on fewer test patients than this is marked: its figure says little
+MIN_PATIENTS = 3
+
+
+def _cell(m: dict | None, key: str) -> str:
+    """``value [low, high]`` (95% interval), marked ``*`` under ``MIN_PATIENTS`` patients."""
+    if not m or m.get(key) is None:
+        return "-"
+    value = _pct(m.get(key))
+    ci = (m.get("intervals") or {}).get(key)
+    if ci and not any(math.isnan(v) for v in ci):
+        value += f" [{_pct(ci[0])}, {_pct(ci[1])}]"
+    return value + (" *" if m.get("patients", MIN_PATIENTS) < MIN_PATIENTS else "")
+
+
 def results_table(results: Mapping[str, Mapping[str, dict]]) -> str:
-    """Markdown table of one evaluation: ``results[method][magnification][metric]``."""
+    """Markdown table of one evaluation: ``results[method][magnification][metric]``.
+
+    Each accuracy cell holds the value and its 95% interval (resampling patients; Wilson's for a single
+    patient); a row ``n`` gives the images and patients of each column; ``*`` marks a cell of fewer than
+    ``MIN_PATIENTS`` patients.
+    """
     cols = _columns(results)
     head = "| method | level | " + " | ".join(cols) + " |"
     lines = [head, "|---|---|" + "---|" * len(cols)]
     for method, per_mag in results.items():
         for key, name in LEVELS:
-            lines.append(f"| {method} | {name} | " + " | ".join(_pct(per_mag.get(c, {}).get(key)) for c in cols) + " |")
+            lines.append(f"| {method} | {name} | " + " | ".join(_cell(per_mag.get(c), key) for c in cols) + " |")
+    first = next(iter(results.values()), {})
+    lines.append("| n | images / patients | " + " | ".join(
+        f"{first[c]['images']} / {first[c]['patients']}" if c in first else "-" for c in cols) + " |")
     return "\n".join(lines)
+
+
+TABLE_NOTE = (f"Cells: accuracy in % [95% interval, resampling patients; Wilson's for one patient]; "
+              f"* fewer than {MIN_PATIENTS} patients. Patient level is the literature's patient score: the mean over "
+              "patients of each patient's share of correctly classified images.")
 
 
 def mean_std_table(runs: Mapping[str, Sequence[Mapping[str, dict]]]) -> tuple[str, dict]:

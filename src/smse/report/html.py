@@ -17,7 +17,7 @@ from smse.io import write_text
 from smse.report import plots
 from smse.retrieval import search
 from smse.runfiles import RunFiles
-from smse.tables import result_rows, results_table
+from smse.tables import TABLE_NOTE, result_rows, results_table
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _similarity_html(m: dict) -> str:
         cells = " / ".join(f"{v:.2f}" for v in g["quantiles"][1:4]) if g["quantiles"] else "-"
         grows += f"<tr><td>{name}</td><td>{cells}</td><td>{g['pairs']}</td></tr>"
     return (f"<table>{head}{rows}</table>"
-            '<p class="note">Queries: test images; references: training images of other patients (a query\'s own '
+            '<p class="note">Queries: test images; references: training and validation images of other patients (a query\'s own '
             'patient is never counted). Type P@5: the share of the 5 nearest references of the query\'s tumour type; '
             'within class: ranked among the references of the query\'s class only, so a class-collapsed embedding '
             'scores chance there. Same patient: among the test images at other magnifications, is one of the 5 nearest '
@@ -230,7 +230,10 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
 
     head_all = m["head"]["all"]
     probe = m["magnification_probe"]
-    kpis = [("patient-level accuracy", f"{100 * head_all['patient_accuracy']:.1f}%"),
+    diagnosed = round(head_all["patient_diagnosis_accuracy"] * head_all["patients"])
+    kpis = [("patient-level accuracy (mean patient score)", f"{100 * head_all['patient_accuracy']:.1f}%"),
+            (f"patients diagnosed right by their images' majority ({diagnosed} of {head_all['patients']})",
+             f"{100 * head_all['patient_diagnosis_accuracy']:.1f}%"),
             ("image-level accuracy", f"{100 * head_all['image_accuracy']:.1f}%"),
             ("balanced accuracy", f"{100 * head_all['balanced_accuracy']:.1f}%"),
             ("magnification probe", "n/a (one magnification)" if probe["accuracy"] != probe["accuracy"]
@@ -248,8 +251,7 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
         ("results", "Results on the test patients",
          "".join(f'<div class="kpi"><b>{v}</b>{html.escape(k)}</div>' for k, v in kpis)
          + _md_table(results_table(result_rows(m)))
-         + f'<p class="note">Patient-level accuracy is the mean over test patients of each patient\'s share of '
-           f'correctly classified images. Data: {html.escape(data_note)}</p>'),
+         + f'<p class="note">{html.escape(TABLE_NOTE)} Data: {html.escape(data_note)}</p>'),
         ("curves", "Training curves", _img(figs["curves"], "training curves")),
         ("confusion", "Confusion matrices", _img(figs["cm"], "confusion matrix") + " " + _img(figs["cm_types"], "confusion by tumour type")),
         ("magnification", "Accuracy per magnification", _img(figs["bars"], "accuracy per magnification")),

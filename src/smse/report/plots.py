@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from smse.data.records import mag_name
+from smse.tables import MIN_PATIENTS
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
@@ -69,13 +70,22 @@ def magnification_bars(results: dict[str, dict], path: Path) -> Path:
     k = 0
     for method in methods:
         for key, hatch in (("image_accuracy", ""), ("patient_accuracy", "//")):
-            vals = [100 * results[method][c][key] for c in cols]
+            cells = [results[method][c] for c in cols]
+            vals = [100 * m[key] for m in cells]
+            # 95% intervals as error bars; a cell of few patients is drawn pale and grey: its figure says little
+            ci = np.array([(m.get("intervals") or {}).get(key, [np.nan, np.nan]) for m in cells], dtype=float) * 100
+            err = np.abs(np.vstack([np.array(vals) - ci[:, 0], ci[:, 1] - np.array(vals)]))
+            few = [m.get("patients", MIN_PATIENTS) < MIN_PATIENTS for m in cells]
+            colours = ["#bbbbbb" if f else PALETTE[methods.index(method)] for f in few]
             bars = ax.bar(x + (k - len(methods) + 0.5) * width, vals, width, label=f"{method}, {key.split('_')[0]}",
-                          color=PALETTE[methods.index(method)], hatch=hatch, alpha=0.85, edgecolor="white")
-            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+                          color=colours, hatch=hatch, alpha=0.85, edgecolor="white",
+                          yerr=np.nan_to_num(err), error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#444"})
+            ax.bar_label(bars, labels=[f"{v:.0f}" + ("*" if f else "") for v, f in zip(vals, few)], fontsize=9)
             k += 1
-    ax.set_xticks(x, cols)
-    ax.set(ylabel="accuracy (%)", ylim=(0, 105), title="accuracy per magnification and pooled")
+    ax.set_xticks(x, [f"{c}\n{results[methods[0]][c].get('images', '?')} img / {results[methods[0]][c].get('patients', '?')} pat"
+                      for c in cols])
+    ax.set(ylabel="accuracy (%)", ylim=(0, 112),
+           title=f"accuracy per magnification and pooled (bars: 95% intervals; grey*: under {MIN_PATIENTS} patients)")
     ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
 
