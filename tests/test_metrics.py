@@ -140,6 +140,13 @@ def test_magnification_probe_sees_magnification_when_it_is_there():
     hi, lo = magnification_probe(leaky, mags, patients), magnification_probe(blind, mags, patients)
     assert hi["chance"] == pytest.approx(0.25)
     assert hi["accuracy"] > 0.6 and lo["accuracy"] < 0.45
+    # unequal magnifications (84% at 100X): the majority rate is a poor chance; balanced accuracy reads right
+    mags = np.array([100] * 100 + [40] * 6 + [200] * 7 + [400] * 6)
+    patients = (np.arange(len(mags)) % 10).astype(str)
+    skewed = magnification_probe(rng.normal(size=(len(mags), 4)), mags, patients.astype(str))
+    assert skewed["chance"] == pytest.approx(100 / 119) and skewed["balanced_chance"] == 0.25
+    assert skewed["smallest"] == 6 and skewed["images"] == 119
+    assert skewed["balanced_accuracy"] < 0.45 < skewed["accuracy"]  # blind, however high the plain accuracy
 
 
 @pytest.mark.parametrize("successes, n", [(0, 5), (3, 4), (7, 10), (10, 10), (45, 120)])

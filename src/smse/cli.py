@@ -123,7 +123,10 @@ def train(
 def _print_results(run: Path, result: dict, report: bool = True) -> None:
     typer.echo(RunFiles(run).results.read_text())
     probe = result["magnification_probe"]
-    typer.echo(f"magnification probe: {100 * probe['accuracy']:.1f}% (chance {100 * probe['chance']:.1f}%; lower is more magnification-independent)")
+    if probe["balanced_accuracy"] == probe["balanced_accuracy"]:
+        typer.echo(f"magnification probe: balanced accuracy {100 * probe['balanced_accuracy']:.1f}% (chance "
+                   f"{100 * probe['balanced_chance']:.1f}%; {probe['images']} images, {probe['smallest']} at the rarest "
+                   "magnification; lower is more magnification-independent)")
     if report:
         typer.echo(f"report: {RunFiles(run).report}")
 

@@ -18,7 +18,7 @@ from smse.retrieval import cross_magnification_matrix, knn_predict, magnificatio
 from smse.runfiles import RunFiles, save_embeddings
 from smse.runfolder import check_finite_outputs
 from smse.similarity import distance_guide, embedding_spread, same_patient_retrieval, type_retrieval
-from smse.tables import TABLE_NOTE, result_rows, results_table
+from smse.tables import result_rows, results_table, table_note
 
 
 def load_run(run: str | Path, which: str = "best"):
@@ -79,7 +79,8 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     files = RunFiles(run)
     files.eval.mkdir(parents=True, exist_ok=True)
     files.write_metrics(out)
-    write_text(files.results, results_table(result_rows(out)) + "\n\n" + TABLE_NOTE + "\n")
+    write_text(files.results, results_table(result_rows(out)) + "\n\n"
+               + table_note([p["images"] for p in out["patients"]]) + "\n")
     write_csv(files.predictions,
               ["path", "patient", "magnification", "label", "predicted"] + [f"p_{c}" for c in class_map.names],
               ([recs[i].path, recs[i].patient, recs[i].magnification, class_map.names[t_test[j]],

@@ -123,6 +123,9 @@ def magnification_probe(emb: np.ndarray, mags: np.ndarray, patients: np.ndarray,
     """How well a linear classifier predicts magnification from the embedding (patient-grouped CV).
 
     Lower accuracy (towards ``chance``, the majority share) means a more magnification-independent embedding.
+    ``balanced_accuracy`` (the mean recall over magnifications; chance ``1 / levels``) is the figure to read
+    where the magnifications are unequal (a sample that is 84% 100X has a majority chance of 84%);
+    ``smallest`` is the image count of the rarest magnification.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
@@ -130,16 +133,21 @@ def magnification_probe(emb: np.ndarray, mags: np.ndarray, patients: np.ndarray,
 
     levels = sorted(set(mags.tolist()))
     chance = max((mags == m).mean() for m in levels) if len(mags) else float("nan")
+    smallest = int(min((mags == m).sum() for m in levels)) if len(mags) else 0
     n_groups = len(set(patients.tolist()))
+    base = {"chance": float(chance), "balanced_chance": 1.0 / max(len(levels), 1), "images": int(len(mags)),
+            "smallest": smallest}
     if len(levels) < 2 or n_groups < 2:
-        return {"accuracy": float("nan"), "chance": float(chance), "folds": 0}
+        return {"accuracy": float("nan"), "balanced_accuracy": float("nan"), "folds": 0, **base}
     folds = min(folds, n_groups)
-    right = 0
+    predicted = np.empty_like(mags)
     for train, test in GroupKFold(n_splits=folds).split(emb, mags, patients):
         if len(set(mags[train].tolist())) < 2:
-            right += int((mags[test] == mags[train][0]).sum())
+            predicted[test] = mags[train][0]
             continue
         scaler = StandardScaler().fit(emb[train])
         clf = LogisticRegression(max_iter=2000, random_state=seed).fit(scaler.transform(emb[train]), mags[train])
-        right += int((clf.predict(scaler.transform(emb[test])) == mags[test]).sum())
-    return {"accuracy": right / len(mags), "chance": float(chance), "folds": folds}
+        predicted[test] = clf.predict(scaler.transform(emb[test]))
+    recall = [float((predicted[mags == m] == m).mean()) for m in levels]
+    return {"accuracy": float((predicted == mags).mean()), "balanced_accuracy": float(np.mean(recall)),
+            "folds": folds, **base}

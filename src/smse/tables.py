@@ -56,6 +56,15 @@ def results_table(results: Mapping[str, Mapping[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def table_note(images_per_patient: Sequence[int]) -> str:
+    """``TABLE_NOTE``, and why image and patient levels coincide when every test patient has as many images."""
+    counts = set(images_per_patient)
+    if len(counts) == 1:
+        return (TABLE_NOTE + f" Every test patient has {counts.pop()} images, so the image and patient levels "
+                "coincide: the mean over images equals the mean over patients.")
+    return TABLE_NOTE
+
+
 TABLE_NOTE = (f"Cells: accuracy in % [95% interval, resampling patients; Wilson's for one patient]; "
               f"* fewer than {MIN_PATIENTS} patients. Patient level is the literature's patient score: the mean over "
               "patients of each patient's share of correctly classified images.")

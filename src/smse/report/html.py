@@ -17,7 +17,7 @@ from smse.io import write_text
 from smse.report import plots
 from smse.retrieval import search
 from smse.runfiles import RunFiles
-from smse.tables import TABLE_NOTE, result_rows, results_table
+from smse.tables import result_rows, results_table, table_note
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,19 @@ def _bar_rows(m: dict) -> dict[str, dict]:
 
 def _pct(v: float | None) -> str:
     return "-" if v is None or v != v else f"{100 * v:.1f}"
+
+
+#: the magnification probe is shown only where every magnification has at least this many test images
+MIN_PROBE_IMAGES = 10
+
+
+def _probe_card(probe: dict) -> str:
+    if probe["accuracy"] != probe["accuracy"]:
+        return "n/a (one magnification)"
+    if probe.get("smallest", MIN_PROBE_IMAGES) < MIN_PROBE_IMAGES:
+        return f"n/a ({probe['smallest']} test images at the rarest magnification)"
+    return (f"{100 * probe['balanced_accuracy']:.0f}% (chance {100 * probe['balanced_chance']:.0f}%; "
+            f"{probe['images']} images)")
 
 
 def _threshold(guide: dict) -> str:
@@ -236,8 +249,8 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
              f"{100 * head_all['patient_diagnosis_accuracy']:.1f}%"),
             ("image-level accuracy", f"{100 * head_all['image_accuracy']:.1f}%"),
             ("balanced accuracy", f"{100 * head_all['balanced_accuracy']:.1f}%"),
-            ("magnification probe", "n/a (one magnification)" if probe["accuracy"] != probe["accuracy"]
-             else f"{100 * probe['accuracy']:.0f}% (chance {100 * probe['chance']:.0f}%)")]
+            ("magnification probe: balanced accuracy of recovering the magnification (lower: more independent)",
+             _probe_card(probe))]
     if "roc_auc" in head_all:
         kpis.insert(3, ("ROC-AUC", f"{head_all['roc_auc']:.3f}"))
     patients_rows = "".join(
@@ -251,7 +264,8 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
         ("results", "Results on the test patients",
          "".join(f'<div class="kpi"><b>{v}</b>{html.escape(k)}</div>' for k, v in kpis)
          + _md_table(results_table(result_rows(m)))
-         + f'<p class="note">{html.escape(TABLE_NOTE)} Data: {html.escape(data_note)}</p>'),
+         + f'<p class="note">{html.escape(table_note([p["images"] for p in m["patients"]]))} '
+           f'Data: {html.escape(data_note)}</p>'),
         ("curves", "Training curves", _img(figs["curves"], "training curves")),
         ("confusion", "Confusion matrices", _img(figs["cm"], "confusion matrix") + " " + _img(figs["cm_types"], "confusion by tumour type")),
         ("magnification", "Accuracy per magnification", _img(figs["bars"], "accuracy per magnification")),
