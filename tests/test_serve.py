@@ -111,6 +111,8 @@ def test_the_case_is_the_mean_of_its_images_and_given_magnifications_win(client,
     assert sum(case["neighbour_vote"].values()) == 3 * 2
     assert [(im["magnification"], im["magnification_source"]) for im in body["images"]][1:] == [(100, "given"), (400, "given")]
     assert body["images"][0]["magnification_source"] == "name"
+    refused = post(client, [(paths[0].name, paths[0].read_bytes())], magnification=["50X"])
+    assert refused.status_code == 422 and "50X is not one of the references' (40X, 100X, 200X, 400X)" in refused.text
 
 
 def flat_png(size) -> bytes:

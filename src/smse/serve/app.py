@@ -208,6 +208,11 @@ def create_app(run: str | Path | None = None, reference: str | Path | None = Non
             uploads, k = await _read_form(form, limits)
         finally:
             await form.close()
+        known = sorted(m for m, _, _ in service.groups if m > 0)
+        for up in uploads:  # a magnification the references do not have is a typo, not a new microscope
+            if up.magnification and known and up.magnification not in known:
+                raise ApiError(422, "invalid_request", f"magnification: {up.magnification}X is not one of the "
+                                                       f"references' ({', '.join(f'{m}X' for m in known)}) for {up.name}")
         try:
             return await run_in_threadpool(service.predict, uploads, k)
         except ImageError as exc:
