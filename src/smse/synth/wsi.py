@@ -215,6 +215,10 @@ def generate_slides(out: str | os.PathLike, patients: int = 8, seed: int = 0, si
               ([s.name, s.label, s.name, s.tumor_type] for s in plan))
     write_json(root / "smse-synth-wsi.json", {"generator": "smse synth --wsi", "seed": seed, "patients": patients,
                                               "size": list(size), "mpp": mpp, "proportions": proportions or "breakhis",
+                                              "units": {"size": "pixels at level 0 (width, height)",
+                                                        "mpp": "micrometres per level-0 pixel",
+                                                        "blobs": "micrometres from the slide's top-left corner: "
+                                                                 "centre x, centre y, semi-axes a, b; angle in radians"},
                                               "slides": [asdict(s) for s in plan]})
     return root
 
