@@ -272,3 +272,13 @@ def test_synthetic_slides_to_tiles_to_training_to_slide_heat_map(tmp_path):
         assert heat.width > 800 and heat.height > 300
     page = (tmp_path / "pred" / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 1 + 2 * min(6, score["locations"]) and "Slide score" in page
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiles_finer_than_the_scan_are_announced(backend, tmp_path, caplog):
+    image = smooth_image(600, 420)
+    path = write_pyramid(tmp_path / "s.tiff", image, mpp=0.5, objective=20)  # a 20x scan: 400X needs 0.25 um/px
+    with open_slide(path, backend) as slide, caplog.at_level("WARNING", logger="smse.wsi.tiles"):
+        plan_tiles(slide, TileSpec(size=(64, 48), magnifications=(100, 400), min_tissue=0.0))
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "400X tiles (0.25 um/px) are enlarged 2x" in warned[0], warned

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -17,6 +18,8 @@ from smse.wsi.tissue import TissueMap, tissue_mask
 
 #: BreakHis images are 700x460 pixels (width x height) at every magnification
 DEFAULT_SIZE = (700, 460)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,9 @@ def sources(slide: Slide, spec: TileSpec) -> dict[int, Source]:
         mpp = magnification_mpp(mag)
         level = slide.best_level(mpp)
         out[mag] = Source(mag, mpp, level, mpp / slide.level_mpp(level), (w * mpp / slide.mpp, h * mpp / slide.mpp))
+        if out[mag].scale < 1.0 - 0.05:  # finer than the scan: pixels are invented, not seen
+            log.warning("%s: %dX tiles (%.3g um/px) are enlarged %.2gx from the scan's finest %.3g um/px; they hold no "
+                        "more detail than the scan", slide.name, mag, mpp, 1 / out[mag].scale, slide.mpp)
     return out
 
 
