@@ -116,6 +116,18 @@ def _gallery_queries(test: dict, ref: dict, per_cell: int = 1, k: int = 5) -> li
     return out[:8]
 
 
+def _roc(preds: list[dict], classes: list[str]) -> dict:
+    """The model's ROC curve on the test images (binary task; the second class is the positive one)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y = np.array([p["label"] == classes[1] for p in preds], dtype=int)
+    score = np.array([float(p[f"p_{classes[1]}"]) for p in preds])
+    if len(set(y.tolist())) < 2:
+        return {}
+    fpr, tpr, _ = roc_curve(y, score)
+    return {"model": (fpr, tpr, float(roc_auc_score(y, score)))}
+
+
 def _bar_rows(m: dict) -> dict[str, dict]:
     rows = {"model": m["head"], f"k-NN (k={m['knn_k']})": m["knn"]}
     if "probe" in m:
@@ -231,6 +243,7 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
         "cm_types": plots.confusion(*second, out / "confusion-second.png") if second else None,
         "bars": plots.magnification_bars(_bar_rows(m), out / "accuracy-by-magnification.png"),
         "retrieval": plots.retrieval_heatmap(m["retrieval"], out / "cross-magnification-retrieval.png"),
+        "roc": plots.roc_curves(_roc(preds, classes), classes[-1], out / "roc.png") if len(classes) == 2 else None,
     }
     test = _finite_rows(files.read_embeddings(files.test_embeddings), "test")
     coords, method = _project(test["embeddings"], projection_seed)
@@ -268,7 +281,8 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
            f'Data: {html.escape(data_note)}</p>'),
         ("curves", "Training curves", _img(figs["curves"], "training curves")),
         ("confusion", "Confusion matrices", _img(figs["cm"], "confusion matrix") + " " + _img(figs["cm_types"], "confusion by tumour type")),
-        ("magnification", "Accuracy per magnification", _img(figs["bars"], "accuracy per magnification")),
+        ("magnification", "Accuracy per magnification", _img(figs["bars"], "accuracy per magnification")
+         + (" " + _img(figs["roc"], "ROC curve") if figs["roc"] else "")),
         ("embedding", "Embedding map", _img(figs["map"], "embedding map")
          + '<p class="note">Left: classes should form separate groups. Right: magnifications should mix within each '
            'group; separate islands per magnification mean the embedding still encodes the microscope, not the tissue.</p>'),

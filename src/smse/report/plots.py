@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
@@ -64,7 +65,7 @@ def magnification_bars(results: dict[str, dict], path: Path) -> Path:
     """Grouped bars: per magnification, image- and patient-level accuracy of each method."""
     methods = list(results)
     cols = list(next(iter(results.values())).keys())
-    fig, ax = _subplots(figsize=(max(6, 1.6 * len(cols) * len(methods)), 3.8))
+    fig, ax = _subplots(figsize=(min(12.0, max(6.0, 0.9 * len(cols) * len(methods))), 4.6))
     width = 0.8 / (2 * len(methods))
     x = np.arange(len(cols))
     k = 0
@@ -84,9 +85,9 @@ def magnification_bars(results: dict[str, dict], path: Path) -> Path:
             k += 1
     ax.set_xticks(x, [f"{c}\n{results[methods[0]][c].get('images', '?')} img / {results[methods[0]][c].get('patients', '?')} pat"
                       for c in cols])
-    ax.set(ylabel="accuracy (%)", ylim=(0, 112),
+    ax.set(ylabel="accuracy (%)", ylim=(0, 125),
            title=f"accuracy per magnification and pooled (bars: 95% intervals; grey*: under {MIN_PATIENTS} patients)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", ncol=min(3, 2 * len(methods)), frameon=False)
     return _save(fig, path)
 
 
@@ -109,7 +110,8 @@ def retrieval_heatmap(matrix: dict, path: Path) -> Path | None:
     fig, axes = _subplots(1, 2, figsize=(9, 3.8))
     for ax, key, title in ((axes[0], "map_at_r", "mAP@R"), (axes[1], "precision_at_1", "precision@1")):
         m = np.array(matrix[key], dtype=float)
-        ax.imshow(np.nan_to_num(m, nan=0.0), cmap="viridis", vmin=0, vmax=1)
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#e6e6e6")  # a missing cell is grey, not 0
+        ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0, vmax=1)
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 ax.text(j, i, "-" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center",
@@ -147,4 +149,18 @@ def gallery(queries: list[dict], path: Path, thumb: tuple[int, int] = (150, 100)
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(3)
             ax.set_title(text, fontsize=7)
+    return _save(fig, path)
+
+
+def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], positive: str, path: Path) -> Path | None:
+    """ROC curves (false positive rate, true positive rate, AUC) of each method, ``positive`` the positive class."""
+    if not curves:
+        return None
+    fig, ax = _subplots(figsize=(4.8, 4.4))
+    for k, (name, (fpr, tpr, auc)) in enumerate(curves.items()):
+        ax.plot(fpr, tpr, color=PALETTE[k % len(PALETTE)], label=f"{name} (AUC {auc:.3f})", lw=1.6)
+    ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--", label="chance")
+    ax.set(xlabel=f"false positive rate (1 - specificity)", ylabel=f"true positive rate ({positive} recall)",
+           xlim=(0, 1), ylim=(0, 1.01), title=f"ROC, {positive} as positive, test images")
+    ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
