@@ -2,7 +2,8 @@
 "use strict";
 
 const PALETTE = ["#2a9d8f", "#d1495b", "#3d5a80", "#edae49", "#7b4b94", "#00798c", "#8d6346", "#66a182"];
-const MAG_COLOURS = {40: "#9ecae1", 100: "#4292c6", 200: "#08519c", 400: "#08306b", 0: "#999999"};
+// distinct hues (Okabe & Ito's colour-blind-safe set), not shades of one blue
+const MAG_COLOURS = {40: "#e69f00", 100: "#56b4e9", 200: "#009e73", 400: "#cc79a7", 0: "#999999"};
 const MAGS = [40, 100, 200, 400];
 
 const state = {health: null, map: null, queue: [], result: null, token: sessionStorage.getItem("smse-token") || "",
@@ -281,7 +282,18 @@ function drawMap() {
   const sy = (y) => H - pad - (H - 2 * pad) * (y - y0) / ((y1 - y0) || 1);
   const colour = state.colourBy === "class" ? (i) => classColour(m.classes[i]) : (i) => MAG_COLOURS[m.magnifications[i]] || "#999";
   const dots = m.x.map((x, i) => el("circle", {cx: sx(x).toFixed(1), cy: sy(m.y[i]).toFixed(1), r: 2.6, fill: colour(i)}));
-  const marks = queries.map(([r, i]) => el("g", {class: "query-mark", transform: `translate(${sx(r.map[0]).toFixed(1)},${sy(r.map[1]).toFixed(1)})`,
+  // markers of images that land on the same spot are fanned out around it, so that none hides another
+  const placed = [];
+  const spot = (x, y) => {
+    let [px, py] = [x, y];
+    for (let n = 1; placed.some(([qx, qy]) => Math.hypot(qx - px, qy - py) < 16) && n < 40; n++) {
+      const angle = n * 2.39996, radius = 9 + 3 * Math.sqrt(n);
+      [px, py] = [x + radius * Math.cos(angle), y + radius * Math.sin(angle)];
+    }
+    placed.push([px, py]);
+    return `translate(${px.toFixed(1)},${py.toFixed(1)})`;
+  };
+  const marks = queries.map(([r, i]) => el("g", {class: "query-mark", transform: spot(sx(r.map[0]), sy(r.map[1])),
       onclick: () => $(`result-${i + 1}`).scrollIntoView({behavior: "smooth"})},
     el("circle", {r: 9, fill: "#111", stroke: "#fff", "stroke-width": 2}),
     el("text", {y: 4, "text-anchor": "middle", text: String(i + 1)})));
