@@ -52,7 +52,7 @@ def format_table(summary: dict) -> str:
     totals = [sum(row[m] for row in summary["table"]) for m in mags]
     lines.append("| all | " + " | ".join(map(str, totals)) + f" | {summary['images']} | {summary['slide_folders']} |")
     lines.append("")
+    # (the images by class follow in the loader's summary line: said once)
     lines.append(f"{summary['patients']} patients ("
-                 + ", ".join(f"{k} {v}" for k, v in summary["patients_by_label"].items()) + "); images "
-                 + ", ".join(f"{k} {v}" for k, v in summary["by_label"].items()))
+                 + ", ".join(f"{k} {v}" for k, v in summary["patients_by_label"].items()) + ")")
     return "\n".join(lines)
