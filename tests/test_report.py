@@ -40,12 +40,16 @@ def test_report_renders_in_chromium(synth_data, tmp_path, overrides):
                           "--virtual-time-budget=10000", "--dump-dom", report.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert 'id="selfcheck">OK:' in dom, dom[-500:]
-    assert "0 broken" in dom and "0 script errors" in dom and "10 sections" in dom
-    for section in ("results", "curves", "confusion", "magnification", "embedding", "retrieval", "similarity",
-                    "gallery", "patients", "config"):
+    assert "0 broken" in dom and "0 script errors" in dom and "11 sections" in dom
+    for section in ("results", "curves", "confusion", "magnification", "embedding", "retrieval", "calibration",
+                    "similarity", "gallery", "patients", "config"):
         assert f'<section id="{section}">' in dom
     # the similarity section: the embedding beside the frozen features, and how to read a distance
     assert "SMSE embedding" in dom and "Reading a distance" in dom and "out of distribution" in dom
+    # the calibration: a reliability diagram and the fitted temperature with its validation images
+    assert 'alt="reliability diagram"' in dom and "was fitted on" in dom and "expected calibration error" in dom
+    # counts and intervals in every accuracy cell
+    assert "images / patients" in dom and "95% interval" in dom
     shot = tmp_path / "report.png"
     subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1300,4000",
                     f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120)
@@ -67,14 +71,14 @@ def test_report_for_a_manifest_without_magnifications(synth_data, tmp_path):
                                                    f"{r.patient}\n" for r in records))
     report = report_of(csv, tmp_path / "run")
     text = report.read_text()
-    assert "<th>unknown</th>" in text and "<th>0X</th>" not in text and text.count("<section") == 10
+    assert "<th>unknown</th>" in text and "<th>0X</th>" not in text and text.count("<section") == 11
 
 
 def test_report_for_the_eight_type_task(synth_data, tmp_path):
     report = report_of(synth_data, tmp_path / "run", "data.task=type")
     text = report.read_text()
     assert (report.parent / "confusion-second.png").exists()  # the 8 types collapsed to benign / malignant
-    assert text.count("<section") == 10
+    assert text.count("<section") == 11
 
 
 def test_plots_leave_the_matplotlib_backend_alone(tmp_path):

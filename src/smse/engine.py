@@ -56,6 +56,7 @@ class Progress:
     last_state: dict | None = None  # ... and at the last completed epoch
     written_epoch: int = 0  # epoch of the last.safetensors on disk
     written_at: float = field(default_factory=time.monotonic)
+    calibration: dict | None = None  # the temperature fitted on the validation patients, with its effect
 
 
 @guarded
@@ -110,6 +111,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
                              ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "seconds")))
                 dist.barrier()
             if dist.main:
+                done.calibration = calibrate(prep, done, trainable, val_idx)
                 final_references(prep, done, trainable, np.sort(np.concatenate([train_idx, val_idx])))
         finally:  # also on divergence, an interrupt or a crash: the last completed epoch reaches the checkpoints
             if dist.main:
@@ -117,6 +119,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
     if dist.main:
         write_json(RunFiles(run).summary, {"finished": True, "epochs": cfg.train.epochs, "best_val": done.best,
                                       "best_epoch": done.best_epoch, "backbone_weights": prep.weights,
+                                      "calibration": done.calibration,
                                       "data": prep.data.summary_line()})
     return run
 
@@ -152,6 +155,34 @@ def write_run_files(run: Path, prep: Prepared) -> None:
     write_json(files.data, {"summary": prep.data.summary_line(), "skipped": prep.data.skipped,
                                    "duplicates": asdict(prep.data.duplicates), "backbone_weights": prep.weights,
                                    "class_map": prep.class_map.to_dict()})
+
+
+def calibrate(prep: Prepared, done: Progress, trainable: nn.Module, val_idx: np.ndarray) -> dict | None:
+    """Temperature scaling on the validation patients: fit T on the best epoch's validation logits and store it
+    in the kept best and last weights (``Heads.temperature``). None where there are no validation images.
+
+    Runs before ``final_references``: the validation images are not yet among a k-NN model's references.
+    """
+    from smse.calibration import fit_temperature, rescale
+    from smse.metrics import expected_calibration_error
+
+    if not len(val_idx) or done.best_state is None:
+        return None
+    live = _copy(trainable)
+    trainable.load_state_dict(done.best_state)
+    prep.model.heads.temperature.fill_(1.0)
+    _, probs = embed(prep, val_idx)
+    targets = np.asarray(prep.dataset.targets)[val_idx]
+    t = fit_temperature(np.log(np.clip(probs, 1e-12, None)), targets)
+    key = "temperature" if trainable is prep.model.heads else "heads.temperature"
+    for name in ("best_state", "last_state"):
+        state = getattr(done, name)
+        if state is not None:
+            setattr(done, name, {**state, key: torch.tensor(t, dtype=state[key].dtype)})
+    trainable.load_state_dict(live)
+    done.written_epoch = -1  # the checkpoints on disk hold T = 1: write them again
+    return {"temperature": t, "val_images": int(len(val_idx)), "val_ece_before": expected_calibration_error(targets, probs),
+            "val_ece_after": expected_calibration_error(targets, rescale(probs, t))}
 
 
 def final_references(prep: Prepared, done: Progress, trainable: nn.Module, indices: np.ndarray) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smse.calibration import calibration_report
 from smse.checkpoint import find_checkpoint, load_checkpoint
 from smse.data.loading import LoadedData
 from smse.errors import CheckpointError
@@ -63,6 +64,10 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
         "magnification_probe": magnification_probe(emb, mags, pats, seed=cfg.seed),
         "classifier": classifier_name(cfg),
     }
+    # probabilities that mean what they say: the test images' calibration, and what the temperature fitted on
+    # the validation patients (training) did; T = 1 where the run had no validation patients
+    out["calibration"] = calibration_report(t_test, probs, float(model.heads.temperature))
+    out["calibration"]["validation"] = RunFiles(run).read_json(RunFiles(run).summary, {}).get("calibration")
     test_recs, train_recs = [recs[i] for i in test], [recs[i] for i in train]
     out["similarity"] = {"embedding": similarity(emb, ref_emb, test_recs, train_recs, backend)}
     if prep.features is not None:  # frozen mode: the features the heads start from, as baselines in the same run

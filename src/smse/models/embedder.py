@@ -28,7 +28,7 @@ class Heads(nn.Module):
     In training mode the logits are the linear head's (the classification loss trains the embedding
     through it); in eval mode with ``classifier="knn"`` and references set, they are the log of the
     smoothed vote shares of the ``knn_k`` nearest references (Euclidean distance, ties to the earlier
-    reference).
+    reference). In eval mode the logits are divided by ``temperature`` (1 until ``calibrate`` fits it).
     """
 
     def __init__(self, num_features: int, embedding_dim: int, num_classes: int, normalize: bool = True,
@@ -40,6 +40,8 @@ class Heads(nn.Module):
         self.register_buffer("feature_std", torch.ones(num_features))
         self.register_buffer("ref_embeddings", torch.zeros(0, embedding_dim))
         self.register_buffer("ref_targets", torch.zeros(0, dtype=torch.long))
+        # temperature scaling of the logits (Guo et al. 2017), fitted on validation patients after training; 1: none
+        self.register_buffer("temperature", torch.ones(()))
         self.embed = nn.Linear(num_features, embedding_dim)
         self.classify = nn.Sequential(nn.PReLU(), nn.Linear(embedding_dim, num_classes))
         self.normalize = normalize
@@ -67,6 +69,7 @@ class Heads(nn.Module):
                             ("ref_targets", torch.zeros(0, dtype=torch.long))):
             incoming = state_dict.setdefault(prefix + name, empty)
             setattr(self, name, torch.empty_like(incoming, device=self.feature_mean.device))
+        state_dict.setdefault(prefix + "temperature", torch.ones(()))  # written before calibration existed
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def standardized(self, features: torch.Tensor) -> torch.Tensor:
@@ -82,6 +85,8 @@ class Heads(nn.Module):
             logits = self.knn_logits(emb)
         else:
             logits = self.classify(emb)
+        if not self.training:
+            logits = logits / self.temperature.to(logits.dtype)
         return (emb, logits, x) if return_inputs else (emb, logits)
 
     def knn_logits(self, emb: torch.Tensor) -> torch.Tensor:

@@ -128,6 +128,20 @@ def _roc(preds: list[dict], classes: list[str]) -> dict:
     return {"model": (fpr, tpr, float(roc_auc_score(y, score)))}
 
 
+def _calibration_note(cal: dict | None) -> str:
+    if not cal:
+        return '<p class="note">(not measured for this run: evaluate it again)</p>'
+    val = cal.get("validation")
+    fitted = (f"The temperature T = {cal['temperature']:.2f} was fitted on {val['val_images']} validation images "
+              f"(expected calibration error there {100 * val['val_ece_before']:.1f}% before, "
+              f"{100 * val['val_ece_after']:.1f}% after)." if val else
+              "This run had no validation patients (data.split.val_fraction=0), so no temperature was fitted (T = 1).")
+    return (f'<p class="note">{fitted} On the {cal["images"]} test images the expected calibration error is '
+            f'{100 * cal["ece"]:.1f}% (uncalibrated {100 * cal["ece_uncalibrated"]:.1f}%): of the images given a '
+            "probability of about p, a share of about p should be right. Temperature scaling changes no class, only "
+            "the confidence; with few test images the points are noisy (their counts are shown).</p>")
+
+
 def _bar_rows(m: dict) -> dict[str, dict]:
     rows = {"model": m["head"], f"k-NN (k={m['knn_k']})": m["knn"]}
     if "probe" in m:
@@ -244,6 +258,7 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
         "bars": plots.magnification_bars(_bar_rows(m), out / "accuracy-by-magnification.png"),
         "retrieval": plots.retrieval_heatmap(m["retrieval"], out / "cross-magnification-retrieval.png"),
         "roc": plots.roc_curves(_roc(preds, classes), classes[-1], out / "roc.png") if len(classes) == 2 else None,
+        "reliability": plots.reliability_diagram(m.get("calibration"), out / "reliability.png"),
     }
     test = _finite_rows(files.read_embeddings(files.test_embeddings), "test")
     coords, method = _project(test["embeddings"], projection_seed)
@@ -289,6 +304,8 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
         ("retrieval", "Cross-magnification retrieval", _img(figs["retrieval"], "retrieval heat map")
          + '<p class="note">Queries from test patients at one magnification against test images of other patients at '
            'another; relevant = same class.</p>'),
+        ("calibration", "Are the probabilities right?", _img(figs["reliability"], "reliability diagram")
+         + _calibration_note(m.get("calibration"))),
         ("similarity", "What similar means: tumour type, patient, spread", _similarity_html(m)),
         ("gallery", "Nearest reference cases", _img(figs["gallery"], "nearest references")
          + '<p class="note">Each row: a test image, then its nearest training images (any magnification); '

@@ -164,3 +164,24 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], positive
            xlim=(0, 1), ylim=(0, 1.01), title=f"ROC, {positive} as positive, test images")
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
+
+
+def reliability_diagram(calibration: dict, path: Path) -> Path | None:
+    """Accuracy against confidence per bin, the model as calibrated and uncalibrated (T = 1)."""
+    if not calibration or not calibration.get("images"):
+        return None
+    fig, ax = _subplots(figsize=(4.8, 4.4))
+    ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--", label="perfectly calibrated")
+    t = calibration["temperature"]
+    for key, name, colour in (("reliability_uncalibrated", f"uncalibrated (ECE {100 * calibration['ece_uncalibrated']:.1f}%)", "#d62728"),
+                              ("reliability", f"T = {t:.2f} (ECE {100 * calibration['ece']:.1f}%)", "#1f77b4")):
+        r = calibration[key]
+        pts = [(c, a, n) for c, a, n in zip(r["confidence"], r["accuracy"], r["count"]) if n]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour, label=name, lw=1.4)
+            for c, a, n in pts:
+                ax.annotate(str(n), (c, a), textcoords="offset points", xytext=(3, 3), fontsize=7, color=colour)
+    ax.set(xlabel="confidence (probability of the predicted class)", ylabel="accuracy",
+           xlim=(0, 1), ylim=(0, 1.02), title=f"reliability, {calibration['images']} test images (n per point)")
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
