@@ -328,13 +328,19 @@ def test_knn_runs_vote_with_training_and_validation_images_and_resume_exactly(sy
     prep = prepare(cfg, progress=False, data=LoadedData(records, {}), trained=(model, class_map, ""))
     emb, probs = embed(prep, np.arange(len(records)))
     assert torch.allclose(model.heads.ref_embeddings, torch.from_numpy(emb[reference]), atol=1e-5)
-    # a test image's probabilities are the smoothed votes of its 5 nearest references
+    # a test image's probabilities are the smoothed votes of its 5 nearest references, at the temperature
+    # fitted on the validation patients
+    from smse.calibration import rescale
+
     test = [i for i, r in enumerate(records) if r.split == "test"]
     targets = np.array(class_map.targets(records))
+    t = float(model.heads.temperature)
+    assert t != 1.0 and json.loads((run / "run.json").read_text())["calibration"]["temperature"] == pytest.approx(t)
     for i in test[:5]:
         d = ((emb[reference] - emb[i]) ** 2).sum(1)
         votes = np.bincount(targets[reference][np.argsort(d, kind="stable")[:5]], minlength=len(class_map))
-        np.testing.assert_allclose(probs[i], (votes + 0.5) / (5 + 0.5 * len(class_map)), atol=1e-5)
+        np.testing.assert_allclose(probs[i], rescale(((votes + 0.5) / (5 + 0.5 * len(class_map)))[None], t)[0],
+                                   atol=1e-5)
     # stopped after 2 of 3 epochs and resumed: the same weights and references as a straight run
     train(tiny_config(synth_data, tmp_path / "resumed", *knn, "train.epochs=2"), progress=False)
     resumed = train(tiny_config(synth_data, tmp_path / "resumed", *knn), progress=False)

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -54,9 +55,13 @@ def smse(*args, **kwargs) -> subprocess.CompletedProcess:
                           env=subprocess_env(), **kwargs)
 
 
+PROGRESS_LINE = re.compile(r"^[^:]+: \d+/\d+ .* \(\d+%\), \d+ s, about \d+ s left$")
+
+
 def one_line_error(proc: subprocess.CompletedProcess, *parts: str) -> None:
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
+    # progress lines of the steps that ran before the error may come first (smse.progress, through a pipe)
+    lines = [line for line in proc.stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     for part in parts:
         assert part in lines[0], (part, lines[0])
