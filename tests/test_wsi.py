@@ -282,3 +282,22 @@ def test_tiles_finer_than_the_scan_are_announced(backend, tmp_path, caplog):
         plan_tiles(slide, TileSpec(size=(64, 48), magnifications=(100, 400), min_tissue=0.0))
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "400X tiles (0.25 um/px) are enlarged 2x" in warned[0], warned
+
+
+def test_a_tiling_too_thin_to_train_on_says_what_to_change():
+    from pathlib import Path
+
+    from smse.wsi.export import TilingResult, advice
+
+    def slide(name, locations, label):
+        return {"slide": name, "locations": locations, "dimensions": [4000, 3000], "mpp": 0.5, "labels": [label]}
+
+    thin = TilingResult(Path("m.csv"), 3, [slide("a", 1, "benign"), slide("b", 0, "benign"), slide("c", 2, "benign")])
+    said = advice(thin, TileSpec())
+    assert len(said) == 2
+    assert said[0].startswith("1 of 3 slides gave no tiles and 2 fewer than 4 locations: a 40X grid cell of 700x460 px "
+                              "covers 1750x1150 um, and the smallest of these slides is 2000x1500 um")
+    assert "--tile 192x128" in said[0] and said[1] == "every tile is 'benign': smse train needs tiles of at least two classes"
+    fine = TilingResult(Path("m.csv"), 40, [slide("a", 20, "benign"), slide("b", 20, "malignant")])
+    assert advice(fine, TileSpec()) == []
+    assert advice(TilingResult(Path("m.csv"), 40, [slide("a", 20, "unlabelled")]), TileSpec()) == []

@@ -368,6 +368,10 @@ def tiles(
         typer.echo(f"{s['slide']}: {found} of {s['grid_cells']} grid cells" + (f" ({levels})" if levels != said else ""))
         said = levels
     typer.echo(f"wrote {result.tiles} tiles and {result.manifest}")
+    from smse.wsi.export import advice
+
+    for line in advice(result, spec):
+        typer.echo(f"warning: {line}")
 
 
 @app.command("predict-slide")

@@ -17,7 +17,7 @@ from PIL import Image
 from smse.data.records import mag_name
 from smse.errors import ConfigError, DataError, OutputError, SlideError
 from smse.io import describe, read_text, writable_folder, write_csv, write_json
-from smse.wsi.reader import open_slide
+from smse.wsi.reader import magnification_mpp, open_slide
 from smse.wsi.tiles import TileSpec, plan_tiles, resample
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,36 @@ def write_tiles(slides: Sequence[str | os.PathLike], out: str | os.PathLike, spe
         raise SlideError(f"no tissue found on {where} "
                          f"(no location with {100 * spec.min_tissue:.0f}% tissue in every tile); "
                          "check the slides or lower --min-tissue")
+    for summary in summaries:
+        summary["labels"] = sorted({r[1] for r in rows if r[4] == summary["slide"]})
     manifest = out / "manifest.csv"
     write_csv(manifest, MANIFEST_COLUMNS, rows)
     write_json(out / "tiles.json", {"tiling": {**spec.to_dict(), "format": image_format}, "tiles": len(rows),
                                     "slides": summaries})
     return TilingResult(manifest, len(rows), summaries)
+
+
+#: fewer locations than this on a slide make a thin training set
+FEW_LOCATIONS = 4
+
+
+def advice(result: TilingResult, spec: TileSpec) -> list[str]:
+    """What to change when a tiling is too thin to train on: slides without tiles or with few locations (the
+    grid's field of view against the slide's size, with the options that fix it), and a single class."""
+    out = []
+    empty = [s for s in result.slides if not s["locations"]]
+    few = [s for s in result.slides if 0 < s["locations"] < FEW_LOCATIONS]
+    if empty or few:
+        mpp = magnification_mpp(spec.grid_magnification)
+        fw, fh = spec.size[0] * mpp, spec.size[1] * mpp
+        sizes = [(s["dimensions"][0] * s["mpp"], s["dimensions"][1] * s["mpp"]) for s in empty + few]
+        sw, sh = min(w for w, _ in sizes), min(h for _, h in sizes)
+        out.append(f"{len(empty)} of {len(result.slides)} slides gave no tiles and {len(few)} fewer than {FEW_LOCATIONS} "
+                   f"locations: a {mag_name(spec.grid_magnification)} grid cell of {spec.size[0]}x{spec.size[1]} px covers "
+                   f"{fw:.0f}x{fh:.0f} um, and the smallest of these slides is {sw:.0f}x{sh:.0f} um; use smaller tiles "
+                   f"(--tile 192x128), a finer grid (--grid 100X), less tissue per tile (--min-tissue 0.3) or larger "
+                   "slides (smse synth --wsi --size 8000x6000)")
+    labels = sorted({label for s in result.slides for label in s.get("labels", [])})
+    if len(labels) == 1 and labels[0] != "unlabelled":
+        out.append(f"every tile is {labels[0]!r}: smse train needs tiles of at least two classes")
+    return out
