@@ -364,8 +364,9 @@ def tiles(
         levels = ", ".join(f"{m} from level {v['level']}" + ("" if v["scale"] == 1 else f" resampled {v['scale']:.3g}:1")
                            for m, v in s["sources"].items())
         levels = f"{s['mpp']:g} um/px from {s['mpp_source']}; {levels}"
-        found = f"{s['locations']} locations" if s["locations"] else "no location with enough tissue, skipped"
-        typer.echo(f"{s['slide']}: {found} of {s['grid_cells']} grid cells" + (f" ({levels})" if levels != said else ""))
+        found = (f"{s['locations']} locations of {s['grid_cells']} grid cells" if s["locations"] else
+                 f"none of its {s['grid_cells']} grid cells holds enough tissue, skipped")
+        typer.echo(f"{s['slide']}: {found}" + (f" ({levels})" if levels != said else ""))
         said = levels
     typer.echo(f"wrote {result.tiles} tiles and {result.manifest}")
     from smse.wsi.export import advice
