@@ -325,3 +325,41 @@ def test_objective_adds_the_weighted_structure_term():
     assert "structure" not in Objective(cls, None, 1.0, 1.0, NeighbourhoodLoss(0.5), 0.0)(emb, logits, labels)
     with pytest.raises(ValueError, match="features"):
         Objective(cls, None, 1.0, 1.0, NeighbourhoodLoss(0.5), 1.0)(emb, logits, labels)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_neighbourhood_loss_within_groups_matches_loop(dtype):
+    from smse.losses import NeighbourhoodLoss
+
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(7, 3, generator=g, dtype=dtype)
+    feats = torch.randn(7, 4, generator=g, dtype=dtype)
+    groups = torch.tensor([40, 40, 40, 100, 100, 100, 400])  # 400X alone: no distribution, left out
+    got = float(NeighbourhoodLoss(0.5)(emb, feats, groups))
+    parts = [loop_neighbourhood(emb[idx], feats[idx], 0.5) * len(idx) for idx in ([0, 1, 2], [3, 4, 5])]
+    assert math.isclose(got, sum(parts) / 6, rel_tol=1e-5 if dtype == torch.float32 else 1e-10)
+    everyone = torch.zeros(7, dtype=torch.long)
+    assert math.isclose(float(NeighbourhoodLoss(0.5)(emb, feats, everyone)), float(NeighbourhoodLoss(0.5)(emb, feats)),
+                        rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_teacher_centred_per_magnification_matches_a_loop(dtype):
+    from smse.losses import NeighbourhoodLoss
+    from smse.losses.objective import centre_by_group
+
+    g = torch.Generator().manual_seed(7)
+    feats = torch.randn(6, 3, generator=g, dtype=dtype)
+    mags = torch.tensor([40, 100, 40, 100, 100, 400])
+    got = centre_by_group(feats, mags)
+    for i in range(6):
+        same = [j for j in range(6) if mags[j] == mags[i]]
+        mean = [sum(float(feats[j, c]) for j in same) / len(same) for c in range(3)]
+        assert got[i].tolist() == pytest.approx([float(feats[i, c]) - mean[c] for c in range(3)], abs=1e-6)
+    # the objective's "centred" scope distils from the centred features
+    emb, labels, _, patients = batch(dtype, n=6)
+    logits = torch.zeros(6, 2, dtype=dtype)
+    cls = make_classification_loss("ce", [3, 3])
+    parts = Objective(cls, None, 1.0, 1.0, NeighbourhoodLoss(0.5), 1.0, "centred")(emb, logits, labels, mags, patients,
+                                                                                  features=feats)
+    assert float(parts["structure"]) == pytest.approx(float(NeighbourhoodLoss(0.5)(emb, got)))

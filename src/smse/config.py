@@ -66,6 +66,8 @@ SamplerMode = Literal["cross-magnification", "pooled", "single"]
 SamplerBalance = Literal["none", "patient"]  # patient: each patient drawn as often, whatever its image count
 Device = Literal["auto", "cpu", "cuda", "mps"]
 KnnBackend = Literal["torch", "faiss"]  # faiss: pip install 'smse[faiss]'
+# the neighbourhood term's neighbours: every image of the batch, or those of the image's own magnification only
+StructureScope = Literal["all", "magnification", "centred"]
 
 
 @dataclass
@@ -127,6 +129,7 @@ class LossConfig:
     classification_weight: float = ranged(1.0, 0, 1000)
     structure_weight: float = ranged(0.0, 0, 1000)  # keeps the heads' input features' neighbourhoods (0: off)
     structure_temperature: float = ranged(0.1, 0, 100, low_open=True)
+    structure_scope: StructureScope = "all"
 
 
 @dataclass

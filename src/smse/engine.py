@@ -231,7 +231,8 @@ def build_objective(prep: Prepared, train_idx: np.ndarray) -> Objective:
                          cross_magnification=cfg.sampler.mode == "cross-magnification",
                          same_patient=cfg.sampler.same_patient),
         L.classification_weight, L.metric_weight,
-        NeighbourhoodLoss(L.structure_temperature), L.structure_weight).to(prep.device)
+        NeighbourhoodLoss(L.structure_temperature), L.structure_weight,
+        L.structure_scope).to(prep.device)
 
 
 @torch.no_grad()

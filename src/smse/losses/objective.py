@@ -20,8 +20,10 @@ class Objective(nn.Module):
 
     def __init__(self, classification: ClassificationLoss, metric: MetricLoss | None = None,
                  classification_weight: float = 1.0, metric_weight: float = 1.0,
-                 structure: NeighbourhoodLoss | None = None, structure_weight: float = 0.0):
+                 structure: NeighbourhoodLoss | None = None, structure_weight: float = 0.0,
+                 structure_within_magnification: str | bool = False):
         super().__init__()
+        self.structure_within_magnification = structure_within_magnification
         self.structure = structure if structure_weight > 0 else None
         self.structure_weight = structure_weight
         self.classification = classification
@@ -46,7 +48,10 @@ class Objective(nn.Module):
         if self.structure is not None:
             if features is None:
                 raise ValueError("the structure term needs the features the embeddings were made from")
-            structure = self.structure(emb, features)
+            groups = mags if self.structure_within_magnification == "magnification" else None
+            if self.structure_within_magnification == "centred" and mags is not None:
+                features = centre_by_group(features, mags)
+            structure = self.structure(emb, features, groups)
             parts["structure"] = structure
             total = total + self.structure_weight * structure
         parts["total"] = total
@@ -55,3 +60,13 @@ class Objective(nn.Module):
     def stats(self) -> dict[str, float]:
         """Statistics of the last call: the number of metric-loss tuples."""
         return {"tuples": float(self.metric.num_tuples)} if self.metric is not None else {}
+
+
+def centre_by_group(features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Each row minus the mean of its group's rows in the batch (e.g. magnification: the offset a backbone's
+    features carry for the microscope, not for the tissue)."""
+    out = features.clone()
+    for g in torch.unique(groups):
+        rows = groups == g
+        out[rows] = features[rows] - features[rows].mean(dim=0, keepdim=True)
+    return out

@@ -17,7 +17,8 @@ from torch import nn
 
 
 class NeighbourhoodLoss(nn.Module):
-    """mean_i KL(P_i || Q_i), P_i(j) = softmax_j(cos(x_i, x_j) / t), Q_i(j) = softmax_j(cos(e_i, e_j) / t), j != i.
+    """mean_i KL(P_i || Q_i), P_i(j) = softmax_j(cos(x_i, x_j) / t), Q_i(j) = softmax_j(cos(e_i, e_j) / t), j != i
+    (and, with ``groups``, j in i's group).
 
     Args:
         temperature: t, the same for teacher and student; lower values weigh the nearest neighbours more.
@@ -31,19 +32,28 @@ class NeighbourhoodLoss(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
 
-    def forward(self, embeddings: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, features: torch.Tensor,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
+        """``groups`` [B] (e.g. magnifications): neighbours only within an image's own group, so the term keeps
+        each group's neighbourhoods and says nothing of distances across groups; rows with fewer than two
+        neighbours in their group are left out."""
         if embeddings.ndim != 2 or features.ndim != 2 or len(embeddings) != len(features):
             raise ValueError(f"embeddings {tuple(embeddings.shape)} and features {tuple(features.shape)} do not match")
         n = len(embeddings)
-        if n < 3:  # a distribution over one other image is always exact
+        allowed = ~torch.eye(n, dtype=torch.bool, device=embeddings.device)
+        if groups is not None:
+            allowed &= groups[:, None] == groups[None, :]
+        rows = allowed.sum(dim=1) >= 2  # a distribution over one other image is always exact
+        if not rows.any():
             return embeddings.sum() * 0.0
-        off = ~torch.eye(n, dtype=torch.bool, device=embeddings.device)
 
         def log_neighbours(x):
             x = F.normalize(x, dim=1)
-            sim = (x @ x.T / self.temperature)[off].view(n, n - 1)
-            return sim.log_softmax(dim=1)
+            sim = (x @ x.T / self.temperature).masked_fill(~allowed, float("-inf"))
+            return sim[rows].log_softmax(dim=1)
 
         teacher = log_neighbours(features.detach().to(embeddings.dtype))
         student = log_neighbours(embeddings)
-        return (teacher.exp() * (teacher - student)).sum(dim=1).mean()
+        mask = allowed[rows]
+        terms = torch.where(mask, teacher.exp() * (teacher - student), torch.zeros_like(teacher))
+        return terms.sum(dim=1).mean()
