@@ -193,7 +193,8 @@ def test_knn_classifier_matches_a_loop_and_survives_a_checkpoint_round_trip(dtyp
     heads.set_references(refs, targets)
     heads.eval()
     feats = torch.randn(4, 6, dtype=dtype)
-    emb, logits = heads(feats)
+    with torch.no_grad():
+        emb, logits = heads(feats)
     for i in range(4):
         d = [sum((float(a) - float(b)) ** 2 for a, b in zip(emb[i], r)) for r in refs]
         nearest = sorted(range(9), key=lambda j: (d[j], j))[:3]
