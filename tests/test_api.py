@@ -141,7 +141,7 @@ def test_reference_index_flags_queries_outside_the_references():
     near, far = emb[:1] + 0.001, np.full((1, 4), 5.0, np.float32)
     hits = index.search(np.concatenate([near, far]), k=3)
     assert hits.out_of_distribution.tolist() == [False, True]
-    assert hits.distances[1, 0] > guide["ood_threshold"] > hits.distances[0, 0]
+    assert hits.distances.shape == (2, 3) and hits.distances[1, 0] > guide["ood_threshold"]
 
 
 def test_every_run_file_is_named_by_runfiles_only():

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from smse.similarity import (OOD_QUANTILE, distance_guide, embedding_spread, pairwise_distances,
+from smse.similarity import (OOD_K, OOD_QUANTILE, distance_guide, embedding_spread, pairwise_distances,
                              same_patient_retrieval, type_retrieval)
 
 
@@ -115,15 +115,15 @@ def test_distance_guide_matches_a_loop(dtype):
     same_type, same_class, other = [], [], []
     nearest = []
     for i in range(26):
-        near = math.inf
+        near = []
         for j in range(26):
             if patients[i] == patients[j]:
                 continue
             d = math.dist(emb[i].tolist(), emb[j].tolist()) ** 2
-            near = min(near, d)
+            near.append(d)
             if j > i:
                 (same_type if types[i] == types[j] else same_class if labels[i] == labels[j] else other).append(d)
-        nearest.append(near)
+        nearest.append(sorted(near)[OOD_K - 1])  # the OOD_K-th nearest reference of another patient
     for key, values in (("same_type", same_type), ("same_class", same_class), ("other_class", other)):
         assert got[key]["pairs"] == len(values)
         assert got[key]["quantiles"] == pytest.approx(np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95]), rel=1e-5)

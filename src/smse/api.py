@@ -203,8 +203,8 @@ class Hits:
     magnifications: np.ndarray
     patients: np.ndarray
     paths: np.ndarray
-    #: per query: the nearest reference lies farther than the references usually are from their own nearest
-    #: reference of another patient (``ReferenceIndex.guide()["ood_threshold"]``): outside the references
+    #: per query: its 5th nearest reference lies farther than the references' own 5th nearest references of other
+    #: patients usually are (``ReferenceIndex.guide()["ood_threshold"]``): outside the references
     out_of_distribution: np.ndarray | None = None
 
     def rows(self, query: int = 0) -> list[dict]:
@@ -285,9 +285,13 @@ class ReferenceIndex:
                              f"got shape {queries.shape}")
         if not np.isfinite(queries).all():
             raise ValueError("queries: embeddings hold NaN or infinite values")
-        dist, idx = search(queries, self.embeddings, k, self.backend)
+        from smse.similarity import OOD_K
+
+        dist, idx = search(queries, self.embeddings, max(k, OOD_K), self.backend)
         threshold = self.guide()["ood_threshold"]
-        ood = dist[:, 0] > threshold if dist.shape[1] and threshold is not None else np.zeros(len(queries), bool)
+        kth = dist[:, min(OOD_K, dist.shape[1]) - 1] if dist.shape[1] else np.zeros(len(queries))
+        ood = kth > threshold if dist.shape[1] and threshold is not None else np.zeros(len(queries), bool)
+        dist, idx = dist[:, :k], idx[:, :k]
         return Hits(dist, idx, *(self.metadata[name][idx] for name in self.FIELDS), out_of_distribution=ood)
 
 

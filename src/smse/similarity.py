@@ -25,9 +25,12 @@ from smse.retrieval import average_precision_at_r, search
 
 #: quantiles reported for distance distributions
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-#: a query is out of distribution when its nearest reference is farther than this quantile of the
-#: references' own nearest-neighbour distances (each to the nearest reference of another patient)
+#: a query is out of distribution when its ``OOD_K``-th nearest reference is farther than this quantile of the
+#: references' own ``OOD_K``-th nearest-neighbour distances (each among the references of other patients);
+#: the k-th rather than the first neighbour, as in Sun et al. 2022 (deep nearest neighbours for OOD): on a unit
+#: sphere a blank or foreign image can land next to one reference, rarely next to five
 OOD_QUANTILE = 0.95
+OOD_K = 5
 #: distance guides are computed on at most this many references (a seeded sample): O(n^2) distances
 GUIDE_SAMPLE = 2000
 
@@ -175,8 +178,9 @@ def distance_guide(emb: np.ndarray, labels: Sequence[str], types: Sequence[str],
         ``same_type``, ``same_class`` (same class, another tumour type) and ``other_class``: each the
         ``quantiles`` (5/25/50/75/95%) of the pair distances and the number of ``pairs`` (empty
         quantiles where there is no pair); ``nearest``: the quantiles of each reference's distance to
-        its nearest reference of another patient; ``ood_threshold``: the ``OOD_QUANTILE`` quantile of
-        those, beyond which a query is out of distribution (None with fewer than two patients);
+        its ``OOD_K``-th nearest reference of another patient (``ood_k``); ``ood_threshold``: the
+        ``OOD_QUANTILE`` quantile of those, beyond which a query's ``OOD_K``-th nearest reference makes it
+        out of distribution (None with fewer than two patients);
         ``references``: how many were used.
     """
     labels, types, patients = (np.asarray(a, dtype=str) for a in (labels, types, patients))
@@ -195,9 +199,12 @@ def distance_guide(emb: np.ndarray, labels: Sequence[str], types: Sequence[str],
 
     guide = {"same_type": part(upper & same_type), "same_class": part(upper & same_class & ~same_type),
              "other_class": part(upper & ~same_class), "references": int(len(e))}
-    nearest = np.where(other_patient, d, np.inf).min(axis=1)
+    others = np.sort(np.where(other_patient, d, np.inf), axis=1)
+    k = min(OOD_K, others.shape[1]) if len(others) else 0
+    nearest = others[:, k - 1] if k else np.zeros(0)
     nearest = nearest[np.isfinite(nearest)]
     guide["nearest"] = part(np.ones(0, bool)) if not len(nearest) else {
         "quantiles": [float(x) for x in np.quantile(nearest, QUANTILES)], "pairs": int(len(nearest))}
+    guide["ood_k"] = OOD_K
     guide["ood_threshold"] = float(np.quantile(nearest, OOD_QUANTILE)) if len(nearest) else None
     return guide

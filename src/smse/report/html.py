@@ -194,7 +194,7 @@ def _similarity_html(m: dict) -> str:
     guide = sim["embedding"]["distance_guide"]
     grows = ""
     for key, name in (("same_type", "same tumour type"), ("same_class", "same class, another type"),
-                      ("other_class", "another class"), ("nearest", "each reference to its nearest")):
+                      ("other_class", "another class"), ("nearest", "each reference to its 5th nearest")):
         g = guide[key]
         cells = " / ".join(f"{v:.2f}" for v in g["quantiles"][1:4]) if g["quantiles"] else "-"
         grows += f"<tr><td>{name}</td><td>{cells}</td><td>{g['pairs']}</td></tr>"
@@ -207,8 +207,8 @@ def _similarity_html(m: dict) -> str:
             'embedding (every class one point).</p>'
             "<h3>Reading a distance</h3><table><tr><th>pairs of references (different patients)</th>"
             f"<th>distance quartiles 25/50/75%</th><th>pairs</th></tr>{grows}</table>"
-            f'<p class="note">A query whose nearest reference is farther than {_threshold(guide)} (the 95th '
-            "percentile of the references' distances to their own nearest reference) lies outside the references: "
+            f'<p class="note">A query whose 5th nearest reference is farther than {_threshold(guide)} (the 95th '
+            "percentile of the references' distances to their own 5th nearest) lies outside the references: "
             "its class and neighbours are flagged as out of distribution on the page and in <code>smse predict</code>."
             f" Computed on {guide['references']} references.</p>")
 

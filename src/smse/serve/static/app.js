@@ -219,7 +219,8 @@ function distanceGuide() {
   const median = (part) => (part.quantiles.length ? part.quantiles[2].toPrecision(2) : "-");
   return el("p", {class: "guide muted"}, "Reading d (median between references of other patients): same type " +
     `${median(g.same_type)}, same class ${median(g.same_class)}, other class ${median(g.other_class)}` +
-    (g.ood_threshold === null ? "" : `; beyond ${g.ood_threshold.toPrecision(3)} an image is out of distribution`) + ".");
+    (g.ood_threshold === null ? "" : `; an image whose 5th nearest lies beyond ${g.ood_threshold.toPrecision(3)} ` +
+     "is out of distribution") + ".");
 }
 
 async function renderResults(result) {
@@ -237,9 +238,9 @@ async function renderResults(result) {
           el("div", {class: "verdict"}, el("span", {class: "chip big", style: {background: classColour(r.predicted)}, text: r.predicted}),
             el("span", {class: "muted", text: pct(r.probabilities[r.predicted])})),
           bars(r.probabilities, r.predicted),
-          r.out_of_distribution ? el("p", {class: "ood", role: "note", text: "Out of distribution: the nearest " +
-            `reference (d = ${r.neighbours[0].distance.toPrecision(3)}) is farther than references usually are from ` +
-            "each other. Class and neighbours are less reliable for this image."}) : null,
+          r.out_of_distribution ? el("p", {class: "ood", role: "note", text: "Out of distribution: this image's " +
+            "nearest references are farther than references usually are from each other. Class and neighbours " +
+            "are less reliable for this image."}) : null,
           distanceGuide()]));
     if (r.error) {
       return el("article", {class: "result failed", id: `result-${i + 1}`}, head,
