@@ -76,6 +76,32 @@ def average_precision_at_r(relevant: np.ndarray, r: int) -> float:
     return float((precision * rel).sum() / r)
 
 
+def ranked_scores(order: np.ndarray, relevant_of, keep_of, k: int = 1) -> dict[str, np.ndarray]:
+    """Per query, from its gallery ranking ``order[q]`` (nearest first): precision@k, AP@R and the precision of a
+    random ranking (the share of relevant items), over the gallery items ``keep_of(q, ranked)`` keeps, relevant
+    where ``relevant_of(q, ranked)``; NaN for a query left with no relevant item."""
+    out = {"precision": np.full(len(order), np.nan), "ap": np.full(len(order), np.nan),
+           "chance": np.full(len(order), np.nan)}
+    for q in range(len(order)):
+        ranked = order[q][keep_of(q, order[q])]
+        rel = relevant_of(q, ranked)
+        r = int(rel.sum())
+        if len(ranked) == 0 or r == 0:
+            continue
+        out["precision"][q] = float(rel[:k].mean())
+        out["ap"][q] = average_precision_at_r(rel, r)
+        out["chance"][q] = r / len(ranked)
+    return out
+
+
+def summarize_scores(per: dict[str, np.ndarray], k: int = 1) -> dict[str, float]:
+    """The means of ``ranked_scores`` over the queries it could score, and how many it skipped."""
+    valid = ~np.isnan(per["precision"])
+    mean = (lambda v: float(v[valid].mean()) if valid.any() else float("nan"))
+    return {f"precision_at_{k}": mean(per["precision"]), "map_at_r": mean(per["ap"]),
+            "chance_precision": mean(per["chance"]), "queries": int(valid.sum()), "skipped": int((~valid).sum())}
+
+
 def retrieval_scores(q_emb: np.ndarray, q_labels: np.ndarray, q_patients: np.ndarray,
                      g_emb: np.ndarray, g_labels: np.ndarray, g_patients: np.ndarray,
                      exclude_same_patient: bool = True, backend: str = "torch") -> dict[str, float]:
@@ -87,21 +113,11 @@ def retrieval_scores(q_emb: np.ndarray, q_labels: np.ndarray, q_patients: np.nda
     if len(q_emb) == 0 or len(g_emb) == 0:
         return {"precision_at_1": float("nan"), "map_at_r": float("nan"), "queries": 0}
     _, order = search(q_emb, g_emb, len(g_emb), backend)
-    p1, aps = [], []
-    for qi in range(len(q_emb)):
-        ranked = order[qi]
-        if exclude_same_patient:
-            ranked = ranked[g_patients[ranked] != q_patients[qi]]
-        if len(ranked) == 0:
-            continue
-        rel = g_labels[ranked] == q_labels[qi]
-        r = int(rel.sum())
-        if r == 0:
-            continue
-        p1.append(float(rel[0]))
-        aps.append(average_precision_at_r(rel, r))
-    return {"precision_at_1": float(np.mean(p1)) if p1 else float("nan"),
-            "map_at_r": float(np.mean(aps)) if aps else float("nan"), "queries": len(p1)}
+    per = ranked_scores(order, lambda q, ranked: g_labels[ranked] == q_labels[q],
+                        (lambda q, ranked: g_patients[ranked] != q_patients[q]) if exclude_same_patient
+                        else (lambda q, ranked: np.ones(len(ranked), bool)))
+    s = summarize_scores(per)
+    return {"precision_at_1": s["precision_at_1"], "map_at_r": s["map_at_r"], "queries": s["queries"]}
 
 
 def cross_magnification_matrix(emb: np.ndarray, labels: np.ndarray, patients: np.ndarray, mags: np.ndarray,

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from smse.retrieval import average_precision_at_r, search
+from smse.retrieval import average_precision_at_r, ranked_scores, search, summarize_scores
 
 #: quantiles reported for distance distributions
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -33,30 +33,6 @@ OOD_QUANTILE = 0.95
 OOD_K = 5
 #: distance guides are computed on at most this many references (a seeded sample): O(n^2) distances
 GUIDE_SAMPLE = 2000
-
-
-def _per_query(order: np.ndarray, relevant_of, keep_of, k: int) -> dict[str, np.ndarray]:
-    """Per query, from its ranking ``order[q]``: precision@k, AP@R and the precision of a random ranking (the
-    share of relevant items); NaN for a query without a relevant item."""
-    out = {"precision": np.full(len(order), np.nan), "ap": np.full(len(order), np.nan),
-           "chance": np.full(len(order), np.nan)}
-    for q in range(len(order)):
-        ranked = order[q][keep_of(q, order[q])]
-        rel = relevant_of(q, ranked)
-        r = int(rel.sum())
-        if len(ranked) == 0 or r == 0:
-            continue
-        out["precision"][q] = float(rel[:k].mean())
-        out["ap"][q] = average_precision_at_r(rel, r)
-        out["chance"][q] = r / len(ranked)
-    return out
-
-
-def _summary(per: dict[str, np.ndarray], k: int) -> dict[str, float]:
-    valid = ~np.isnan(per["precision"])
-    mean = (lambda v: float(v[valid].mean()) if valid.any() else float("nan"))
-    return {f"precision_at_{k}": mean(per["precision"]), "map_at_r": mean(per["ap"]),
-            "chance_precision": mean(per["chance"]), "queries": int(valid.sum()), "skipped": int((~valid).sum())}
 
 
 def type_retrieval_per_query(q_emb: np.ndarray, q_types: Sequence[str], q_labels: Sequence[str],
@@ -75,8 +51,8 @@ def type_retrieval_per_query(q_emb: np.ndarray, q_types: Sequence[str], q_labels
     def relevant(q, ranked):
         return g_types[ranked] == q_types[q]
 
-    return {"all": _per_query(order, relevant, lambda q, r: g_patients[r] != q_patients[q], k),
-            "within_class": _per_query(
+    return {"all": ranked_scores(order, relevant, lambda q, r: g_patients[r] != q_patients[q], k),
+            "within_class": ranked_scores(
                 order, relevant, lambda q, r: (g_patients[r] != q_patients[q]) & (g_labels[r] == q_labels[q]), k)}
 
 
@@ -94,7 +70,7 @@ def type_retrieval(q_emb: np.ndarray, q_types: Sequence[str], q_labels: Sequence
     """
     per = type_retrieval_per_query(q_emb, q_types, q_labels, q_patients, g_emb, g_types, g_labels, g_patients,
                                    k, backend)
-    return {part: _summary(values, k) for part, values in per.items()}
+    return {part: summarize_scores(values, k) for part, values in per.items()}
 
 
 def same_patient_retrieval(emb: np.ndarray, patients: Sequence[str], mags: Sequence[int], k: int = 5,
