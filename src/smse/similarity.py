@@ -123,7 +123,7 @@ def embedding_spread(emb: np.ndarray) -> dict:
         exponential of the entropy of the principal axes' shares of the variance (the entropy effective
         rank of Roy & Vetterli 2007, on the covariance's spectrum; 1 for a line, d for an isotropic cloud); ``distance_quantiles``: the
         5/25/50/75/95% quantiles of the pairwise squared Euclidean distances (the unit
-        every distance the tool shows is in); ``images``.
+        every distance the tool shows is in; of at most ``GUIDE_SAMPLE`` images); ``images``.
     """
     e = np.asarray(emb, dtype=np.float64)
     if len(e) < 2:
@@ -133,9 +133,10 @@ def embedding_spread(emb: np.ndarray) -> dict:
     var = s ** 2
     share = float(var[0] / var.sum()) if var.sum() > 0 else float("nan")
     p = var[var > 0] / var.sum() if var.sum() > 0 else np.ones(1)
-    d = pairwise_distances(e)[np.triu_indices(len(e), 1)]
+    sample = e[_sample(len(e), GUIDE_SAMPLE, 0)]  # O(n^2) distances: a seeded sample of large sets
+    d = pairwise_distances(sample)[np.triu_indices(len(sample), 1)]
     return {"first_axis_share": share, "effective_rank": float(np.exp(-(p * np.log(p)).sum())),
-            "distance_quantiles": [float(v) for v in np.quantile(d, QUANTILES)], "images": len(e)}
+            "distance_quantiles": _quantiles(d), "images": len(e)}
 
 
 def _sample(n: int, size: int, seed: int) -> np.ndarray:
@@ -169,18 +170,16 @@ def distance_guide(emb: np.ndarray, labels: Sequence[str], types: Sequence[str],
     same_class = labels[:, None] == labels[None, :]
     same_type = (types[:, None] == types[None, :]) & same_class
 
-    def part(mask):
-        v = d[mask]
-        return {"quantiles": [float(x) for x in np.quantile(v, QUANTILES)] if len(v) else [], "pairs": int(len(v))}
+    def part(values):
+        return {"quantiles": _quantiles(values) if len(values) else [], "pairs": int(len(values))}
 
-    guide = {"same_type": part(upper & same_type), "same_class": part(upper & same_class & ~same_type),
-             "other_class": part(upper & ~same_class), "references": int(len(e))}
-    others = np.sort(np.where(other_patient, d, np.inf), axis=1)
-    k = min(OOD_K, others.shape[1]) if len(others) else 0
-    nearest = others[:, k - 1] if k else np.zeros(0)
-    nearest = nearest[np.isfinite(nearest)]
-    guide["nearest"] = part(np.ones(0, bool)) if not len(nearest) else {
-        "quantiles": [float(x) for x in np.quantile(nearest, QUANTILES)], "pairs": int(len(nearest))}
-    guide["ood_k"] = OOD_K
-    guide["ood_threshold"] = float(np.quantile(nearest, OOD_QUANTILE)) if len(nearest) else None
-    return guide
+    k = min(OOD_K, len(e) - 1)
+    kth = np.partition(np.where(other_patient, d, np.inf), k - 1, axis=1)[:, k - 1] if k >= 1 else np.zeros(0)
+    nearest = kth[np.isfinite(kth)]
+    return {"same_type": part(d[upper & same_type]), "same_class": part(d[upper & same_class & ~same_type]),
+            "other_class": part(d[upper & ~same_class]), "references": int(len(e)), "nearest": part(nearest),
+            "ood_k": OOD_K, "ood_threshold": float(np.quantile(nearest, OOD_QUANTILE)) if len(nearest) else None}
+
+
+def _quantiles(values: np.ndarray) -> list[float]:
+    return [float(v) for v in np.quantile(values, QUANTILES)]
