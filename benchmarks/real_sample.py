@@ -39,6 +39,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +71,8 @@ TRAINED = {
     "smse-pair-pooled": HEAD + ["loss.metric=pair", "sampler.mode=pooled"],
 }
 NESTED_CANDIDATES = ["default", "before", "structure 3", "head + structure", "knn, no structure"]
-BASELINES = {
-    "logreg": lambda x, y, groups, z: linear_probe(x, y, z),
-    "logreg-tuned": tuned_linear_probe,
-    "knn": lambda x, y, groups, z: knn_probe(x, y, z, 5),
-    "knn15": lambda x, y, groups, z: knn_probe(x, y, z, 15),
-}
+BASELINES = {"logreg": linear_probe, "logreg-tuned": tuned_linear_probe, "knn": partial(knn_probe, k=5),
+             "knn15": partial(knn_probe, k=15)}
 DEFAULT_METHODS = ["logreg", "logreg-tuned", "knn", "knn15", "default", "before", "default + validation",
                    "structure 3", "head + structure", "knn, no structure", "knn, structure only"]
 REFERENCE = "logreg-tuned"
@@ -170,18 +167,6 @@ def frozen_folds(feats: np.ndarray, records, plan, dim: int | None) -> list[list
                 xq, xg = pca.transform(xq), pca.transform(xg)
             folds.append(FoldEmbeddings(q, xq, g, xg))
         out.append(folds)
-    return out
-
-
-def baseline_oof(name: str, feats: np.ndarray, y: np.ndarray, patients: np.ndarray, plan) -> list[np.ndarray]:
-    fn = BASELINES[name]
-    out = []
-    for fold_list in plan:
-        prob = np.full(len(y), np.nan)
-        for test in fold_list:
-            held = np.isin(patients, list(test))
-            prob[held] = fn(feats[~held], y[~held], patients[~held], feats[held])[:, 1]
-        out.append(prob)
     return out
 
 
@@ -292,7 +277,7 @@ def main() -> None:
             for m in methods:
                 t1 = time.perf_counter()
                 if m in BASELINES:
-                    probs[m] = baseline_oof(m, feats, y, patients, plan)
+                    probs[m] = out_of_fold(BASELINES[m], feats, y, patients, plan)
                 else:
                     embs: list = []
                     probs[m] = trained_oof(m, base, records, plan, Path(tmp) / m, embs)
@@ -304,7 +289,7 @@ def main() -> None:
             else:
                 for name, dim in (("frozen features", None), (f"frozen PCA{cfg.model.embedding_dim}", cfg.model.embedding_dim)):
                     sims = [similarity_of(folds, records, len(records)) for folds in frozen_folds(feats, records, plan, dim)]
-                    probs[name] = probs.get(REFERENCE) or baseline_oof(REFERENCE, feats, y, patients, plan)
+                    probs[name] = probs.get(REFERENCE) or out_of_fold(BASELINES[REFERENCE], feats, y, patients, plan)
                     extras[name], spreads[name] = [s[0] for s in sims], [x for s in sims for x in s[1]]
         results[protocol] = bootstrap(y, probs, extras, patients, REFERENCE, args.bootstrap)
         what = {"lopo": "leave-one-patient-out", "kfold": f"patient-grouped stratified {args.folds}-fold x {repeats} repeats",

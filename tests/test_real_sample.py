@@ -17,7 +17,7 @@ the test patients must not fall below the frozen features' by more than the samp
 
 import numpy as np
 
-from smse.baselines import patient_folds, tuned_linear_probe
+from smse.baselines import out_of_fold, patient_folds, tuned_linear_probe
 from smse.config import load_config
 from smse.cv import heads_out_of_fold
 from smse.data.loading import LoadedData, load_data
@@ -44,10 +44,7 @@ def test_default_is_not_below_the_tuned_probe_and_does_not_collapse_on_real_pati
     patients = np.array([r.patient for r in records])
     plan = patient_folds(records, k=5, repeats=1)
 
-    probe = np.full(len(y), np.nan)
-    for test in plan[0]:
-        held = np.isin(patients, list(test))
-        probe[held] = tuned_linear_probe(features[~held], y[~held], patients[~held], features[held])[:, 1]
+    probe = out_of_fold(tuned_linear_probe, features, y, patients, plan)[0]
     folds: list = []
     heads = heads_out_of_fold(cfg, records, plan, tmp_path / "folds", folds)[0][:, 1]
     assert not np.isnan(probe).any() and not np.isnan(heads).any()  # every image tested once

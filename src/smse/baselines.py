@@ -46,14 +46,15 @@ def patient_folds(records: Sequence[Record], k: int | None = 5, repeats: int = 1
 def out_of_fold(probe, features: np.ndarray, y: np.ndarray, patients: Sequence[str],
                 plan: list[list[set[str]]]) -> list[np.ndarray]:
     """Out-of-fold probabilities of class 1 per repeat of ``plan``: each fold's probe is fit on every
-    patient outside the fold (``probe``: ``linear_probe``, ``knn_probe`` or one of their signature)."""
+    patient outside the fold (``probe``: ``linear_probe``, ``knn_probe``, ``tuned_linear_probe`` or one of their
+    signature, ``probe(x_train, y_train, x_test, groups=training patients)``)."""
     patients = np.asarray(patients)
     out = []
     for fold_list in plan:
         prob = np.full(len(y), np.nan)
         for test in fold_list:
             held = np.isin(patients, list(test))
-            prob[held] = probe(features[~held], y[~held], features[held])[:, 1]
+            prob[held] = probe(features[~held], y[~held], features[held], groups=patients[~held])[:, 1]
         out.append(prob)
     return out
 
@@ -64,8 +65,10 @@ def _fit_predict(clf, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarr
         return clf.fit(x_train, y_train).predict_proba(x_test)
 
 
-def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, c: float = PROBE_C) -> np.ndarray:
-    """Class probabilities of a logistic regression on standardised features (columns: sorted classes)."""
+def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, c: float = PROBE_C,
+                 groups: Sequence[str] | None = None) -> np.ndarray:
+    """Class probabilities of a logistic regression on standardised features (columns: sorted classes);
+    ``groups`` (the training patients) is the probes' common signature, unused here."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -73,8 +76,9 @@ def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, c
     return _fit_predict(make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000)), x_train, y_train, x_test)
 
 
-def knn_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: int = 5) -> np.ndarray:
-    """Class probabilities of a cosine k-nearest-neighbour vote on standardised features."""
+def knn_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: int = 5,
+              groups: Sequence[str] | None = None) -> np.ndarray:
+    """Class probabilities of a cosine k-nearest-neighbour vote on standardised features (``groups`` unused)."""
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -116,7 +120,7 @@ def choose_probe_c(x: np.ndarray, y: np.ndarray, groups: Sequence[str], grid: Se
     return best_c
 
 
-def tuned_linear_probe(x_train: np.ndarray, y_train: np.ndarray, groups: Sequence[str], x_test: np.ndarray,
+def tuned_linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, groups: Sequence[str],
                        grid: Sequence[float] = PROBE_C_GRID) -> np.ndarray:
     """``linear_probe`` with C chosen by patient-grouped cross-validation on the training patients only
     (``choose_probe_c``): the tuned probe a trained head has to beat."""
