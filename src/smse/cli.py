@@ -120,23 +120,20 @@ def train(
     typer.echo(f"run folder: {run}")
 
 
-def _print_results(run: Path, result: dict, report: bool = True) -> None:
+def _print_results(run: Path, result: dict) -> None:
     typer.echo(RunFiles(run).results.read_text())
     probe = result["magnification_probe"]
     if probe["balanced_accuracy"] == probe["balanced_accuracy"]:
         typer.echo(f"magnification probe: balanced accuracy {100 * probe['balanced_accuracy']:.1f}% (chance "
                    f"{100 * probe['balanced_chance']:.1f}%; {probe['images']} images, {probe['smallest']} at the rarest "
                    "magnification; lower is more magnification-independent)")
-    if report:
-        typer.echo(f"report: {RunFiles(run).report}")
+    typer.echo(f"report: {RunFiles(run).report}")
 
 
 def _evaluate(run: Path, which: str = "best") -> dict:
-    from smse.evaluate import evaluate_run
-    from smse.report import write_report
+    from smse.pipeline import evaluate_and_report
 
-    result = evaluate_run(run, which)
-    write_report(run)
+    result = evaluate_and_report(run, which)
     _print_results(run, result)
     return result
 

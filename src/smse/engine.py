@@ -100,7 +100,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
                                   progress and dist.main)
                 scheduler.step()
                 check_finite_weights(trainable, epoch + 1, run)
-                refresh_references(prep, train_idx)
+                if len(val_idx):  # the k-NN classifier validates against this epoch's embeddings
+                    refresh_references(prep, train_idx)
                 row["lr"] = optimizer.param_groups[0]["lr"]
                 if len(val_idx) and dist.main:  # validation and saving are the main process's job
                     row.update(validate(prep, val_idx))
@@ -168,19 +169,11 @@ def calibrate(prep: Prepared, done: Progress, trainable: nn.Module, val_idx: np.
 
     if not len(val_idx) or done.best_state is None:
         return None
-    live = _copy(trainable)
-    trainable.load_state_dict(done.best_state)
-    prep.model.heads.temperature.fill_(1.0)
-    _, probs = embed(prep, val_idx)
+    with _holding(trainable, done.best_state):  # the epochs' weights hold T = 1
+        _, probs = embed(prep, val_idx)
     targets = np.asarray(prep.dataset.targets)[val_idx]
     t = fit_temperature(np.log(np.clip(probs, 1e-12, None)), targets)
-    key = "temperature" if trainable is prep.model.heads else "heads.temperature"
-    for name in ("best_state", "last_state"):
-        state = getattr(done, name)
-        if state is not None:
-            setattr(done, name, {**state, key: torch.tensor(t, dtype=state[key].dtype)})
-    trainable.load_state_dict(live)
-    done.written_epoch = -1  # the checkpoints on disk hold T = 1: write them again
+    _rewrite_kept(done, trainable, lambda: prep.model.heads.temperature.fill_(t))
     return {"temperature": t, "val_images": int(len(val_idx)), "val_ece_before": expected_calibration_error(targets, probs),
             "val_ece_after": expected_calibration_error(targets, rescale(probs, t))}
 
@@ -191,16 +184,29 @@ def final_references(prep: Prepared, done: Progress, trainable: nn.Module, indic
     Validation patients stay out of the references while they choose the best epoch; once it is chosen,
     they are part of the archive a new image is compared with. Updates the kept best and last weights.
     """
-    if prep.cfg.model.classifier != "knn" or done.last_state is None:
-        return
+    if prep.cfg.model.classifier == "knn":
+        _rewrite_kept(done, trainable, lambda: refresh_references(prep, indices))
+
+
+@contextlib.contextmanager
+def _holding(trainable: nn.Module, state: dict):
+    """``trainable`` holds the weights ``state`` inside the block, its own again after it."""
     live = _copy(trainable)
+    trainable.load_state_dict(state)
+    try:
+        yield
+    finally:
+        trainable.load_state_dict(live)
+
+
+def _rewrite_kept(done: Progress, trainable: nn.Module, change: Callable[[], None]) -> None:
+    """Apply ``change`` (which edits the live model) to the kept best and last weights, and have them written again."""
     for name in ("best_state", "last_state"):
         if getattr(done, name) is not None:
-            trainable.load_state_dict(getattr(done, name))
-            refresh_references(prep, indices)
-            setattr(done, name, _copy(trainable))
-    trainable.load_state_dict(live)
-    done.written_epoch = -1  # the checkpoints on disk hold the training-only references: write them again
+            with _holding(trainable, getattr(done, name)):
+                change()
+                setattr(done, name, _copy(trainable))
+    done.written_epoch = -1  # the checkpoints on disk hold the weights before the change
 
 
 def training_indices(prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
@@ -231,8 +237,7 @@ def build_objective(prep: Prepared, train_idx: np.ndarray) -> Objective:
                          cross_magnification=cfg.sampler.mode == "cross-magnification",
                          same_patient=cfg.sampler.same_patient),
         L.classification_weight, L.metric_weight,
-        NeighbourhoodLoss(L.structure_temperature), L.structure_weight,
-        L.structure_scope).to(prep.device)
+        NeighbourhoodLoss(L.structure_temperature), L.structure_weight, L.structure_scope).to(prep.device)
 
 
 @torch.no_grad()

@@ -66,13 +66,15 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     }
     # probabilities that mean what they say: the test images' calibration, and what the temperature fitted on
     # the validation patients (training) did; T = 1 where the run had no validation patients
+    files = RunFiles(run)
     out["calibration"] = calibration_report(t_test, probs, float(model.heads.temperature))
-    out["calibration"]["validation"] = RunFiles(run).read_json(RunFiles(run).summary, {}).get("calibration")
+    out["calibration"]["validation"] = files.read_json(files.summary, {}).get("calibration")
     test_recs, train_recs = [recs[i] for i in test], [recs[i] for i in train]
     out["similarity"] = {"embedding": similarity(emb, ref_emb, test_recs, train_recs, backend)}
     if prep.features is not None:  # frozen mode: the features the heads start from, as baselines in the same run
-        out["similarity"] |= frozen_baselines(prep, test, train, cfg.model.embedding_dim, backend)
-        out["probe"] = probe_baseline(prep, test, train)
+        x_test, x_train = _plain_features(prep, test), _plain_features(prep, train)
+        out["similarity"] |= frozen_baselines(x_test, x_train, test_recs, train_recs, cfg.model.embedding_dim, backend)
+        out["probe"] = probe_baseline(x_test, x_train, t_test, targets[train], test_recs, train_recs, len(class_map))
     pred = probs.argmax(1)
     scores = patient_scores(t_test, pred, pats)
     out["patients"] = [
@@ -81,7 +83,6 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
          "predicted": class_map.names[int(np.bincount(pred[pats == p], minlength=len(class_map)).argmax())],
          "magnifications": sorted({int(m) for m in mags[pats == p]})}
         for p in sorted(scores)]
-    files = RunFiles(run)
     files.eval.mkdir(parents=True, exist_ok=True)
     files.write_metrics(out)
     write_text(files.results, results_table(result_rows(out)) + "\n\n"
@@ -90,8 +91,8 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
               ["path", "patient", "magnification", "label", "predicted"] + [f"p_{c}" for c in class_map.names],
               ([recs[i].path, recs[i].patient, recs[i].magnification, class_map.names[t_test[j]],
                 class_map.names[pred[j]]] + [f"{v:.6f}" for v in probs[j]] for j, i in enumerate(test)))
-    save_embeddings(files.test_embeddings, emb, [recs[i] for i in test], class_map, probs)
-    files.write_reference(ref_emb, [recs[i] for i in train], class_map)
+    save_embeddings(files.test_embeddings, emb, test_recs, class_map, probs)
+    files.write_reference(ref_emb, train_recs, class_map)
     return out
 
 
@@ -123,35 +124,30 @@ def _plain_features(prep, indices: np.ndarray) -> np.ndarray:
         return heads.standardized(prep.features[indices, 0].to(heads.feature_mean.device)).double().cpu().numpy()
 
 
-def frozen_baselines(prep, test: np.ndarray, train: np.ndarray, dim: int, backend: str = "torch") -> dict:
+def frozen_baselines(x_test: np.ndarray, x_train: np.ndarray, test_recs, train_recs, dim: int,
+                     backend: str = "torch") -> dict:
     """The similarity measures on the frozen features themselves and on their PCA to the embedding's dimension."""
     from sklearn.decomposition import PCA
 
-    x_test, x_train = _plain_features(prep, test), _plain_features(prep, train)
-    recs = prep.records
-    test_recs, train_recs = [recs[i] for i in test], [recs[i] for i in train]
     out = {"frozen_features": similarity(x_test, x_train, test_recs, train_recs, backend)}
-    n = min(dim, len(train), x_train.shape[1])
-    if n >= 1 and len(train) > 1:
+    n = min(dim, len(x_train), x_train.shape[1])
+    if n >= 1 and len(x_train) > 1:
         pca = PCA(n, random_state=0).fit(x_train)
         out[f"frozen_pca{n}"] = similarity(pca.transform(x_test), pca.transform(x_train), test_recs, train_recs, backend)
     return out
 
 
-def probe_baseline(prep, test: np.ndarray, train: np.ndarray) -> dict:
+def probe_baseline(x_test: np.ndarray, x_train: np.ndarray, y_test: np.ndarray, y_train: np.ndarray, test_recs,
+                   train_recs, n_classes: int) -> dict:
     """The independent baseline: scikit-learn's logistic regression on the standardised frozen features of the
     training images, C chosen by patient-grouped cross-validation on the training patients only."""
     from smse.baselines import choose_probe_c, linear_probe
 
-    targets = np.asarray(prep.dataset.targets)
-    x_train, x_test = _plain_features(prep, train), _plain_features(prep, test)
-    groups = [prep.records[i].patient for i in train]
-    c = choose_probe_c(x_train, targets[train], groups)
-    probs = np.zeros((len(test), len(prep.class_map)))
-    probs[:, np.unique(targets[train])] = linear_probe(x_train, targets[train], x_test, c)
-    pats = [prep.records[i].patient for i in test]
-    mags = [prep.records[i].magnification for i in test]
-    return {"C": c, "results": by_magnification(targets[test], probs, pats, mags, len(prep.class_map))}
+    c = choose_probe_c(x_train, y_train, [r.patient for r in train_recs])
+    probs = np.zeros((len(x_test), n_classes))
+    probs[:, np.unique(y_train)] = linear_probe(x_train, y_train, x_test, c)
+    return {"C": c, "results": by_magnification(y_test, probs, [r.patient for r in test_recs],
+                                                [r.magnification for r in test_recs], n_classes)}
 
 
 @torch.no_grad()

@@ -23,14 +23,19 @@ def run_pipeline(cfg: Config, evaluate: bool = True, report: bool = True, progre
     run = train(cfg, progress=progress)
     if not (evaluate and Dist.from_env().main):
         return run, None
+    return run, evaluate_and_report(run, report=report, progress=progress)
+
+
+def evaluate_and_report(run: str | Path, which: str = "best", report: bool = True, progress: bool = True) -> dict:
+    """The ``which`` checkpoint of ``run`` evaluated on its test split (``eval/``), then the report written."""
     from smse.evaluate import evaluate_run
 
-    result = evaluate_run(run, progress=progress)
+    result = evaluate_run(run, which, progress=progress)
     if report:
         from smse.report import write_report
 
         write_report(run)
-    return run, result
+    return result
 
 
-__all__ = ["run_pipeline"]
+__all__ = ["evaluate_and_report", "run_pipeline"]

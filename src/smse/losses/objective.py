@@ -13,7 +13,9 @@ from smse.losses.structure import NeighbourhoodLoss
 class Objective(nn.Module):
     """total = w_cls * classification + w_metric * metric + w_structure * structure; each part returned for logging.
 
-    ``structure`` (a ``NeighbourhoodLoss``) keeps the neighbourhoods of the features the embedding is made from.
+    ``structure`` (a ``NeighbourhoodLoss``) keeps the neighbourhoods of the features the embedding is made from;
+    ``structure_scope``: ``all`` images of the batch, neighbours within each ``magnification`` only, or all with the
+    teacher's features ``centred`` per magnification (``centre_by_group``).
 
     How many tuples the metric loss saw in the last call is a statistic (``stats()``), not a loss part.
     """
@@ -21,9 +23,9 @@ class Objective(nn.Module):
     def __init__(self, classification: ClassificationLoss, metric: MetricLoss | None = None,
                  classification_weight: float = 1.0, metric_weight: float = 1.0,
                  structure: NeighbourhoodLoss | None = None, structure_weight: float = 0.0,
-                 structure_within_magnification: str | bool = False):
+                 structure_scope: str = "all"):
         super().__init__()
-        self.structure_within_magnification = structure_within_magnification
+        self.structure_scope = structure_scope
         self.structure = structure if structure_weight > 0 else None
         self.structure_weight = structure_weight
         self.classification = classification
@@ -48,8 +50,8 @@ class Objective(nn.Module):
         if self.structure is not None:
             if features is None:
                 raise ValueError("the structure term needs the features the embeddings were made from")
-            groups = mags if self.structure_within_magnification == "magnification" else None
-            if self.structure_within_magnification == "centred" and mags is not None:
+            groups = mags if self.structure_scope == "magnification" else None
+            if self.structure_scope == "centred" and mags is not None:
                 features = centre_by_group(features, mags)
             structure = self.structure(emb, features, groups)
             parts["structure"] = structure
