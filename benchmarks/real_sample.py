@@ -61,6 +61,7 @@ TRAINED = {
     "default": [],
     "before": HEAD,
     "default + validation": ["data.split.val_fraction=0.15"],
+    "not centred": ["loss.structure_scope=all"],
     "structure 3": ["loss.structure_weight=3"],
     "head + structure": ["model.classifier=head"],
     "knn, no structure": ["loss.structure_weight=0"],

@@ -20,8 +20,8 @@ from smse.data.records import ClassMap
 from smse.data.transforms import to_tensor
 from smse.errors import CheckpointError, ImageError
 from smse.models import Embedder
-from smse.progress import progress
-from smse.runfiles import RunFiles
+from smse.progress import batch_sizes, progress
+from smse.runfiles import RunFiles, load_embeddings
 from smse.runfolder import check_finite_outputs
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,7 @@ class Model:
         images = self._as_list(images)
         batches = self._batches(images, batch_size)
         if len(images) > 4 * batch_size:  # minutes on a CPU: show the way
-            batches = progress(batches, desc="embedding images", unit="images",
-                               weights=[len(images[s:s + batch_size]) for s in range(0, len(images), batch_size)])
+            batches = progress(batches, desc="embedding images", unit="images", weights=batch_sizes(len(images), batch_size))
         for batch in batches:
             emb, logits = self.module(batch.to(self.device))
             embs.append(emb.float().cpu())
@@ -250,8 +249,7 @@ class ReferenceIndex:
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "torch") -> "ReferenceIndex":
         """An index from a ``.npz`` written by ``smse evaluate`` or ``smse embed``."""
-        with np.load(path) as npz:
-            arrays = {k: npz[k] for k in npz.files}  # read once: an NpzFile re-reads on every access
+        arrays = load_embeddings(path)
         return cls(arrays["embeddings"], backend, **{k: arrays[k] for k in cls.FIELDS if k in arrays})
 
     @classmethod

@@ -15,7 +15,7 @@ from smse.data.dataset import RecordDataset
 from smse.data.records import Record
 from smse.io import atomic_path
 from smse.models import Embedder
-from smse.progress import progress as report_progress
+from smse.progress import batch_sizes, progress as report_progress
 
 
 #: Bumped whenever the way features are computed changes (architecture, preprocessing, augmented views),
@@ -39,9 +39,8 @@ def compute_features(model: Embedder, dataset: RecordDataset, views: int, batch_
     model.eval().to(device)
     out = []
     pairs = [(i, v) for i in range(len(dataset)) for v in range(views)]
-    starts = range(0, len(pairs), batch_size)
-    sizes = [len(pairs[s:s + batch_size]) for s in starts]
-    for start in report_progress(starts, desc="backbone features", unit="image views", enabled=progress, weights=sizes):
+    for start in report_progress(range(0, len(pairs), batch_size), desc="backbone features", unit="image views",
+                                 enabled=progress, weights=batch_sizes(len(pairs), batch_size)):
         chunk = pairs[start:start + batch_size]
         images = torch.stack([dataset.view(i, v) for i, v in chunk]).to(device)
         out.append(model.features(images).float().cpu())

@@ -16,7 +16,7 @@ from smse.data.loading import LoadedData, cache_dir_of, load_data
 from smse.data.records import ClassMap, Record
 from smse.features import cached_features, feature_key
 from smse.models import Embedder
-from smse.progress import progress as report_progress
+from smse.progress import batch_sizes, progress as report_progress
 from smse.runtime import Dist, resolve_device
 
 
@@ -84,9 +84,8 @@ def embed(prep: Prepared, indices: Sequence[int], batch_size: int = 256,
     model = prep.model
     model.eval()
     embs, probs = [], []
-    starts = range(0, len(indices), batch_size)
-    for start in report_progress(starts, desc="embedding images", unit="images", enabled=progress and prep.features is None,
-                                 weights=[len(indices[s:s + batch_size]) for s in starts]):
+    for start in report_progress(range(0, len(indices), batch_size), desc="embedding images", unit="images",
+                                 enabled=progress and prep.features is None, weights=batch_sizes(len(indices), batch_size)):
         idx = list(indices[start:start + batch_size])
         if prep.features is not None:
             emb, logits = model.heads(prep.features[idx, 0].to(prep.device))

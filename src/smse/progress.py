@@ -69,4 +69,9 @@ def _lines(items, sizes, total: int, desc: str, unit: str) -> Iterator:
                 next_at += EVERY * total
 
 
-__all__ = ["EVERY", "progress"]
+def batch_sizes(total: int, batch_size: int) -> list[int]:
+    """The sizes of the batches ``range(0, total, batch_size)`` cuts: ``progress``'s weights for batched work."""
+    return [min(batch_size, total - start) for start in range(0, total, batch_size)]
+
+
+__all__ = ["EVERY", "batch_sizes", "progress"]

@@ -136,10 +136,7 @@ class RunFiles:
 
     def read_embeddings(self, path: Path) -> dict[str, np.ndarray] | None:
         """Every array of an embeddings file (``reference`` or ``test_embeddings``), or None when it is not there."""
-        if not path.exists():
-            return None
-        with np.load(path) as npz:
-            return {k: npz[k] for k in npz.files}
+        return load_embeddings(path) if path.exists() else None
 
     # ---- typed writes (each run file has one writer: these) ----
     def write_history(self, history: Sequence[dict]) -> None:
@@ -179,4 +176,10 @@ def save_embeddings(path: str | Path, emb: np.ndarray, records, class_map, probs
             np.savez(handle, **arrays)
 
 
-__all__ = ["RunFiles", "save_embeddings"]
+def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of a ``save_embeddings`` file, read once (an ``NpzFile`` re-reads on every access)."""
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+__all__ = ["RunFiles", "load_embeddings", "save_embeddings"]

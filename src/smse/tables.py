@@ -18,7 +18,8 @@ def _columns(results: Mapping[str, Mapping[str, dict]]) -> list[str]:
     return mags + (["all"] if "all" in cols else [])
 
 
-def _pct(v: float | None) -> str:
+def pct(v: float | None) -> str:
+    """A share as a percentage with one decimal; ``-`` for a missing or NaN value."""
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
@@ -30,10 +31,10 @@ def _cell(m: dict | None, key: str) -> str:
     """``value [low, high]`` (95% interval), marked ``*`` under ``MIN_PATIENTS`` patients."""
     if not m or m.get(key) is None:
         return "-"
-    value = _pct(m.get(key))
+    value = pct(m.get(key))
     ci = (m.get("intervals") or {}).get(key)
     if ci and not any(math.isnan(v) for v in ci):
-        value += f" [{_pct(ci[0])}, {_pct(ci[1])}]"
+        value += f" [{pct(ci[0])}, {pct(ci[1])}]"
     return value + (" *" if m.get("patients", MIN_PATIENTS) < MIN_PATIENTS else "")
 
 
@@ -56,6 +57,11 @@ def results_table(results: Mapping[str, Mapping[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+TABLE_NOTE = (f"Cells: accuracy in % [95% interval, resampling patients; Wilson's for one patient]; "
+              f"* fewer than {MIN_PATIENTS} patients. Patient level is the literature's patient score: the mean over "
+              "patients of each patient's share of correctly classified images.")
+
+
 def table_note(images_per_patient: Sequence[int]) -> str:
     """``TABLE_NOTE``, and why image and patient levels coincide when every test patient has as many images."""
     counts = set(images_per_patient)
@@ -63,11 +69,6 @@ def table_note(images_per_patient: Sequence[int]) -> str:
         return (TABLE_NOTE + f" Every test patient has {counts.pop()} images, so the image and patient levels "
                 "coincide: the mean over images equals the mean over patients.")
     return TABLE_NOTE
-
-
-TABLE_NOTE = (f"Cells: accuracy in % [95% interval, resampling patients; Wilson's for one patient]; "
-              f"* fewer than {MIN_PATIENTS} patients. Patient level is the literature's patient score: the mean over "
-              "patients of each patient's share of correctly classified images.")
 
 
 def mean_std_table(runs: Mapping[str, Sequence[Mapping[str, dict]]]) -> tuple[str, dict]:

@@ -17,7 +17,7 @@ from smse.io import write_text
 from smse.report import plots
 from smse.retrieval import search
 from smse.runfiles import RunFiles
-from smse.tables import result_rows, results_table, table_note
+from smse.tables import pct, result_rows, results_table, table_note
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +143,9 @@ def _calibration_note(cal: dict | None) -> str:
 
 
 def _bar_rows(m: dict) -> dict[str, dict]:
-    rows = {"model": m["head"], f"k-NN (k={m['knn_k']})": m["knn"]}
-    if "probe" in m:
-        rows["logistic regression (baseline)"] = m["probe"]["results"]
-    return rows
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None or v != v else f"{100 * v:.1f}"
+    """The results table's rows under names short enough for a legend."""
+    short = ["model", f"k-NN (k={m['knn_k']})", "logistic regression (baseline)"]
+    return dict(zip(short, result_rows(m).values()))
 
 
 #: the magnification probe is shown only where every magnification has at least this many test images
@@ -186,10 +181,10 @@ def _similarity_html(m: dict) -> str:
         s = sim[key]
         t, w, sp, spread = s["type_retrieval"]["all"], s["type_retrieval"]["within_class"], s["same_patient"], s["spread"]
         q = spread["distance_quantiles"]
-        rows += (f"<tr><td>{html.escape(name)}</td><td>{_pct(t['precision_at_5'])} ({_pct(t['chance_precision'])})</td>"
-                 f"<td>{_pct(t['map_at_r'])}</td><td>{_pct(w['precision_at_5'])} ({_pct(w['chance_precision'])})</td>"
-                 f"<td>{t['queries']}</td><td>{_pct(sp['hit_at_5'])} ({_pct(sp['chance_hit_at_5'])})</td>"
-                 f"<td>{sp['queries']}</td><td>{_pct(spread['first_axis_share'])}%</td>"
+        rows += (f"<tr><td>{html.escape(name)}</td><td>{pct(t['precision_at_5'])} ({pct(t['chance_precision'])})</td>"
+                 f"<td>{pct(t['map_at_r'])}</td><td>{pct(w['precision_at_5'])} ({pct(w['chance_precision'])})</td>"
+                 f"<td>{t['queries']}</td><td>{pct(sp['hit_at_5'])} ({pct(sp['chance_hit_at_5'])})</td>"
+                 f"<td>{sp['queries']}</td><td>{pct(spread['first_axis_share'])}%</td>"
                  f"<td>{spread['effective_rank']:.1f}</td><td>{q[0]:.2f} / {q[2]:.2f} / {q[4]:.2f}</td></tr>")
     guide = sim["embedding"]["distance_guide"]
     grows = ""
