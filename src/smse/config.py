@@ -66,7 +66,8 @@ SamplerMode = Literal["cross-magnification", "pooled", "single"]
 SamplerBalance = Literal["none", "patient"]  # patient: each patient drawn as often, whatever its image count
 Device = Literal["auto", "cpu", "cuda", "mps"]
 KnnBackend = Literal["torch", "faiss"]  # faiss: pip install 'smse[faiss]'
-# the neighbourhood term's neighbours: every image of the batch, or those of the image's own magnification only
+# the neighbourhood term's neighbours: every image of the batch, those of the image's own magnification only, or
+# every image with the teacher's features centred per magnification (the microscope's offset removed)
 StructureScope = Literal["all", "magnification", "centred"]
 
 
