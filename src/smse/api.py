@@ -265,10 +265,11 @@ class ReferenceIndex:
         model_cfg = model.config if model is not None else None
         return cls.load(path, backend or (model_cfg.eval.knn_backend if model_cfg else "torch"))
 
-    def search(self, queries: np.ndarray, k: int = 5) -> Hits:
+    def search(self, queries: np.ndarray, k: int = 5, flag_outliers: bool = True) -> Hits:
         """The ``k`` nearest references of each query embedding (one [d] vector or an [N, d] array).
 
-        A ``k`` above the index's size gives every reference, nearest first.
+        A ``k`` above the index's size gives every reference, nearest first. ``flag_outliers``: set
+        ``Hits.out_of_distribution`` (computing the distance guide on first use); False leaves it None.
 
         Raises:
             ValueError: ``k`` below 1, queries of another dimension, or non-finite queries.
@@ -285,11 +286,13 @@ class ReferenceIndex:
             raise ValueError("queries: embeddings hold NaN or infinite values")
         from smse.similarity import OOD_K
 
-        dist, idx = search(queries, self.embeddings, max(k, OOD_K), self.backend)
-        threshold = self.guide()["ood_threshold"]
-        kth = dist[:, min(OOD_K, dist.shape[1]) - 1] if dist.shape[1] else np.zeros(len(queries))
-        ood = kth > threshold if dist.shape[1] and threshold is not None else np.zeros(len(queries), bool)
-        dist, idx = dist[:, :k], idx[:, :k]
+        dist, idx = search(queries, self.embeddings, max(k, OOD_K) if flag_outliers else k, self.backend)
+        ood = None
+        if flag_outliers:
+            threshold = self.guide()["ood_threshold"]
+            kth = dist[:, min(OOD_K, dist.shape[1]) - 1] if dist.shape[1] else np.zeros(len(queries))
+            ood = kth > threshold if dist.shape[1] and threshold is not None else np.zeros(len(queries), bool)
+            dist, idx = dist[:, :k], idx[:, :k]
         return Hits(dist, idx, *(self.metadata[name][idx] for name in self.FIELDS), out_of_distribution=ood)
 
 

@@ -203,7 +203,8 @@ class Service:
             emb, probs = self.model.infer(torch.stack(tensors))
         ok = [item for item in items if "error" not in item]
         overall = self.index.search(emb, k)
-        per_mag = [(mag, rows, sub.search(emb, k)) for mag, rows, sub in self.groups]
+        # (the flag is the whole reference set's, above: the magnification groups need no guide of their own)
+        per_mag = [(mag, rows, sub.search(emb, k, flag_outliers=False)) for mag, rows, sub in self.groups]
         coords = self.map.transform(emb)
         names = self.model.classes
         for q, item in enumerate(ok):
