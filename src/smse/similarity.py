@@ -11,8 +11,8 @@ about the tissue. These measures ask more of it:
 - ``embedding_spread``: the share of variance on the first principal axis, the effective rank and
   the distribution of pairwise distances (a collapsed embedding has one axis and two distances);
 - ``distance_guide``: the distances between references of the same type, the same class and other
-  classes, and the out-of-distribution threshold that flags a query whose nearest reference is
-  farther than references usually are from their own nearest neighbour.
+  classes, and the out-of-distribution threshold that flags a query whose ``OOD_K``-th nearest reference
+  is farther than references usually are from their own ``OOD_K``-th nearest neighbour.
 """
 
 from __future__ import annotations
