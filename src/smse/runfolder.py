@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
 
 from smse.config import Config
@@ -21,11 +22,6 @@ from smse.errors import DataError, Interrupted, OutputError, RunLockedError, Tra
 from smse.io import describe, writable_folder
 from smse.runfiles import RunFiles
 from smse.runtime import Dist
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; the run folder is not guarded there
-    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -66,30 +62,32 @@ def _tidy(run: Path, existed: bool) -> None:
 
 @contextmanager
 def _flock(run: Path) -> Iterator[None]:
-    """The operating system's lock on the run folder's lock file, holding this process's id."""
-    if fcntl is None:
-        yield
-        return
+    """The operating system's lock on the run folder's lock file (``filelock``), which holds this process's id."""
+    path = RunFiles(run).lock
+    lock = FileLock(path, timeout=0)
     try:
-        handle = open(RunFiles(run).lock, "a+")
-    except OSError as exc:
-        raise OutputError(f"{RunFiles(run).lock}: cannot open the run folder's lock ({describe(exc)})") from None
-    with handle:
+        lock.acquire()
+    except Timeout:
+        raise RunLockedError(f"{run}: another training (process {_holder(path)}) is writing into this run folder; "
+                             "wait for it to end, or choose another out") from None
+    except OSError as exc:  # a read-only folder, or a file system without locks (some network mounts)
+        raise OutputError(f"{path}: cannot take the run folder's lock ({describe(exc)})") from None
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise RunLockedError(f"{run}: another training (process {holder}) is writing into this run folder; "
-                                 "wait for it to end, or choose another out") from None
-        except OSError as exc:  # file systems without locks (some network mounts)
-            logger.warning("%s: cannot lock this run folder (%s); a second training into it would not be stopped",
-                           run, exc.strerror or exc)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield  # closing the file releases the lock
+            path.write_text(f"{os.getpid()}\n")
+        except OSError:  # Windows keeps the locked bytes from other handles: the holder stays unnamed
+            pass
+        yield
+    finally:
+        lock.release()
+
+
+def _holder(path: Path) -> str:
+    """The process id the lock's holder wrote into it, or "unknown"."""
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def guarded(train: Callable[..., Path]) -> Callable[..., Path]:
