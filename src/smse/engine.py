@@ -22,11 +22,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from smse.checkpoint import save_checkpoint
-from smse.config import Config, save_config, to_dict
+from smse.config import Config, to_dict
 from smse.data.loading import LoadedData, load_data
 from smse.data.samplers import Batch, MagnificationBalancedSampler, OfflineTupleSampler
 from smse.errors import ConfigError, TrainingDiverged
-from smse.io import atomic_path, write_json
 from smse.losses import NeighbourhoodLoss, Objective, make_classification_loss, make_metric_loss
 from smse.metrics import image_accuracy, patient_accuracy
 from smse.prepare import Prepared, embed, prepare
@@ -118,7 +117,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
             if dist.main:
                 write_checkpoints(run, prep, done, trainable)
     if dist.main:
-        write_json(RunFiles(run).summary, {"finished": True, "epochs": cfg.train.epochs, "best_val": done.best,
+        RunFiles(run).write_summary({"finished": True, "epochs": cfg.train.epochs, "best_val": done.best,
                                       "best_epoch": done.best_epoch, "backbone_weights": prep.weights,
                                       "calibration": done.calibration,
                                       "data": prep.data.summary_line()})
@@ -138,9 +137,9 @@ def load_resume_state(cfg: Config, run: Path, dist: Dist) -> dict | None:
     if cfg.sampler.batch_size % dist.world:
         raise ConfigError(f"sampler.batch_size: {cfg.sampler.batch_size} is not divisible by the {dist.world} processes")
     path = RunFiles(run).state
-    if not path.exists():
+    state = RunFiles(run).read_state()
+    if state is None:
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
     if state["config"] != resume_key(cfg):
         raise ConfigError(f"{path}: this run folder holds a run with another config; use another out folder or delete it")
     return state
@@ -150,10 +149,10 @@ def write_run_files(run: Path, prep: Prepared) -> None:
     """Config, versions, the split of every image, and what loading found, before the first step."""
     run.mkdir(parents=True, exist_ok=True)
     files = RunFiles(run)
-    save_config(prep.cfg, files.config)
-    write_json(files.versions, versions())
+    files.write_config(prep.cfg)
+    files.write_versions(versions())
     files.write_split(prep.records)
-    write_json(files.data, {"summary": prep.data.summary_line(), "skipped": prep.data.skipped,
+    files.write_data({"summary": prep.data.summary_line(), "skipped": prep.data.skipped,
                                    "duplicates": asdict(prep.data.duplicates), "backbone_weights": prep.weights,
                                    "class_map": prep.class_map.to_dict()})
 
@@ -416,8 +415,7 @@ def save_progress(run: Path, prep: Prepared, done: Progress, trainable: nn.Modul
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": done.history,
              "best": done.best, "best_epoch": done.best_epoch, "best_row": done.best_row, "best_state": done.best_state,
              "config": resume_key(prep.cfg), "data": split_fingerprint(prep.records)}
-    with atomic_path(files.state) as tmp:
-        torch.save(state, tmp)
+    files.write_state(state)
 
 
 def write_checkpoints(run: Path, prep: Prepared, done: Progress, trainable: nn.Module) -> None:

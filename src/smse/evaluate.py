@@ -12,7 +12,6 @@ from smse.calibration import calibration_report
 from smse.checkpoint import find_checkpoint, load_checkpoint
 from smse.data.loading import LoadedData
 from smse.errors import CheckpointError
-from smse.io import write_csv, write_text
 from smse.metrics import by_magnification, patient_scores
 from smse.prepare import embed, prepare
 from smse.retrieval import cross_magnification_matrix, knn_predict, magnification_probe
@@ -85,13 +84,11 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
         for p in sorted(scores)]
     files.eval.mkdir(parents=True, exist_ok=True)
     files.write_metrics(out)
-    write_text(files.results, results_table(result_rows(out)) + "\n\n"
-               + table_note([p["images"] for p in out["patients"]]) + "\n")
-    write_csv(files.predictions,
-              ["path", "patient", "magnification", "label", "predicted"] + [f"p_{c}" for c in class_map.names],
-              ([recs[i].path, recs[i].patient, recs[i].magnification, class_map.names[t_test[j]],
-                class_map.names[pred[j]]] + [f"{v:.6f}" for v in probs[j]] for j, i in enumerate(test)))
-    save_embeddings(files.test_embeddings, emb, test_recs, class_map, probs)
+    files.write_results(results_table(result_rows(out)) + "\n\n" + table_note([p["images"] for p in out["patients"]]) + "\n")
+    files.write_predictions(class_map.names, ([recs[i].path, recs[i].patient, recs[i].magnification,
+                                               class_map.names[t_test[j]], class_map.names[pred[j]], *probs[j]]
+                                              for j, i in enumerate(test)))
+    files.write_test_embeddings(emb, test_recs, class_map, probs)
     files.write_reference(ref_emb, train_recs, class_map)
     return out
 

@@ -24,15 +24,16 @@ Every other module asks a ``RunFiles`` for a path, and reads or writes a run fil
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from smse.io import atomic_path, write_json
+from smse.io import atomic_path, write_csv, write_json, write_text
 
 
 @dataclass(frozen=True)
@@ -138,12 +139,62 @@ class RunFiles:
         """Every array of an embeddings file (``reference`` or ``test_embeddings``), or None when it is not there."""
         return load_embeddings(path) if path.exists() else None
 
+    def read_predictions(self) -> list[dict]:
+        """The rows of ``eval/predictions.csv`` (path made canonical; probabilities as floats), [] when absent."""
+        from smse.data.records import canonical_path
+
+        if not self.predictions.exists():
+            return []
+        with open(self.predictions, newline="", encoding="utf-8") as handle:
+            return [{**row, "path": canonical_path(row["path"]), "magnification": int(row["magnification"] or 0),
+                     **{k: float(v) for k, v in row.items() if k.startswith("p_")}}
+                    for row in csv.DictReader(handle)]
+
+    def read_state(self) -> dict | None:
+        """The resume point ``state.pt``, or None when the run has not finished an epoch."""
+        import torch
+
+        return torch.load(self.state, map_location="cpu", weights_only=False) if self.state.exists() else None
+
     # ---- typed writes (each run file has one writer: these) ----
     def write_history(self, history: Sequence[dict]) -> None:
         write_json(self.history, list(history))
 
     def write_metrics(self, metrics: dict) -> None:
         write_json(self.metrics, metrics)
+
+    def write_results(self, markdown: str) -> None:
+        write_text(self.results, markdown)
+
+    def write_predictions(self, class_names: Sequence[str], rows: Iterable[Sequence]) -> None:
+        """``eval/predictions.csv``: rows of (path, patient, magnification, label, predicted, *probabilities)."""
+        write_csv(self.predictions, ["path", "patient", "magnification", "label", "predicted"]
+                  + [f"p_{c}" for c in class_names],
+                  ([*row[:5], *(f"{v:.6f}" for v in row[5:])] for row in rows))
+
+    def write_test_embeddings(self, emb: np.ndarray, records, class_map, probs: np.ndarray) -> None:
+        save_embeddings(self.test_embeddings, emb, records, class_map, probs)
+
+    def write_versions(self, versions: dict) -> None:
+        write_json(self.versions, versions)
+
+    def write_data(self, data: dict) -> None:
+        write_json(self.data, data)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.summary, summary)
+
+    def write_config(self, cfg) -> None:
+        from smse.config import save_config
+
+        save_config(cfg, self.config)
+
+    def write_state(self, state: dict) -> None:
+        """``state.pt``, atomically: an interrupt leaves the previous resume point whole."""
+        import torch
+
+        with atomic_path(self.state) as tmp:
+            torch.save(state, tmp)
 
     def write_split(self, records) -> None:
         from smse.data.manifest import write_manifest

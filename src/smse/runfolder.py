@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import logging
@@ -109,11 +108,11 @@ def guarded(train: Callable[..., Path]) -> Callable[..., Path]:
 
 def resume_hint(run: Path) -> str:
     """What an interrupted training left in ``run`` and how to go on."""
-    state = RunFiles(run).state
-    if not state.exists():
+    state = RunFiles(run).read_state()
+    if state is None:
         return (f"interrupted before the first epoch ended; nothing in {run} to resume: "
                 "run the same command to start again")
-    epoch = torch.load(state, map_location="cpu", weights_only=False)["epoch"]
+    epoch = state["epoch"]
     return (f"interrupted; {run} holds the run after epoch {epoch} (state.pt, last.safetensors): "
             "run the same command again to resume from there")
 
@@ -135,22 +134,19 @@ def check_resume_data(state: dict | None, records: Sequence[Record], run: Path) 
     """
     if state is None or state.get("data") == split_fingerprint(records):
         return
-    changes = _changes(RunFiles(run).split, records)
+    changes = _changes(RunFiles(run).read_split() or [], records)
     if "data" not in state and not changes:
         return  # a run from before the fingerprint was saved, with the very same split
     raise DataError(f"{run}: the data changed since this run started ({'; '.join(changes) or 'split.csv is missing'}); "
                     "resuming would mix two splits: choose another out, or restore the data")
 
 
-def _changes(split_csv: Path, records: Sequence[Record]) -> list[str]:
-    """What differs between a run's ``split.csv`` and ``records``, in a few phrases with examples."""
-    if not split_csv.exists():
+def _changes(saved: Sequence[Record], records: Sequence[Record]) -> list[str]:
+    """What differs between a run's saved split and ``records``, in a few phrases with examples."""
+    if not saved:
         return []
-    with open(split_csv, newline="") as handle:
-        old = {row["path"]: {f: row[f] for f in SPLIT_FIELDS} for row in csv.DictReader(handle)}
+    old = {r.path: {f: str(getattr(r, f) or "") for f in SPLIT_FIELDS} for r in saved}
     new = {r.path: {f: str(getattr(r, f) or "") for f in SPLIT_FIELDS} for r in records}
-    for row in old.values():
-        row["magnification"] = row["magnification"] or "0"
     out = []
     added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
     if added:

@@ -38,23 +38,27 @@ def _cell(m: dict | None, key: str) -> str:
     return value + (" *" if m.get("patients", MIN_PATIENTS) < MIN_PATIENTS else "")
 
 
-def results_table(results: Mapping[str, Mapping[str, dict]]) -> str:
-    """Markdown table of one evaluation: ``results[method][magnification][metric]``.
+def results_grid(results: Mapping[str, Mapping[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    """The results table as a header and rows of cells (for Markdown and HTML alike).
 
     Each accuracy cell holds the value and its 95% interval (resampling patients; Wilson's for a single
-    patient); a row ``n`` gives the images and patients of each column; ``*`` marks a cell of fewer than
-    ``MIN_PATIENTS`` patients.
+    patient); a last row ``n`` gives the images and patients of each column; ``*`` marks a cell of fewer
+    than ``MIN_PATIENTS`` patients.
     """
     cols = _columns(results)
-    head = "| method | level | " + " | ".join(cols) + " |"
-    lines = [head, "|---|---|" + "---|" * len(cols)]
-    for method, per_mag in results.items():
-        for key, name in LEVELS:
-            lines.append(f"| {method} | {name} | " + " | ".join(_cell(per_mag.get(c), key) for c in cols) + " |")
+    rows = [[method, name, *(_cell(per_mag.get(c), key) for c in cols)]
+            for method, per_mag in results.items() for key, name in LEVELS]
     first = next(iter(results.values()), {})
-    lines.append("| n | images / patients | " + " | ".join(
-        f"{first[c]['images']} / {first[c]['patients']}" if c in first else "-" for c in cols) + " |")
-    return "\n".join(lines)
+    rows.append(["n", "images / patients",
+                 *(f"{first[c]['images']} / {first[c]['patients']}" if c in first else "-" for c in cols)])
+    return ["method", "level", *cols], rows
+
+
+def results_table(results: Mapping[str, Mapping[str, dict]]) -> str:
+    """Markdown table of one evaluation: ``results[method][magnification][metric]`` (see ``results_grid``)."""
+    head, rows = results_grid(results)
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                      + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 TABLE_NOTE = (f"Cells: accuracy in % [95% interval, resampling patients; Wilson's for one patient]; "
