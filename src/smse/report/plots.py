@@ -160,7 +160,7 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], positive
     for k, (name, (fpr, tpr, auc)) in enumerate(curves.items()):
         ax.plot(fpr, tpr, color=PALETTE[k % len(PALETTE)], label=f"{name} (AUC {auc:.3f})", lw=1.6)
     ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--", label="chance")
-    ax.set(xlabel=f"false positive rate (1 - specificity)", ylabel=f"true positive rate ({positive} recall)",
+    ax.set(xlabel="false positive rate (1 - specificity)", ylabel=f"true positive rate ({positive} recall)",
            xlim=(0, 1), ylim=(0, 1.01), title=f"ROC, {positive} as positive, test images")
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import html
 import io
 import json
 import os
@@ -16,7 +15,7 @@ from smse.api import Model, load_model
 from smse.data.records import mag_name
 from smse.errors import ConfigError, SlideError
 from smse.io import atomic_path, writable_folder, write_csv, write_json, write_text
-from smse.report.html import SELF_CHECK, STYLE, png_img
+from smse.report.pages import png_uri, render
 from smse.runtime import resolve_device
 from smse.wsi.reader import open_slide
 from smse.wsi.tiles import TilePlan, TileSpec, plan_tiles
@@ -111,12 +110,12 @@ def heat_map(plan: TilePlan, location_prob: np.ndarray, positive: str, title: st
     return path
 
 
-def _png(image: np.ndarray, alt: str, width: int) -> str:
+def _png(image: np.ndarray, width: int) -> str:
     buffer = io.BytesIO()
     picture = Image.fromarray(image)
     picture.thumbnail((width, width), Image.Resampling.LANCZOS)
     picture.save(buffer, format="PNG")
-    return png_img(buffer.getvalue(), alt)
+    return png_uri(buffer.getvalue())
 
 
 def _page(result: dict, plan: TilePlan, location_prob: np.ndarray, heat: Path) -> str:
@@ -127,18 +126,14 @@ def _page(result: dict, plan: TilePlan, location_prob: np.ndarray, heat: Path) -
             (f"tiles with P({pos}) >= {result['threshold']:g}", f"{100 * result['share_above_threshold']:.1f}%"),
             ("slide prediction (mean probabilities)", result["predicted"]),
             ("tiles / locations", f"{result['tiles']} / {result['locations']}")]
-    heat_img = png_img(heat.read_bytes(), "heat map")
     mags = list(plan.sources)
     by_mag = {m: result["per_magnification"][mag_name(m)] for m in mags}
-    per_mag = "".join(f"<tr><td>{mag_name(m)}</td><td>{by_mag[m]['mean_probability']:.3f}</td>"
-                      f"<td>{100 * by_mag[m]['share_above_threshold']:.1f}%</td>"
-                      f"<td>{plan.sources[m].level}</td><td>{plan.sources[m].scale:.3g}</td></tr>" for m in mags)
-    top = np.argsort(-location_prob, kind="stable")[:TOP_LOCATIONS]
-    gallery = "".join(
-        f"<tr><td>({int(plan.locations[i][0])}, {int(plan.locations[i][1])})</td><td>{location_prob[i]:.3f}</td>"
-        + "".join(f"<td>{_png(tile, f'{mag_name(m)} tile', 180)}</td>"
-                  for m, tile in plan.cut(tuple(int(v) for v in plan.locations[i])).items()) + "</tr>"
-        for i in top)
+    per_mag = [[mag_name(m), f"{by_mag[m]['mean_probability']:.3f}", f"{100 * by_mag[m]['share_above_threshold']:.1f}%",
+                plan.sources[m].level, f"{plan.sources[m].scale:.3g}"] for m in mags]
+    top = [{"centre": f"({int(plan.locations[i][0])}, {int(plan.locations[i][1])})", "p": f"{location_prob[i]:.3f}",
+            "tiles": [{"uri": _png(tile, 180), "alt": f"{mag_name(m)} tile"}
+                      for m, tile in plan.cut(tuple(int(v) for v in plan.locations[i])).items()]}
+           for i in np.argsort(-location_prob, kind="stable")[:TOP_LOCATIONS]]
     levels = ", ".join(f"{lv['size'][0]}x{lv['size'][1]} ({lv['mpp']:g} um/px)" for lv in slide["levels"])
     facts = [("file", slide["path"]), ("reader", slide["backend"]),
              ("level 0", f"{slide['dimensions'][0]}x{slide['dimensions'][1]} px at {slide['mpp']:g} um/px "
@@ -148,29 +143,11 @@ def _page(result: dict, plan: TilePlan, location_prob: np.ndarray, heat: Path) -
              ("tiling", f"{plan.spec.size[0]}x{plan.spec.size[1]} px tiles at {', '.join(mag_name(m) for m in mags)}; "
                         f"one location per {mag_name(plan.spec.grid_magnification)} field with at least "
                         f"{100 * plan.spec.min_tissue:.0f}% tissue in every tile")]
-    sections = [
-        ("score", "Slide score",
-         "".join(f'<div class="kpi"><b>{html.escape(v)}</b>{html.escape(k)}</div>' for k, v in kpis)
-         + f'<p class="note">Mean probability and share above the threshold are taken over all {result["tiles"]} tiles '
-           f'(every magnification of every location). Per-tile probabilities: <code>tiles.csv</code>.</p>'),
-        ("heatmap", "Heat map", heat_img),
-        ("magnifications", "Per magnification",
-         f"<table><tr><th>magnification</th><th>mean P({html.escape(pos)})</th><th>tiles &gt;= {result['threshold']:g}</th>"
-         f"<th>level read</th><th>level px per tile px</th></tr>{per_mag}</table>"),
-        ("top", f"The {len(top)} locations with the highest P({pos})",
-         "<table><tr><th>centre (level 0)</th><th>P</th>" + "".join(f"<th>{mag_name(m)}</th>" for m in mags)
-         + f"</tr>{gallery}</table>"),
-        ("slide", "Slide", "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-                                               for k, v in facts) + "</table>"),
-    ]
-    body = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{content}</section>'
-                   for sid, title, content in sections)
-    name = html.escape(result["slide"])
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>smse slide: {name}</title>"
-            f"<style>{STYLE}td,th{{vertical-align:middle}}#top img{{width:180px;height:auto}}#slide td{{text-align:left}}"
-            f"#heatmap img{{width:100%}}</style></head><body><header><h1>smse slide: {name}</h1>"
-            f"<p>{result['locations']} tissue locations, {result['tiles']} tiles, classified by "
-            f"{html.escape(result['run'])}</p></header><main>{body}<p id=\"selfcheck\">pending</p></main>{SELF_CHECK}</body></html>")
+    return render("slide.html.j2", title=f"smse slide: {result['slide']}", heading=f"smse slide: {result['slide']}",
+                  subtitle=f"{result['locations']} tissue locations, {result['tiles']} tiles, classified by {result['run']}",
+                  kpis=kpis, tiles=result["tiles"], heatmap=png_uri(heat.read_bytes()), positive=pos,
+                  threshold=f"{result['threshold']:g}", per_magnification=per_mag, top=top,
+                  magnifications=[mag_name(m) for m in mags], facts=facts)
 
 
 def predict_slide(run: str | os.PathLike, slide_path: str | os.PathLike, out: str | os.PathLike | None = None,
