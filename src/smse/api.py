@@ -88,7 +88,8 @@ class Model:
         self.metadata = metadata or {}
         self.size = (int(config.data.image_size[0]), int(config.data.image_size[1]))
         self.data_config = {"input_size": (3, *self.size), "mean": tuple(module.mean.flatten().tolist()),
-                            "std": tuple(module.std.flatten().tolist()), "interpolation": "bilinear"}
+                            "std": tuple(module.std.flatten().tolist()), "interpolation": module.interpolation,
+                            "crop_pct": module.crop_pct}
         self.transform: Callable[[ImageLike], torch.Tensor] = self._to_input
 
     @property
@@ -96,16 +97,17 @@ class Model:
         return self.class_map.names
 
     def _to_input(self, image: ImageLike) -> torch.Tensor:
-        """Resize like the training images (PIL bilinear, the image cache's path) and scale to [0, 1]."""
+        """Resize like the training images (PIL, the backbone's interpolation, the image cache's path); scale to [0, 1]."""
         if isinstance(image, (str, os.PathLike)):
             image = read_image(image)
         if isinstance(image, Image.Image):
-            image = np.asarray(resize_image(image if image.mode == "RGB" else image.convert("RGB"), self.size))
+            image = np.asarray(resize_image(image if image.mode == "RGB" else image.convert("RGB"), self.size,
+                                            self.module.interpolation))
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ImageError("<array>", f"expected an HxWx3 uint8 array, got {image.dtype} {image.shape}")
             if image.shape[:2] != self.size:
-                image = np.asarray(resize_image(Image.fromarray(image, "RGB"), self.size))
+                image = np.asarray(resize_image(Image.fromarray(image, "RGB"), self.size, self.module.interpolation))
             return to_tensor(image)
         if isinstance(image, torch.Tensor):
             if image.ndim != 3 or image.shape[0] != 3:

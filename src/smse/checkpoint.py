@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -30,7 +31,8 @@ def save_checkpoint(path: str | Path, model: Embedder, cfg: Config, class_map: C
         "format": FORMAT, "smse_version": __version__, "config": json.dumps(to_dict(cfg)),
         "class_map": json.dumps(class_map.to_dict()),
         "preprocessing": json.dumps({"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
-                                     "image_size": cfg.data.image_size}),
+                                     "image_size": cfg.data.image_size, "interpolation": model.interpolation,
+                                     "crop_pct": model.crop_pct}),
         "epoch": str(epoch), "metrics": json.dumps(metrics or {}), "backbone_weights": backbone_weights,
     }
     with atomic_path(path) as tmp:
@@ -51,7 +53,10 @@ def build_model(cfg: Config, num_classes: int, pretrained: bool | None = None) -
         log.info("%s: native input %s, images resized to %s", m.backbone, backbone.input_size, size)
     heads = Heads(backbone.num_features, m.embedding_dim, num_classes, normalize=m.normalize, classifier=m.classifier,
                   knn_k=m.knn_k)
-    return Embedder(backbone.module, heads, backbone.preprocessing), backbone.weights
+    preprocessing = backbone.preprocessing
+    if cfg.data.interpolation != "auto":
+        preprocessing = dataclasses.replace(preprocessing, interpolation=cfg.data.interpolation)
+    return Embedder(backbone.module, heads, preprocessing), backbone.weights
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Embedder, Config, ClassMap, dict]:
@@ -82,6 +87,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     prep = json.loads(meta["preprocessing"])
     model.mean.copy_(torch.tensor(prep["mean"]).view(1, 3, 1, 1))
     model.std.copy_(torch.tensor(prep["std"]).view(1, 3, 1, 1))
+    model.interpolation = prep.get("interpolation", "bilinear")  # checkpoints before it was recorded: bilinear
+    model.crop_pct = prep.get("crop_pct", 1.0)
     return model.to(device).eval(), cfg, class_map, meta
 
 

@@ -69,6 +69,8 @@ KnnBackend = Literal["torch", "faiss"]  # faiss: pip install 'smse[faiss]'
 # the neighbourhood term's neighbours: every image of the batch, those of the image's own magnification only, or
 # every image with the teacher's features centred per magnification (the microscope's offset removed)
 StructureScope = Literal["all", "magnification", "centred"]
+#: how images are resized; auto: the backbone's own (timm's data config: bicubic for most ImageNet weights)
+Interpolation = Literal["auto", "bilinear", "bicubic", "lanczos", "nearest"]
 
 
 @dataclass
@@ -92,6 +94,7 @@ class DataConfig:
     task: Task = "binary"
     magnifications: list[int] | None = None
     image_size: list[int] = field(default_factory=lambda: [128, 192])
+    interpolation: Interpolation = "auto"
     duplicates: Duplicates = "prefer-ductal"
     skip_bad: bool = False
     cache_dir: str | None = None

@@ -60,12 +60,12 @@ def prepare(cfg: Config, dist: Dist = Dist(), progress: bool = True, data: Loade
         class_map = ClassMap.from_records(data.records, cfg.data.task)
         model, weights = build_model(cfg, len(class_map))
     size = tuple(cfg.data.image_size)
-    cache = ImageCache(cache_dir_of(cfg.data), size)
+    cache = ImageCache(cache_dir_of(cfg.data), size, model.interpolation)
     dataset = RecordDataset(data.records, class_map, size, cache, augment=not cfg.model.freeze_backbone, seed=cfg.seed)
     prepared = Prepared(cfg, data, class_map, model.to(device), weights, dataset, device,
                         patient_ids={p: i for i, p in enumerate(sorted({r.patient for r in data.records}))})
     if cfg.model.freeze_backbone:
-        scaling = f"{model.mean.flatten().tolist()}|{model.std.flatten().tolist()}"
+        scaling = f"{model.mean.flatten().tolist()}|{model.std.flatten().tolist()}|{model.interpolation}"
         key = feature_key(data.records, f"{cfg.model.backbone}|{weights}|{scaling}", size, cfg.model.views, cfg.seed)
         if not dist.main:
             dist.barrier()  # the main process fills the cache first; the others then read it

