@@ -173,6 +173,15 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where a run is tracked besides its own folder (off by default)."""
+
+    tensorboard: bool = False  # event files in RUN/tensorboard: pip install 'smse[tensorboard]'
+    mlflow: str | None = None  # a tracking URI (sqlite:///mlflow.db, http://host:5000): pip install 'smse[mlflow]'
+    mlflow_experiment: str = "smse"
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -184,6 +193,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def _choices(cls: type | None = None, prefix: str = "") -> dict[str, tuple[str, ...]]:

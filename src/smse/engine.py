@@ -30,6 +30,7 @@ from smse.losses import NeighbourhoodLoss, Objective, make_classification_loss, 
 from smse.metrics import image_accuracy, patient_accuracy
 from smse.prepare import Prepared, embed, prepare
 from smse.runfiles import RunFiles
+from smse.tracking import tracked
 from smse.runfolder import check_finite_weights, check_resume_data, guarded, split_fingerprint
 from smse.runtime import Dist, resolve_device, seed_everything, torch_threads, versions
 
@@ -92,7 +93,7 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
         net = nn.parallel.DistributedDataParallel(trainable, device_ids=[prep.device.index] if prep.device.type == "cuda" else None)
     # heads on cached features: tiny operations, fastest on one CPU thread
     threads = torch_threads(1) if cfg.model.freeze_backbone and prep.device.type == "cpu" else contextlib.nullcontext()
-    with threads:
+    with threads, (tracked(cfg, run) if dist.main else contextlib.nullcontext()) as tracker:
         try:
             for epoch in range(done.epoch, cfg.train.epochs):
                 row = train_epoch(prep, net, objective, sampler, optimizer, scaler, train_idx, epoch, dist, callbacks,
@@ -105,6 +106,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
                 if len(val_idx) and dist.main:  # validation and saving are the main process's job
                     row.update(validate(prep, val_idx))
                 record_epoch(done, row, trainable)
+                if tracker is not None:
+                    tracker.epoch(row)
                 if dist.main:
                     save_progress(run, prep, done, trainable, optimizer, scheduler, scaler)
                     log.info("epoch %d/%d (%.1f s): %s", epoch + 1, cfg.train.epochs, row["seconds"],
@@ -116,6 +119,8 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
         finally:  # also on divergence, an interrupt or a crash: the last completed epoch reaches the checkpoints
             if dist.main:
                 write_checkpoints(run, prep, done, trainable)
+        if tracker is not None:
+            tracker.checkpoint(RunFiles(run).checkpoint("best"))
     if dist.main:
         RunFiles(run).write_summary({"finished": True, "epochs": cfg.train.epochs, "best_val": done.best,
                                       "best_epoch": done.best_epoch, "backbone_weights": prep.weights,
@@ -129,6 +134,7 @@ def resume_key(cfg: Config) -> dict:
     d = to_dict(cfg)
     for k in ("epochs", "device", "num_workers"):
         d["train"].pop(k)
+    d.pop("log", None)  # tracking may be switched on or off between sessions
     return d
 
 

@@ -35,7 +35,25 @@ def evaluate_and_report(run: str | Path, which: str = "best", report: bool = Tru
         from smse.report import write_report
 
         write_report(run)
+    _track_evaluation(run, result)
     return result
+
+
+def _track_evaluation(run: str | Path, result: dict) -> None:
+    """The test metrics (and, for TensorBoard, the test embeddings) to the trackers the run's config names."""
+    from smse.runfiles import RunFiles
+    from smse.tracking import projector_rows, tracked
+
+    files = RunFiles(run)
+    cfg = files.read_config()
+    if cfg is None or not (cfg.log.tensorboard or cfg.log.mlflow):
+        return
+    with tracked(cfg, run) as tracker:
+        if cfg.log.tensorboard:
+            emb, labels, thumbs = projector_rows(files.read_embeddings(files.test_embeddings), seed=cfg.seed)
+            tracker.evaluation(result, emb, labels, thumbs)
+        else:
+            tracker.evaluation(result)
 
 
 __all__ = ["evaluate_and_report", "run_pipeline"]

@@ -17,6 +17,8 @@
       eval/predictions.csv every test image's prediction            (evaluate)
       eval/test-embeddings.npz                                      (evaluate)
       report/report.html   the report and its PNGs                  (report)
+      tracking.json        the MLflow run this run logs to          (train, with log.mlflow)
+      tensorboard/         TensorBoard event files                  (train and evaluate, with log.tensorboard)
       .lock                held while a training writes the folder  (train)
 
 Every other module asks a ``RunFiles`` for a path, and reads or writes a run file through it.
@@ -75,6 +77,14 @@ class RunFiles:
         return self.root / "run.json"
 
     @property
+    def tracking(self) -> Path:
+        return self.root / "tracking.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
     def lock(self) -> Path:
         return self.root / ".lock"
 
@@ -122,6 +132,12 @@ class RunFiles:
     def read_json(self, path: Path, default=None):
         """A JSON file of this run, or ``default`` when it is not there."""
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else default
+
+    def read_config(self):
+        """The run's resolved ``config.yaml`` as a ``Config``, or None when it has none."""
+        from smse.config import load_config
+
+        return load_config(self.config) if self.config.exists() else None
 
     def read_history(self) -> list[dict]:
         return self.read_json(self.history, [])
@@ -180,6 +196,9 @@ class RunFiles:
 
     def write_data(self, data: dict) -> None:
         write_json(self.data, data)
+
+    def write_tracking(self, ids: dict) -> None:
+        write_json(self.tracking, ids)
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.summary, summary)
