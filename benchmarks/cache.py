@@ -19,8 +19,11 @@ from smse.data.images import ImageCache, load_resized  # noqa: E402
 
 
 def main() -> None:
-    files = list(iter_image_files(SAMPLE)) if SAMPLE.exists() else list(
-        iter_image_files(synthetic_set(8, 4, size=(700, 460))))
+    files = (
+        list(iter_image_files(SAMPLE))
+        if SAMPLE.exists()
+        else list(iter_image_files(synthetic_set(8, 4, size=(700, 460))))
+    )
     size = (224, 336)
     cache_root = Path(tempfile.mkdtemp())
     cache = ImageCache(cache_root, size)
@@ -30,8 +33,11 @@ def main() -> None:
     cached = timed(lambda: [cache.load(str(f)) for f in files], repeat=3)
     shutil.rmtree(cache_root)
     n = len(files)
-    print(f"# image loading, {n} files from {'the real BreakHis sample' if SAMPLE.exists() else 'synthetic 700x460 PNGs'}, "
-          f"resized to {size[1]}x{size[0]}; {date.today()}; {machine()}")
+    print(
+        f"# image loading, {n} files from "
+        f"{'the real BreakHis sample' if SAMPLE.exists() else 'synthetic 700x460 PNGs'}, "
+        f"resized to {size[1]}x{size[0]}; {date.today()}; {machine()}"
+    )
     print("| path | images/s |")
     print("|---|---|")
     print(f"| decode PNG + resize | {n / uncached:.0f} |")

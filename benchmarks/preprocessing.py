@@ -54,8 +54,11 @@ def lite_model(arch: str, variant: int) -> torch.nn.Module:
     import timm
 
     package, file_class = LITE_WEIGHTS[variant]
-    source = torch.load(getattr(importlib.import_module(package), file_class).get_model_file_path(),
-                        map_location="cpu", weights_only=True)
+    source = torch.load(
+        getattr(importlib.import_module(package), file_class).get_model_file_path(),
+        map_location="cpu",
+        weights_only=True,
+    )
     model = timm.create_model(arch, pretrained=False, num_classes=1000)
     model.load_state_dict(dict(zip(model.state_dict().keys(), source.values())))
     model.reset_classifier(0)
@@ -68,7 +71,7 @@ def features(model, records, size, scaling, cache_dir: Path) -> np.ndarray:
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in scaling)
     out = []
     for start in range(0, len(records), 16):
-        x = torch.stack([to_tensor(cache.load(r.path)) for r in records[start:start + 16]])
+        x = torch.stack([to_tensor(cache.load(r.path)) for r in records[start : start + 16]])
         out.append(model((x - mean) / std))
     return torch.cat(out).numpy()
 
@@ -82,8 +85,10 @@ def main() -> None:
     patients = np.array([r.patient for r in records])
     plans = {"LOPO": patient_folds(records, None), "5-fold x 3": patient_folds(records, 5, 3)}
     print(f"# preprocessing on real patients; {date.today()}; {machine()}")
-    print(f"# {len(records)} images, {len(set(patients))} patients; logistic regression on the plain view; "
-          "patient-level accuracy / ROC-AUC, mean over repeats")
+    print(
+        f"# {len(records)} images, {len(set(patients))} patients; logistic regression on the plain view; "
+        "patient-level accuracy / ROC-AUC, mean over repeats"
+    )
     print("| variant | LOPO patient acc | LOPO AUC | 5-fold x 3 patient acc | 5-fold x 3 AUC | seconds |")
     print("|---|---|---|---|---|---|")
     for label, arch, variant, size, scaling in VARIANTS:

@@ -47,8 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT, SAMPLE, machine  # noqa: E402
 
-from smse.baselines import (PROBE_C, knn_probe, linear_probe, out_of_fold, patient_folds,  # noqa: E402
-                            tuned_linear_probe)
+from smse.baselines import PROBE_C, knn_probe, linear_probe, out_of_fold, patient_folds, tuned_linear_probe  # noqa: E402
 from smse.config import load_config  # noqa: E402
 from smse.cv import FoldEmbeddings, heads_out_of_fold  # noqa: E402
 from smse.data.loading import LoadedData, load_data  # noqa: E402
@@ -72,26 +71,52 @@ TRAINED = {
     "smse-pair-pooled": HEAD + ["loss.metric=pair", "sampler.mode=pooled"],
 }
 NESTED_CANDIDATES = ["default", "before", "structure 3", "head + structure", "knn, no structure"]
-BASELINES = {"logreg": linear_probe, "logreg-tuned": tuned_linear_probe, "knn": partial(knn_probe, k=5),
-             "knn15": partial(knn_probe, k=15)}
-DEFAULT_METHODS = ["logreg", "logreg-tuned", "knn", "knn15", "default", "before", "default + validation",
-                   "structure 3", "head + structure", "knn, no structure", "knn, structure only"]
+BASELINES = {
+    "logreg": linear_probe,
+    "logreg-tuned": tuned_linear_probe,
+    "knn": partial(knn_probe, k=5),
+    "knn15": partial(knn_probe, k=15),
+}
+DEFAULT_METHODS = [
+    "logreg",
+    "logreg-tuned",
+    "knn",
+    "knn15",
+    "default",
+    "before",
+    "default + validation",
+    "structure 3",
+    "head + structure",
+    "knn, no structure",
+    "knn, structure only",
+]
 REFERENCE = "logreg-tuned"
 KEYS = ("patient", "image", "balanced", "auc", "type", "type_chance", "within", "within_chance")
 
 
 def metrics(y: np.ndarray, prob: np.ndarray, patients: np.ndarray, extra: dict[str, np.ndarray], rows) -> dict:
     pred = (prob >= 0.5).astype(int)
-    out = {"patient": patient_accuracy(y, pred, patients), "image": image_accuracy(y, pred),
-           "balanced": balanced_accuracy(y, pred), "auc": roc_auc(y, prob)}
+    out = {
+        "patient": patient_accuracy(y, pred, patients),
+        "image": image_accuracy(y, pred),
+        "balanced": balanced_accuracy(y, pred),
+        "auc": roc_auc(y, prob),
+    }
     for k, v in extra.items():
         vals = v[rows]
         out[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
     return out
 
 
-def bootstrap(y: np.ndarray, probs: dict[str, list[np.ndarray]], extras: dict[str, list[dict]], patients: np.ndarray,
-              reference: str | None, n: int = 2000, seed: int = 0) -> dict:
+def bootstrap(
+    y: np.ndarray,
+    probs: dict[str, list[np.ndarray]],
+    extras: dict[str, list[dict]],
+    patients: np.ndarray,
+    reference: str | None,
+    n: int = 2000,
+    seed: int = 0,
+) -> dict:
     """Per method: the mean over repeats of each metric, its bootstrap 95% interval over patients and, against
     the ``reference`` method, the paired difference on the same draws (each draw scored once per method).
     ``extras``: per method and repeat, per-image values (NaN where undefined) averaged over the drawn images."""
@@ -112,7 +137,9 @@ def bootstrap(y: np.ndarray, probs: dict[str, list[np.ndarray]], extras: dict[st
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            scores = {m: np.array([score(s, p, extras.get(m, [{}] * len(p))) for s in samples]) for m, p in probs.items()}
+            scores = {
+                m: np.array([score(s, p, extras.get(m, [{}] * len(p))) for s in samples]) for m, p in probs.items()
+            }
     out = {}
     for m, sc in scores.items():
         out[m] = {}
@@ -122,8 +149,11 @@ def bootstrap(y: np.ndarray, probs: dict[str, list[np.ndarray]], extras: dict[st
             cell = {"mean": sc[0, j], "lo": np.nanpercentile(sc[1:, j], 2.5), "hi": np.nanpercentile(sc[1:, j], 97.5)}
             if reference in scores and m != reference and not np.isnan(scores[reference][0, j]):
                 diff = sc[:, j] - scores[reference][:, j]
-                cell |= {"diff": diff[0], "diff_lo": np.nanpercentile(diff[1:], 2.5),
-                         "diff_hi": np.nanpercentile(diff[1:], 97.5)}
+                cell |= {
+                    "diff": diff[0],
+                    "diff_lo": np.nanpercentile(diff[1:], 2.5),
+                    "diff_hi": np.nanpercentile(diff[1:], 97.5),
+                }
             out[m][k] = {key: float(v) for key, v in cell.items()}
     return out
 
@@ -138,13 +168,16 @@ def similarity_of(folds: list[FoldEmbeddings], records, n: int) -> tuple[dict[st
     pats = np.array([r.patient for r in records])
     for f in folds:
         q, g = f.test, f.references
-        per = type_retrieval_per_query(f.test_embeddings, types[q], labels[q], pats[q], f.reference_embeddings,
-                                       types[g], labels[g], pats[g], k=5)
+        per = type_retrieval_per_query(
+            f.test_embeddings, types[q], labels[q], pats[q], f.reference_embeddings, types[g], labels[g], pats[g], k=5
+        )
         cols["type"][q], cols["type_chance"][q] = per["all"]["precision"], per["all"]["chance"]
         cols["within"][q], cols["within_chance"][q] = per["within_class"]["precision"], per["within_class"]["chance"]
         spread = embedding_spread(f.reference_embeddings)
         # the fold's test images against its test images at other magnifications: is the own patient found?
-        spread["same_patient"] = same_patient_retrieval(f.test_embeddings, pats[q], [records[i].magnification for i in q])
+        spread["same_patient"] = same_patient_retrieval(
+            f.test_embeddings, pats[q], [records[i].magnification for i in q]
+        )
         spreads.append(spread)
     return cols, spreads
 
@@ -208,39 +241,59 @@ def fmt(res: dict, k: str, pct: bool = True) -> str:
     if k not in res:
         return "-"
     c = res[k]
-    return (f"{100 * c['mean']:.1f} [{100 * c['lo']:.1f}, {100 * c['hi']:.1f}]" if pct
-            else f"{c['mean']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]")
+    return (
+        f"{100 * c['mean']:.1f} [{100 * c['lo']:.1f}, {100 * c['hi']:.1f}]"
+        if pct
+        else f"{c['mean']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
+    )
 
 
 def print_table(results: dict, spreads: dict[str, list[dict]]) -> None:
-    print("| method | patient acc | image acc | ROC-AUC | type P@5 (chance) | type P@5 within class (chance) "
-          "| same patient, other magnification: hit@5 (chance; queries) "
-          "| variance on axis 1 | effective rank | patient acc - logreg-tuned | AUC - logreg-tuned |")
+    print(
+        "| method | patient acc | image acc | ROC-AUC | type P@5 (chance) | type P@5 within class (chance) "
+        "| same patient, other magnification: hit@5 (chance; queries) "
+        "| variance on axis 1 | effective rank | patient acc - logreg-tuned | AUC - logreg-tuned |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for m, res in results.items():
         sim = "-", "-"
         if "type" in res:
-            sim = (f"{fmt(res, 'type')} ({100 * res['type_chance']['mean']:.1f})",
-                   f"{fmt(res, 'within')} ({100 * res['within_chance']['mean']:.1f})")
+            sim = (
+                f"{fmt(res, 'type')} ({100 * res['type_chance']['mean']:.1f})",
+                f"{fmt(res, 'within')} ({100 * res['within_chance']['mean']:.1f})",
+            )
         sp = spreads.get(m)
         ax = f"{100 * np.mean([s['first_axis_share'] for s in sp]):.1f}%" if sp else "-"
         er = f"{np.mean([s['effective_rank'] for s in sp]):.1f}" if sp else "-"
         # (leave-one-patient-out: a fold's test images are one patient's, so every hit is trivially its own)
-        same = [s["same_patient"] for s in sp or [] if s["same_patient"]["queries"]
-                and s["same_patient"]["chance_hit_at_5"] < 1.0]
+        same = [
+            s["same_patient"]
+            for s in sp or []
+            if s["same_patient"]["queries"] and s["same_patient"]["chance_hit_at_5"] < 1.0
+        ]
         n = sum(x["queries"] for x in same)
-        hit = "-" if not n else (f"{100 * sum(x['hit_at_5'] * x['queries'] for x in same) / n:.1f} "
-                                 f"({100 * sum(x['chance_hit_at_5'] * x['queries'] for x in same) / n:.1f}; {n})")
+        hit = (
+            "-"
+            if not n
+            else (
+                f"{100 * sum(x['hit_at_5'] * x['queries'] for x in same) / n:.1f} "
+                f"({100 * sum(x['chance_hit_at_5'] * x['queries'] for x in same) / n:.1f}; {n})"
+            )
+        )
         d, a = res["patient"], res["auc"]
         diff = f"{100 * d['diff']:+.1f} [{100 * d['diff_lo']:+.1f}, {100 * d['diff_hi']:+.1f}]" if "diff" in d else "-"
         adiff = f"{a['diff']:+.3f} [{a['diff_lo']:+.3f}, {a['diff_hi']:+.3f}]" if "diff" in a else "-"
-        print(f"| {m} | {fmt(res, 'patient')} | {fmt(res, 'image')} | {fmt(res, 'auc', False)} | {sim[0]} | {sim[1]} "
-              f"| {hit} | {ax} | {er} | {diff} | {adiff} |")
+        print(
+            f"| {m} | {fmt(res, 'patient')} | {fmt(res, 'image')} | {fmt(res, 'auc', False)} | {sim[0]} | {sim[1]} "
+            f"| {hit} | {ax} | {er} | {diff} | {adiff} |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--protocol", nargs="+", default=["lopo", "kfold", "nested"], choices=["lopo", "kfold", "nested"])
+    parser.add_argument(
+        "--protocol", nargs="+", default=["lopo", "kfold", "nested"], choices=["lopo", "kfold", "nested"]
+    )
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--nested-repeats", type=int, default=2)
@@ -260,10 +313,15 @@ def main() -> None:
     feats = prep.features[:, 0].numpy()
     print(f"# real-sample benchmark; {date.today()}; {machine()}")
     print(f"# {data.summary_line()}")
-    print(f"# features: {cfg.model.backbone} ({prep.weights}) at {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, "
-          f"{cfg.model.views} views, {feats.shape[1]} dims, {time.perf_counter() - started:.0f} s (cached after the first run)")
-    print(f"# overrides: {' '.join(args.set) or '(none: the shipped breakhis config)'}; logreg C={PROBE_C}; "
-          "baselines fit on all non-test patients, trained heads on the same minus their validation patients")
+    print(
+        f"# features: {cfg.model.backbone} ({prep.weights}) at {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, "
+        f"{cfg.model.views} views, {feats.shape[1]} dims, "
+        f"{time.perf_counter() - started:.0f} s (cached after the first run)"
+    )
+    print(
+        f"# overrides: {' '.join(args.set) or '(none: the shipped breakhis config)'}; logreg C={PROBE_C}; "
+        "baselines fit on all non-test patients, trained heads on the same minus their validation patients"
+    )
     y = np.array([r.label == "malignant" for r in records], dtype=int)
     patients = np.array([r.patient for r in records])
     results: dict = {}
@@ -274,7 +332,7 @@ def main() -> None:
         probs, extras, spreads = {}, {}, {}
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            methods = ([REFERENCE, "default"] if protocol == "nested" else args.methods)
+            methods = [REFERENCE, "default"] if protocol == "nested" else args.methods
             for m in methods:
                 t1 = time.perf_counter()
                 if m in BASELINES:
@@ -288,22 +346,35 @@ def main() -> None:
             if protocol == "nested":
                 probs["nested choice"], chosen = nested(base, records, y, patients, plan, Path(tmp))
             else:
-                for name, dim in (("frozen features", None), (f"frozen PCA{cfg.model.embedding_dim}", cfg.model.embedding_dim)):
-                    sims = [similarity_of(folds, records, len(records)) for folds in frozen_folds(feats, records, plan, dim)]
+                for name, dim in (
+                    ("frozen features", None),
+                    (f"frozen PCA{cfg.model.embedding_dim}", cfg.model.embedding_dim),
+                ):
+                    sims = [
+                        similarity_of(folds, records, len(records)) for folds in frozen_folds(feats, records, plan, dim)
+                    ]
                     probs[name] = probs.get(REFERENCE) or out_of_fold(BASELINES[REFERENCE], feats, y, patients, plan)
                     extras[name], spreads[name] = [s[0] for s in sims], [x for s in sims for x in s[1]]
         results[protocol] = bootstrap(y, probs, extras, patients, REFERENCE, args.bootstrap)
-        what = {"lopo": "leave-one-patient-out", "kfold": f"patient-grouped stratified {args.folds}-fold x {repeats} repeats",
-                "nested": f"nested: outer patient-grouped {args.folds}-fold x {repeats} repeats, inner 4-fold choice "
-                          f"among {', '.join(NESTED_CANDIDATES)}"}[protocol]
+        what = {
+            "lopo": "leave-one-patient-out",
+            "kfold": f"patient-grouped stratified {args.folds}-fold x {repeats} repeats",
+            "nested": f"nested: outer patient-grouped {args.folds}-fold x {repeats} repeats, inner 4-fold choice "
+            f"among {', '.join(NESTED_CANDIDATES)}",
+        }[protocol]
         print(f"\n## {what} ({len(set(patients))} patients, {len(records)} images; {time.perf_counter() - t0:.0f} s)\n")
         if protocol == "nested":
-            print(f"choices over the {sum(chosen.values())} outer folds: "
-                  + ", ".join(f"{m} {n}" for m, n in chosen.most_common()) + "\n")
+            print(
+                f"choices over the {sum(chosen.values())} outer folds: "
+                + ", ".join(f"{m} {n}" for m, n in chosen.most_common())
+                + "\n"
+            )
             results[protocol]["choices"] = dict(chosen)
         else:
-            print("(frozen rows: the classification columns are logreg-tuned's; their similarity columns are the "
-                  "frozen features' own)\n")
+            print(
+                "(frozen rows: the classification columns are logreg-tuned's; their similarity columns are the "
+                "frozen features' own)\n"
+            )
         print_table({m: r for m, r in results[protocol].items() if m != "choices"}, spreads)
     if args.json:
         args.json.write_text(json.dumps({"overrides": args.set, "results": results}, indent=1))

@@ -55,8 +55,12 @@ def free_port() -> int:
 def start_server(run: Path, port: int) -> subprocess.Popen:
     src = Path(__file__).resolve().parents[1] / "src"
     env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.Popen([sys.executable, "-m", "smse.cli", "serve", str(run), "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smse.cli", "serve", str(run), "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -77,8 +81,11 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=15)
     args = parser.parse_args()
     run = args.run or demo_run()
-    files = sorted(iter_image_files(SAMPLE)) if SAMPLE.exists() else sorted(
-        iter_image_files(synthetic_set(8, 4, size=(700, 460))))
+    files = (
+        sorted(iter_image_files(SAMPLE))
+        if SAMPLE.exists()
+        else sorted(iter_image_files(synthetic_set(8, 4, size=(700, 460))))
+    )
     image = next((f for f in files if "-100-" in f.name), files[0])
     data = image.read_bytes()
     model = load_model(run)
@@ -96,6 +103,7 @@ def main() -> None:
     server = start_server(run, port)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+
             def request() -> None:
                 response = client.post("/api/predict", files={"images": (image.name, data, "image/png")})
                 response.raise_for_status()
@@ -121,15 +129,19 @@ def main() -> None:
     stats = {name: (1 / np.mean(t), 1000 * np.median(t), 1000 * np.percentile(t, 95)) for name, t in best.items()}
     source = "the real BreakHis sample" if SAMPLE.exists() else "a synthetic set"
     w, h = read_image(image).size
-    print(f"# web server: one {w}x{h} PNG from {source} per request, {model.config.model.backbone} at "
-          f"{model.size[1]}x{model.size[0]}, one client, best of {args.rounds} interleaved rounds of {args.per_round} "
-          f"requests per path; "
-          f"{date.today()}; {machine()}; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"# web server: one {w}x{h} PNG from {source} per request, {model.config.model.backbone} at "
+        f"{model.size[1]}x{model.size[0]}, one client, best of {args.rounds} interleaved rounds of {args.per_round} "
+        f"requests per path; "
+        f"{date.today()}; {machine()}; load average {os.getloadavg()[0]:.1f}"
+    )
     print("| path | requests/s | p50 ms | p95 ms |")
     print("|---|---|---|---|")
     print("| bare decode + forward (in process, worker thread) | {:.1f} | {:.1f} | {:.1f} |".format(*stats["bare"]))
-    print("| POST /api/predict (HTTP, multipart, decode, forward, k-NN overall and per magnification, map, JSON) "
-          "| {:.1f} | {:.1f} | {:.1f} |".format(*stats["server"]))
+    print(
+        "| POST /api/predict (HTTP, multipart, decode, forward, k-NN overall and per magnification, map, JSON) "
+        "| {:.1f} | {:.1f} | {:.1f} |".format(*stats["server"])
+    )
     print(f"p50 ratio server / bare: {stats['server'][1] / stats['bare'][1]:.2f}x (target <= 1.3x)")
 
 

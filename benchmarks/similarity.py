@@ -34,10 +34,16 @@ from smse.evaluate import evaluate_run  # noqa: E402
 VARIANTS = {
     "before (pair, classifier head)": ["model.classifier=head", "loss.structure_weight=0"],
     "k-NN, no neighbourhood term": ["loss.structure_weight=0"],
-    "classifier head + term (weight 3, not centred)": ["model.classifier=head", "loss.structure_weight=3",
-                                                       "loss.structure_scope=all"],
+    "classifier head + term (weight 3, not centred)": [
+        "model.classifier=head",
+        "loss.structure_weight=3",
+        "loss.structure_scope=all",
+    ],
     "k-NN + term (weight 3, not centred)": ["loss.structure_weight=3", "loss.structure_scope=all"],
-    "k-NN + term within each magnification (weight 3)": ["loss.structure_weight=3", "loss.structure_scope=magnification"],
+    "k-NN + term within each magnification (weight 3)": [
+        "loss.structure_weight=3",
+        "loss.structure_scope=magnification",
+    ],
     "k-NN + term, teacher centred (weight 3)": ["loss.structure_weight=3"],
     "default: k-NN + term, teacher centred (weight 1)": [],
 }
@@ -56,35 +62,57 @@ def main() -> None:
     args = parser.parse_args()
     root = synthetic_set()
     print(f"# similarity on the synthetic set; {date.today()}; {machine()}; {args.splits} patient-disjoint splits")
-    print("\n| variant | patient acc | ROC-AUC | probe patient acc | type P@5 (frozen features; chance) "
-          "| type P@5 within class (frozen features; chance) | variance on axis 1 | effective rank "
-          "| magnification probe (chance 25%) | cross-magnification mAP@R | seconds |")
+    print(
+        "\n| variant | patient acc | ROC-AUC | probe patient acc | type P@5 (frozen features; chance) "
+        "| type P@5 within class (frozen features; chance) | variance on axis 1 | effective rank "
+        "| magnification probe (chance 25%) | cross-magnification mAP@R | seconds |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, overrides in VARIANTS.items():
         rows = []
         started = time.perf_counter()
         for seed in range(args.splits):
             with tempfile.TemporaryDirectory() as tmp:
-                cfg = load_config("demo", [f"data.root={root}", f"out={tmp}/run", f"data.split.seed={seed}",
-                                           f"data.cache_dir={OUT / 'cache'}", *overrides])
+                cfg = load_config(
+                    "demo",
+                    [
+                        f"data.root={root}",
+                        f"out={tmp}/run",
+                        f"data.split.seed={seed}",
+                        f"data.cache_dir={OUT / 'cache'}",
+                        *overrides,
+                    ],
+                )
                 train(cfg, progress=False)
                 m = evaluate_run(f"{tmp}/run", progress=False)
             ours, frozen = m["similarity"]["embedding"], m["similarity"]["frozen_features"]
-            rows.append([m["head"]["all"]["patient_accuracy"], m["head"]["all"]["roc_auc"],
-                         m["probe"]["results"]["all"]["patient_accuracy"],
-                         ours["type_retrieval"]["all"]["precision_at_5"], frozen["type_retrieval"]["all"]["precision_at_5"],
-                         ours["type_retrieval"]["all"]["chance_precision"],
-                         ours["type_retrieval"]["within_class"]["precision_at_5"],
-                         frozen["type_retrieval"]["within_class"]["precision_at_5"],
-                         ours["type_retrieval"]["within_class"]["chance_precision"],
-                         ours["spread"]["first_axis_share"], ours["spread"]["effective_rank"],
-                         m["magnification_probe"]["balanced_accuracy"], cross_magnification_map(m["retrieval"])])
+            rows.append(
+                [
+                    m["head"]["all"]["patient_accuracy"],
+                    m["head"]["all"]["roc_auc"],
+                    m["probe"]["results"]["all"]["patient_accuracy"],
+                    ours["type_retrieval"]["all"]["precision_at_5"],
+                    frozen["type_retrieval"]["all"]["precision_at_5"],
+                    ours["type_retrieval"]["all"]["chance_precision"],
+                    ours["type_retrieval"]["within_class"]["precision_at_5"],
+                    frozen["type_retrieval"]["within_class"]["precision_at_5"],
+                    ours["type_retrieval"]["within_class"]["chance_precision"],
+                    ours["spread"]["first_axis_share"],
+                    ours["spread"]["effective_rank"],
+                    m["magnification_probe"]["balanced_accuracy"],
+                    cross_magnification_map(m["retrieval"]),
+                ]
+            )
         r = np.mean(rows, axis=0)
         sd = np.std(rows, axis=0)
-        print(f"| {name} | {100 * r[0]:.1f} ± {100 * sd[0]:.1f} | {r[1]:.3f} | {100 * r[2]:.1f} "
-              f"| {100 * r[3]:.1f} ({100 * r[4]:.1f}; {100 * r[5]:.1f}) | {100 * r[6]:.1f} ({100 * r[7]:.1f}; {100 * r[8]:.1f}) "
-              f"| {100 * r[9]:.1f}% | {r[10]:.1f} | {100 * r[11]:.1f} | {100 * r[12]:.1f} "
-              f"| {time.perf_counter() - started:.0f} |", flush=True)
+        print(
+            f"| {name} | {100 * r[0]:.1f} ± {100 * sd[0]:.1f} | {r[1]:.3f} | {100 * r[2]:.1f} "
+            f"| {100 * r[3]:.1f} ({100 * r[4]:.1f}; {100 * r[5]:.1f}) "
+            f"| {100 * r[6]:.1f} ({100 * r[7]:.1f}; {100 * r[8]:.1f}) "
+            f"| {100 * r[9]:.1f}% | {r[10]:.1f} | {100 * r[11]:.1f} | {100 * r[12]:.1f} "
+            f"| {time.perf_counter() - started:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -123,8 +123,13 @@ def bench_mining(files, cfg, images: int, steps: int) -> dict:
     off_rate, inb_rate = paired_rates(offline, in_batch, steps)
     off = off_rate * counts["offline"]
     inb = inb_rate * counts["in_batch"]
-    return {"offline_useful_per_s": off, "in_batch_useful_per_s": inb, "ratio": inb / max(off, 1e-9),
-            "offline_useful_per_step": counts["offline"], "in_batch_useful_per_step": counts["in_batch"]}
+    return {
+        "offline_useful_per_s": off,
+        "in_batch_useful_per_s": inb,
+        "ratio": inb / max(off, 1e-9),
+        "offline_useful_per_step": counts["offline"],
+        "in_batch_useful_per_step": counts["in_batch"],
+    }
 
 
 def bench_epochs(data_root: Path, cfg_overrides: list[str], steps: int) -> dict:
@@ -138,8 +143,17 @@ def bench_epochs(data_root: Path, cfg_overrides: list[str], steps: int) -> dict:
         start = time.perf_counter()
         train(cfg, progress=False)
         frozen = (time.perf_counter() - start) / 2
-        ft = load_config(None, [f"data.root={data_root}", f"out={tmp}/ft", "model.freeze_backbone=false",
-                                "train.epochs=1", f"train.batches_per_epoch={steps}", *cfg_overrides])
+        ft = load_config(
+            None,
+            [
+                f"data.root={data_root}",
+                f"out={tmp}/ft",
+                "model.freeze_backbone=false",
+                "train.epochs=1",
+                f"train.batches_per_epoch={steps}",
+                *cfg_overrides,
+            ],
+        )
         start = time.perf_counter()
         train(ft, progress=False)
         per_step = (time.perf_counter() - start) / steps
@@ -148,8 +162,13 @@ def bench_epochs(data_root: Path, cfg_overrides: list[str], steps: int) -> dict:
         n_train = sum(1 for r in load_data(ft.data).records if r.split == "train")
     batches = int(np.ceil(n_train / ft.sampler.batch_size))
     fine = per_step * batches
-    return {"frozen_epoch_s": frozen, "finetune_epoch_s": fine, "ratio": fine / frozen, "train_images": n_train,
-            "note": f"fine-tuning epoch = {steps} measured steps x {batches} batches (includes one validation pass)"}
+    return {
+        "frozen_epoch_s": frozen,
+        "finetune_epoch_s": fine,
+        "ratio": fine / frozen,
+        "train_images": n_train,
+        "note": f"fine-tuning epoch = {steps} measured steps x {batches} batches (includes one validation pass)",
+    }
 
 
 def bench_predict(run: Path, files: list[Path], cfg) -> dict:
@@ -162,7 +181,7 @@ def bench_predict(run: Path, files: list[Path], cfg) -> dict:
     @torch.no_grad()
     def bare():
         for s in range(0, len(files), 32):
-            model(torch.stack([to_tensor(load_resized(f, size)) for f in files[s:s + 32]]))
+            model(torch.stack([to_tensor(load_resized(f, size)) for f in files[s : s + 32]]))
 
     with tempfile.TemporaryDirectory() as tmp:
         t_bare, t_pred = float("inf"), float("inf")
@@ -175,8 +194,11 @@ def bench_predict(run: Path, files: list[Path], cfg) -> dict:
             t0 = time.perf_counter()
             predict(run, files, Path(tmp) / "p.csv", device="cpu")
             t_pred = min(t_pred, time.perf_counter() - t0)
-    return {"bare_images_per_s": len(files) / t_bare, "predict_images_per_s": len(files) / t_pred,
-            "ratio": t_bare / t_pred}
+    return {
+        "bare_images_per_s": len(files) / t_bare,
+        "predict_images_per_s": len(files) / t_pred,
+        "ratio": t_bare / t_pred,
+    }
 
 
 def bench_knn(sizes, dim: int = 64, queries: int = 256) -> list[dict]:
@@ -212,32 +234,47 @@ def main() -> None:
     cfg = load_config(None, base)
     print(f"# speed benchmarks; {date.today()}; {machine()}")
     a = bench_training(files, cfg, batch=32, steps=steps)
-    print(f"(a) training step, EfficientNet-Lite0 fine-tuning, batch 32, 128x192: plain CE {a['ce_images_per_s']:.1f} img/s, "
-          f"SMSE (semi-hard triplets + RFL) {a['smse_images_per_s']:.1f} img/s; ratio {a['ratio']:.2f} (target >= 0.9)")
+    print(
+        "(a) training step, EfficientNet-Lite0 fine-tuning, batch 32, 128x192: "
+        f"plain CE {a['ce_images_per_s']:.1f} img/s, "
+        f"SMSE (semi-hard triplets + RFL) {a['smse_images_per_s']:.1f} img/s; ratio {a['ratio']:.2f} (target >= 0.9)"
+    )
     b = bench_epochs(data, base + ["model.views=2", "sampler.batch_size=64"], steps=steps)
-    print(f"(b) epoch on {b['train_images']} training images: frozen features {b['frozen_epoch_s']:.2f} s, "
-          f"fine-tuning {b['finetune_epoch_s']:.0f} s; frozen is {b['ratio']:.0f}x faster ({b['note']})")
+    print(
+        f"(b) epoch on {b['train_images']} training images: frozen features {b['frozen_epoch_s']:.2f} s, "
+        f"fine-tuning {b['finetune_epoch_s']:.0f} s; frozen is {b['ratio']:.0f}x faster ({b['note']})"
+    )
     c = bench_mining(files, cfg, images=48, steps=steps)
-    print(f"(c) useful triplets/s with 48 images a step: offline triplets {c['offline_useful_per_s']:.0f} "
-          f"({c['offline_useful_per_step']}/step), in-batch mining {c['in_batch_useful_per_s']:.0f} "
-          f"({c['in_batch_useful_per_step']}/step); ratio {c['ratio']:.0f}x (target >= 3x)")
+    print(
+        f"(c) useful triplets/s with 48 images a step: offline triplets {c['offline_useful_per_s']:.0f} "
+        f"({c['offline_useful_per_step']}/step), in-batch mining {c['in_batch_useful_per_s']:.0f} "
+        f"({c['in_batch_useful_per_step']}/step); ratio {c['ratio']:.0f}x (target >= 3x)"
+    )
     run = OUT / "speed-run"
     if not (run / "reference.npz").exists():
         from smse.engine import train
         from smse.evaluate import evaluate_run
 
-        train(load_config(None, base + [f"data.root={data}", f"out={run}", "train.epochs=3", "model.views=2"]), progress=False)
+        train(
+            load_config(None, base + [f"data.root={data}", f"out={run}", "train.epochs=3", "model.views=2"]),
+            progress=False,
+        )
         evaluate_run(run, progress=False)
-    d = bench_predict(run, files[:256 if not args.quick else 32], cfg)
-    print(f"(d) predict on {256 if not args.quick else 32} images: bare decode+forward {d['bare_images_per_s']:.1f} img/s, "
-          f"smse predict {d['predict_images_per_s']:.1f} img/s; ratio {d['ratio']:.2f} (target >= 0.85)")
+    d = bench_predict(run, files[: 256 if not args.quick else 32], cfg)
+    print(
+        f"(d) predict on {256 if not args.quick else 32} images: "
+        f"bare decode+forward {d['bare_images_per_s']:.1f} img/s, "
+        f"smse predict {d['predict_images_per_s']:.1f} img/s; ratio {d['ratio']:.2f} (target >= 0.85)"
+    )
     sizes = [10**3, 10**4, 10**5] + ([] if args.quick else [10**6])
     print("(e) k-NN search, 256 queries, d=64, k=10:")
     print("| references | index MB | torch s | faiss s | same answers |")
     print("|---|---|---|---|---|")
     for row in bench_knn(sizes):
-        print(f"| {row['references']:,} | {row['index_mb']:.0f} | {row['torch_s']:.3f} | "
-              f"{row.get('faiss_s', float('nan')):.3f} | {row.get('same_answers', float('nan')):.3f} |")
+        print(
+            f"| {row['references']:,} | {row['index_mb']:.0f} | {row['torch_s']:.3f} | "
+            f"{row.get('faiss_s', float('nan')):.3f} | {row.get('same_answers', float('nan')):.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from _common import machine, synthetic_set  # noqa: E402
 from smse.config import load_config  # noqa: E402
 from smse.data.loading import load_data  # noqa: E402
 from smse.data.splits import seeded_split  # noqa: E402
-from smse.prepare import prepare  # noqa: E402
 from smse.metrics import image_accuracy, patient_accuracy  # noqa: E402
+from smse.prepare import prepare  # noqa: E402
 
 
 def linear_probe(x_train, y_train, x_test):
@@ -39,8 +39,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     root = synthetic_set()
-    cfg = load_config(None, [f"data.root={root}", "out=/tmp/unused", "model.views=2", "data.image_size=[128, 192]",
-                             "data.split.val_fraction=0"])
+    cfg = load_config(
+        None,
+        [
+            f"data.root={root}",
+            "out=/tmp/unused",
+            "model.views=2",
+            "data.image_size=[128, 192]",
+            "data.split.val_fraction=0",
+        ],
+    )
     data = load_data(cfg.data, split=False)
     prep = prepare(cfg, data=data, progress=False)
     feats = prep.features[:, 0].numpy()
@@ -61,9 +69,11 @@ def main() -> None:
                 a, b = tr & (mags == mi), te & (mags == mj)
                 matrix[i, j, s] = patient_accuracy(y[b], linear_probe(feats[a], y[a], feats[b]), patients[b])
     print(f"# synthetic-set difficulty; {date.today()}; {machine()}; {args.seeds} patient-disjoint 70/30 splits")
-    print(f"frozen ImageNet EfficientNet-Lite0 + logistic regression, binary, all magnifications pooled: "
-          f"image {100 * np.mean(pooled_img):.1f} ± {100 * np.std(pooled_img, ddof=1):.1f}%, "
-          f"patient {100 * np.mean(pooled_pat):.1f} ± {100 * np.std(pooled_pat, ddof=1):.1f}%")
+    print(
+        f"frozen ImageNet EfficientNet-Lite0 + logistic regression, binary, all magnifications pooled: "
+        f"image {100 * np.mean(pooled_img):.1f} ± {100 * np.std(pooled_img, ddof=1):.1f}%, "
+        f"patient {100 * np.mean(pooled_pat):.1f} ± {100 * np.std(pooled_pat, ddof=1):.1f}%"
+    )
     print("\npatient-level accuracy, rows: training magnification, columns: test magnification")
     print("| train \\ test | " + " | ".join(f"{m}X" for m in levels) + " |")
     print("|---|" + "---|" * len(levels))
@@ -71,8 +81,10 @@ def main() -> None:
         print(f"| {m}X | " + " | ".join(f"{100 * matrix[i, j].mean():.1f}" for j in range(len(levels))) + " |")
     diag = np.mean([matrix[i, i].mean() for i in range(4)])
     off = np.mean([matrix[i, j].mean() for i in range(4) for j in range(4) if i != j])
-    print(f"\nwithin one magnification {100 * diag:.1f}%, across magnifications {100 * off:.1f}% "
-          f"(shift {100 * (diag - off):.1f} points)")
+    print(
+        f"\nwithin one magnification {100 * diag:.1f}%, across magnifications {100 * off:.1f}% "
+        f"(shift {100 * (diag - off):.1f} points)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from smse.wsi import TileSpec, available_backends, open_slide, plan_tiles, write
 from smse.wsi.reader import BACKENDS  # noqa: E402
 from smse.wsi.tiles import resample, window  # noqa: E402
 
-
 #: scan -> (level-0 size, um/px): 3 x 2.25 mm and 4 x 3 mm of glass
 SCANS = {"40x": ((12000, 9000), 0.25), "20x": ((8000, 6000), 0.5)}
 
@@ -48,8 +47,10 @@ def regions(path: Path, spec: TileSpec, backend: str) -> tuple[list, str]:
     out = []
     with open_slide(path, backend) as slide:
         plan = plan_tiles(slide, spec)
-        sources = ", ".join(f"{m}X: level {s.level}" + ("" if s.scale == 1 else f" resampled {s.scale:g}:1")
-                            for m, s in plan.sources.items())
+        sources = ", ".join(
+            f"{m}X: level {s.level}" + ("" if s.scale == 1 else f" resampled {s.scale:g}:1")
+            for m, s in plan.sources.items()
+        )
         for centre in plan.locations:
             for source in plan.sources.values():
                 (x, y, w, h), _ = window(slide, source, tuple(centre), spec.size)
@@ -91,9 +92,15 @@ def measure(path: Path, spec: TileSpec, backend: str) -> dict:
     counts["png"] = smse_tiles("png")
     best["png"] = time.perf_counter() - start
     rate = {k: counts[k] / best[k] for k in best}
-    return {"backend": backend, "tiles": counts["bare"], "sources": sources, "rates": rate,
-            "ratio_jpg": rate["jpg"] / rate["bare"], "ratio_png": rate["png"] / rate["bare"],
-            "cpu_ms_per_tile": cpu_breakdown(path, spec, backend, bare)}
+    return {
+        "backend": backend,
+        "tiles": counts["bare"],
+        "sources": sources,
+        "rates": rate,
+        "ratio_jpg": rate["jpg"] / rate["bare"],
+        "ratio_png": rate["png"] / rate["bare"],
+        "cpu_ms_per_tile": cpu_breakdown(path, spec, backend, bare),
+    }
 
 
 def cpu_breakdown(path: Path, spec: TileSpec, backend: str, bare) -> dict:
@@ -127,15 +134,21 @@ def main() -> None:
         path = bench_slide(size, mpp)
         for backend in available_backends():
             rows.append({"scan": scan, "size": list(size), "mpp": mpp, **measure(path, spec, backend)})
-    print(f"# whole-slide tiles: 700x460 px tiles at 40X, 100X, 200X, 400X, up to {spec.max_locations} locations "
-          f"(one per 400X field with 25% tissue in every tile); {date.today()}; {machine()}")
-    print("| scan | backend | tiles | bare read_region tiles/s | smse tiles (jpg) tiles/s | ratio "
-          "| smse tiles --format png tiles/s (one run) | ratio |")
+    print(
+        f"# whole-slide tiles: 700x460 px tiles at 40X, 100X, 200X, 400X, up to {spec.max_locations} locations "
+        f"(one per 400X field with 25% tissue in every tile); {date.today()}; {machine()}"
+    )
+    print(
+        "| scan | backend | tiles | bare read_region tiles/s | smse tiles (jpg) tiles/s | ratio "
+        "| smse tiles --format png tiles/s (one run) | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['scan']} ({r['size'][0]}x{r['size'][1]} px, {r['mpp']} um/px) | {r['backend']} | {r['tiles']} "
-              f"| {r['rates']['bare']:.1f} | {r['rates']['jpg']:.1f} | {r['ratio_jpg']:.2f} | {r['rates']['png']:.1f} "
-              f"| {r['ratio_png']:.2f} |")
+        print(
+            f"| {r['scan']} ({r['size'][0]}x{r['size'][1]} px, {r['mpp']} um/px) | {r['backend']} | {r['tiles']} "
+            f"| {r['rates']['bare']:.1f} | {r['rates']['jpg']:.1f} | {r['ratio_jpg']:.2f} | {r['rates']['png']:.1f} "
+            f"| {r['ratio_png']:.2f} |"
+        )
     for scan in scans:
         print(f"{scan}: " + next(r["sources"] for r in rows if r["scan"] == scan))
     steps = list(rows[0]["cpu_ms_per_tile"])

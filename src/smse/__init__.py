@@ -18,9 +18,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Config": "smse.config", "load_config": "smse.config",
-    "Hits": "smse.api", "Model": "smse.api", "ReferenceIndex": "smse.api", "Run": "smse.api",
-    "build_reference": "smse.api", "load_model": "smse.api", "train": "smse.api",
+    "Config": "smse.config",
+    "load_config": "smse.config",
+    "Hits": "smse.api",
+    "Model": "smse.api",
+    "ReferenceIndex": "smse.api",
+    "Run": "smse.api",
+    "build_reference": "smse.api",
+    "load_model": "smse.api",
+    "train": "smse.api",
     "RunFiles": "smse.runfiles",
 }
 __all__ = ["__version__", *_EXPORTS]

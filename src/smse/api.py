@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,8 +79,15 @@ class Model:
         transform: one image (path, PIL image, uint8 array or tensor) -> the 3xHxW tensor the module takes.
     """
 
-    def __init__(self, module: Embedder, config: Config, class_map: ClassMap, device: str | torch.device = "cpu",
-                 metadata: dict | None = None, source: str = "<model>"):
+    def __init__(
+        self,
+        module: Embedder,
+        config: Config,
+        class_map: ClassMap,
+        device: str | torch.device = "cpu",
+        metadata: dict | None = None,
+        source: str = "<model>",
+    ):
         self.module = module.eval().to(device)
         self.source = source  # the checkpoint it came from, for error messages
         self.config = config
@@ -87,9 +95,13 @@ class Model:
         self.device = torch.device(device)
         self.metadata = metadata or {}
         self.size = (int(config.data.image_size[0]), int(config.data.image_size[1]))
-        self.data_config = {"input_size": (3, *self.size), "mean": tuple(module.mean.flatten().tolist()),
-                            "std": tuple(module.std.flatten().tolist()), "interpolation": module.interpolation,
-                            "crop_pct": module.crop_pct}
+        self.data_config = {
+            "input_size": (3, *self.size),
+            "mean": tuple(module.mean.flatten().tolist()),
+            "std": tuple(module.std.flatten().tolist()),
+            "interpolation": module.interpolation,
+            "crop_pct": module.crop_pct,
+        }
         self.transform: Callable[[ImageLike], torch.Tensor] = self._to_input
 
     @property
@@ -97,12 +109,15 @@ class Model:
         return self.class_map.names
 
     def _to_input(self, image: ImageLike) -> torch.Tensor:
-        """Resize like the training images (PIL, the backbone's interpolation, the image cache's path); scale to [0, 1]."""
+        """Resize like the training images (PIL, the backbone's interpolation); scale to [0, 1]."""
         if isinstance(image, (str, os.PathLike)):
             image = read_image(image)
         if isinstance(image, Image.Image):
-            image = np.asarray(resize_image(image if image.mode == "RGB" else image.convert("RGB"), self.size,
-                                            self.module.interpolation))
+            image = np.asarray(
+                resize_image(
+                    image if image.mode == "RGB" else image.convert("RGB"), self.size, self.module.interpolation
+                )
+            )
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ImageError("<array>", f"expected an HxWx3 uint8 array, got {image.dtype} {image.shape}")
@@ -114,8 +129,9 @@ class Model:
                 raise ImageError("<tensor>", f"expected a 3xHxW tensor in [0, 1], got shape {tuple(image.shape)}")
             image = _unit_range(image)
             if tuple(image.shape[1:]) != self.size:
-                image = F.interpolate(image[None], size=self.size, mode="bilinear", antialias=True,
-                                      align_corners=False)[0].clamp_(0, 1)
+                image = F.interpolate(
+                    image[None], size=self.size, mode="bilinear", antialias=True, align_corners=False
+                )[0].clamp_(0, 1)
             return image
         raise ImageError(repr(type(image)), "not an image: give a path, a PIL image, a uint8 array or a tensor")
 
@@ -128,7 +144,7 @@ class Model:
     def _batches(self, images: ImageLike | Sequence[ImageLike], batch_size: int):
         images = self._as_list(images)
         for start in range(0, len(images), batch_size):
-            yield torch.stack([self.transform(x) for x in images[start:start + batch_size]])
+            yield torch.stack([self.transform(x) for x in images[start : start + batch_size]])
 
     @torch.no_grad()
     def infer(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -137,14 +153,18 @@ class Model:
         images = self._as_list(images)
         batches = self._batches(images, batch_size)
         if len(images) > 4 * batch_size:  # minutes on a CPU: show the way
-            batches = progress(batches, desc="embedding images", unit="images", weights=batch_sizes(len(images), batch_size))
+            batches = progress(
+                batches, desc="embedding images", unit="images", weights=batch_sizes(len(images), batch_size)
+            )
         for batch in batches:
             emb, logits = self.module(batch.to(self.device))
             embs.append(emb.float().cpu())
             probs.append(torch.softmax(logits.float(), dim=1).cpu())
         if not embs:
-            return (np.zeros((0, self.module.heads.embed.out_features), np.float32),
-                    np.zeros((0, len(self.class_map)), np.float32))
+            return (
+                np.zeros((0, self.module.heads.embed.out_features), np.float32),
+                np.zeros((0, len(self.class_map)), np.float32),
+            )
         emb, prob = torch.cat(embs).numpy(), torch.cat(probs).numpy()
         check_finite_outputs(self.source, embeddings=emb, probabilities=prob)
         return emb, prob
@@ -162,8 +182,10 @@ class Model:
         return [self.class_map.names[i] for i in self.predict_proba(images, batch_size).argmax(1)]
 
     def __repr__(self) -> str:
-        return (f"Model({self.config.model.backbone}, classes={list(self.classes)}, "
-                f"input={self.size[0]}x{self.size[1]}, device={self.device})")
+        return (
+            f"Model({self.config.model.backbone}, classes={list(self.classes)}, "
+            f"input={self.size[0]}x{self.size[1]}, device={self.device})"
+        )
 
 
 def _unit_range(image: torch.Tensor) -> torch.Tensor:
@@ -177,8 +199,10 @@ def _unit_range(image: torch.Tensor) -> torch.Tensor:
         raise ImageError("<tensor>", "holds NaN or infinite values")
     low, high = float(image.min()), float(image.max())
     if low < -UNIT_SLACK or high > 1 + UNIT_SLACK:
-        raise ImageError("<tensor>", f"expected values in [0, 1], got {low:g} to {high:g} "
-                                     "(divide 0-255 values by 255, or pass a uint8 tensor)")
+        raise ImageError(
+            "<tensor>",
+            f"expected values in [0, 1], got {low:g} to {high:g} (divide 0-255 values by 255, or pass a uint8 tensor)",
+        )
     return image.clamp_(0, 1)
 
 
@@ -209,11 +233,20 @@ class Hits:
     out_of_distribution: np.ndarray | None = None
 
     def rows(self, query: int = 0) -> list[dict]:
-        """The hits of one query as a list of dicts (rank, label, tumour type, magnification, patient, path, distance)."""
-        return [{"rank": r + 1, "index": int(self.indices[query, r]), "label": str(self.labels[query, r]),
-                 "tumor_type": str(self.tumor_types[query, r]), "magnification": int(self.magnifications[query, r]),
-                 "patient": str(self.patients[query, r]), "path": str(self.paths[query, r]),
-                 "distance": float(self.distances[query, r])} for r in range(self.indices.shape[1])]
+        """The hits of one query as dicts (rank, label, tumour type, magnification, patient, path, distance)."""
+        return [
+            {
+                "rank": r + 1,
+                "index": int(self.indices[query, r]),
+                "label": str(self.labels[query, r]),
+                "tumor_type": str(self.tumor_types[query, r]),
+                "magnification": int(self.magnifications[query, r]),
+                "patient": str(self.patients[query, r]),
+                "path": str(self.paths[query, r]),
+                "distance": float(self.distances[query, r]),
+            }
+            for r in range(self.indices.shape[1])
+        ]
 
 
 class ReferenceIndex:
@@ -244,19 +277,21 @@ class ReferenceIndex:
 
         if self._guide is None:
             m = self.metadata
-            self._guide = distance_guide(self.embeddings, m["labels"].astype(str), m["tumor_types"].astype(str),
-                                         m["patients"].astype(str))
+            self._guide = distance_guide(
+                self.embeddings, m["labels"].astype(str), m["tumor_types"].astype(str), m["patients"].astype(str)
+            )
         return self._guide
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backend: str = "torch") -> "ReferenceIndex":
+    def load(cls, path: str | os.PathLike, backend: str = "torch") -> ReferenceIndex:
         """An index from a ``.npz`` written by ``smse evaluate`` or ``smse embed``."""
         arrays = load_embeddings(path)
         return cls(arrays["embeddings"], backend, **{k: arrays[k] for k in cls.FIELDS if k in arrays})
 
     @classmethod
-    def from_run(cls, run: str | os.PathLike | Run, model: Model | None = None,
-                 backend: str | None = None) -> "ReferenceIndex":
+    def from_run(
+        cls, run: str | os.PathLike | Run, model: Model | None = None, backend: str | None = None
+    ) -> ReferenceIndex:
         """The training and validation images of a run as references (``reference.npz``, computed and saved when
         missing): the images a ``model.classifier=knn`` model votes with."""
         folder = Path(run)
@@ -282,8 +317,10 @@ class ReferenceIndex:
             raise ValueError(f"k: the number of nearest references must be an integer of at least 1, got {k!r}")
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.ndim != 2 or queries.shape[1] != self.embeddings.shape[1]:
-            raise ValueError(f"queries: expected [N, {self.embeddings.shape[1]}] embeddings of this index's model, "
-                             f"got shape {queries.shape}")
+            raise ValueError(
+                f"queries: expected [N, {self.embeddings.shape[1]}] embeddings of this index's model, "
+                f"got shape {queries.shape}"
+            )
         if not np.isfinite(queries).all():
             raise ValueError("queries: embeddings hold NaN or infinite values")
         from smse.similarity import OOD_K

@@ -8,7 +8,7 @@ k-nearest-neighbour vote (``knn_probe``).
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,8 +21,9 @@ PROBE_C = 0.1
 PROBE_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-def patient_folds(records: Sequence[Record], k: int | None = 5, repeats: int = 1, seed: int = 0,
-                  task: str = "binary") -> list[list[set[str]]]:
+def patient_folds(
+    records: Sequence[Record], k: int | None = 5, repeats: int = 1, seed: int = 0, task: str = "binary"
+) -> list[list[set[str]]]:
     """Test patients of each fold, per repeat; every patient is tested once per repeat.
 
     Args:
@@ -43,8 +44,9 @@ def patient_folds(records: Sequence[Record], k: int | None = 5, repeats: int = 1
     return out
 
 
-def out_of_fold(probe, features: np.ndarray, y: np.ndarray, patients: Sequence[str],
-                plan: list[list[set[str]]]) -> list[np.ndarray]:
+def out_of_fold(
+    probe, features: np.ndarray, y: np.ndarray, patients: Sequence[str], plan: list[list[set[str]]]
+) -> list[np.ndarray]:
     """Out-of-fold probabilities of class 1 per repeat of ``plan``: each fold's probe is fit on every
     patient outside the fold (``probe``: ``linear_probe``, ``knn_probe``, ``tuned_linear_probe`` or one of their
     signature, ``probe(x_train, y_train, x_test, groups=training patients)``)."""
@@ -65,19 +67,27 @@ def _fit_predict(clf, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarr
         return clf.fit(x_train, y_train).predict_proba(x_test)
 
 
-def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, c: float = PROBE_C,
-                 groups: Sequence[str] | None = None) -> np.ndarray:
+def linear_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    c: float = PROBE_C,
+    groups: Sequence[str] | None = None,
+) -> np.ndarray:
     """Class probabilities of a logistic regression on standardised features (columns: sorted classes);
     ``groups`` (the training patients) is the probes' common signature, unused here."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return _fit_predict(make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000)), x_train, y_train, x_test)
+    return _fit_predict(
+        make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000)), x_train, y_train, x_test
+    )
 
 
-def knn_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: int = 5,
-              groups: Sequence[str] | None = None) -> np.ndarray:
+def knn_probe(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: int = 5, groups: Sequence[str] | None = None
+) -> np.ndarray:
     """Class probabilities of a cosine k-nearest-neighbour vote on standardised features (``groups`` unused)."""
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
@@ -87,8 +97,14 @@ def knn_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: i
     return _fit_predict(clf, x_train, y_train, x_test)
 
 
-def choose_probe_c(x: np.ndarray, y: np.ndarray, groups: Sequence[str], grid: Sequence[float] = PROBE_C_GRID,
-                   folds: int = 4, seed: int = 0) -> float:
+def choose_probe_c(
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: Sequence[str],
+    grid: Sequence[float] = PROBE_C_GRID,
+    folds: int = 4,
+    seed: int = 0,
+) -> float:
     """The C of ``grid`` with the best patient-grouped cross-validated score on (x, y): patient-level accuracy
     plus ROC-AUC (binary) or patient-level accuracy (more classes); the smaller C on a tie."""
     from sklearn.model_selection import StratifiedGroupKFold
@@ -105,7 +121,7 @@ def choose_probe_c(x: np.ndarray, y: np.ndarray, groups: Sequence[str], grid: Se
     best, best_c = -np.inf, float(grid[0])
     for c in grid:
         scores = []
-        for tr, te in splits:
+        for _, te in splits:
             held = np.isin(groups, ids[te])
             if len(np.unique(y[~held])) < len(np.unique(y)):
                 continue
@@ -120,8 +136,13 @@ def choose_probe_c(x: np.ndarray, y: np.ndarray, groups: Sequence[str], grid: Se
     return best_c
 
 
-def tuned_linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, groups: Sequence[str],
-                       grid: Sequence[float] = PROBE_C_GRID) -> np.ndarray:
+def tuned_linear_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    groups: Sequence[str],
+    grid: Sequence[float] = PROBE_C_GRID,
+) -> np.ndarray:
     """``linear_probe`` with C chosen by patient-grouped cross-validation on the training patients only
     (``choose_probe_c``): the tuned probe a trained head has to beat."""
     return linear_probe(x_train, y_train, x_test, choose_probe_c(x_train, y_train, groups, grid))

@@ -9,7 +9,7 @@ gives the reliability diagram's bins (confidence against accuracy).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,8 +36,12 @@ def fit_temperature(logits: np.ndarray, targets: Sequence[int]) -> float:
 
     if len(logits) == 0:
         return 1.0
-    result = minimize_scalar(lambda log_t: nll(logits, targets, math.exp(log_t)),
-                             bounds=(math.log(T_MIN), math.log(T_MAX)), method="bounded", options={"xatol": 1e-4})
+    result = minimize_scalar(
+        lambda log_t: nll(logits, targets, math.exp(log_t)),
+        bounds=(math.log(T_MIN), math.log(T_MAX)),
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
     return float(math.exp(result.x))
 
 
@@ -67,9 +71,14 @@ def reliability(targets: Sequence[int], probs: np.ndarray, bins: int = 10) -> di
 def calibration_report(targets: Sequence[int], probs: np.ndarray, temperature: float) -> dict:
     """The calibrated ``probs`` (made with ``temperature``) against the same model uncalibrated (T = 1)."""
     raw = rescale(probs, 1.0 / temperature)
-    return {"temperature": float(temperature), "images": int(len(probs)),
-            "ece": expected_calibration_error(targets, probs), "ece_uncalibrated": expected_calibration_error(targets, raw),
-            "reliability": reliability(targets, probs), "reliability_uncalibrated": reliability(targets, raw)}
+    return {
+        "temperature": float(temperature),
+        "images": int(len(probs)),
+        "ece": expected_calibration_error(targets, probs),
+        "ece_uncalibrated": expected_calibration_error(targets, raw),
+        "reliability": reliability(targets, probs),
+        "reliability_uncalibrated": reliability(targets, raw),
+    }
 
 
 __all__ = ["calibration_report", "fit_temperature", "nll", "reliability", "rescale"]

@@ -23,17 +23,35 @@ log = logging.getLogger(__name__)
 FORMAT = "smse-checkpoint-2"  # 2: EfficientNet-Lite as TensorFlow-padded timm models with their own scaling
 
 
-def save_checkpoint(path: str | Path, model: Embedder, cfg: Config, class_map: ClassMap, epoch: int,
-                    metrics: dict | None = None, backbone_weights: str = "", state: dict | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    model: Embedder,
+    cfg: Config,
+    class_map: ClassMap,
+    epoch: int,
+    metrics: dict | None = None,
+    backbone_weights: str = "",
+    state: dict | None = None,
+) -> None:
     """Write ``model``'s weights (or ``state``, a state dict of that model) and everything needed to use them."""
     state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
     meta = {
-        "format": FORMAT, "smse_version": __version__, "config": json.dumps(to_dict(cfg)),
+        "format": FORMAT,
+        "smse_version": __version__,
+        "config": json.dumps(to_dict(cfg)),
         "class_map": json.dumps(class_map.to_dict()),
-        "preprocessing": json.dumps({"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
-                                     "image_size": cfg.data.image_size, "interpolation": model.interpolation,
-                                     "crop_pct": model.crop_pct}),
-        "epoch": str(epoch), "metrics": json.dumps(metrics or {}), "backbone_weights": backbone_weights,
+        "preprocessing": json.dumps(
+            {
+                "mean": model.mean.flatten().tolist(),
+                "std": model.std.flatten().tolist(),
+                "image_size": cfg.data.image_size,
+                "interpolation": model.interpolation,
+                "crop_pct": model.crop_pct,
+            }
+        ),
+        "epoch": str(epoch),
+        "metrics": json.dumps(metrics or {}),
+        "backbone_weights": backbone_weights,
     }
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
@@ -42,17 +60,28 @@ def save_checkpoint(path: str | Path, model: Embedder, cfg: Config, class_map: C
 def build_model(cfg: Config, num_classes: int, pretrained: bool | None = None) -> tuple[Embedder, str]:
     """Backbone + heads from a config; returns the model and where the backbone weights came from."""
     m = cfg.model
-    backbone = create_backbone(m.backbone, m.pretrained if pretrained is None else pretrained,
-                               m.checkpoint_path if pretrained is not False else None)
+    backbone = create_backbone(
+        m.backbone,
+        m.pretrained if pretrained is None else pretrained,
+        m.checkpoint_path if pretrained is not False else None,
+    )
     size = tuple(cfg.data.image_size)
     if backbone.fixed_input_size and size != backbone.input_size:
-        raise ConfigError(f"data.image_size: {m.backbone} takes {backbone.input_size[0]}x{backbone.input_size[1]} "
-                          f"images only, not {size[0]}x{size[1]}; set data.image_size=[{backbone.input_size[0]}, "
-                          f"{backbone.input_size[1]}]")
+        raise ConfigError(
+            f"data.image_size: {m.backbone} takes {backbone.input_size[0]}x{backbone.input_size[1]} "
+            f"images only, not {size[0]}x{size[1]}; set data.image_size=[{backbone.input_size[0]}, "
+            f"{backbone.input_size[1]}]"
+        )
     if backbone.input_size and size != backbone.input_size:
         log.info("%s: native input %s, images resized to %s", m.backbone, backbone.input_size, size)
-    heads = Heads(backbone.num_features, m.embedding_dim, num_classes, normalize=m.normalize, classifier=m.classifier,
-                  knn_k=m.knn_k)
+    heads = Heads(
+        backbone.num_features,
+        m.embedding_dim,
+        num_classes,
+        normalize=m.normalize,
+        classifier=m.classifier,
+        knn_k=m.knn_k,
+    )
     preprocessing = backbone.preprocessing
     if cfg.data.interpolation != "auto":
         preprocessing = dataclasses.replace(preprocessing, interpolation=cfg.data.interpolation)
@@ -75,8 +104,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r} is not {FORMAT!r} "
-                              f"(written by smse {meta.get('smse_version', 'unknown')}, this is {__version__})")
+        raise CheckpointError(
+            f"{path}: checkpoint format {meta.get('format')!r} is not {FORMAT!r} "
+            f"(written by smse {meta.get('smse_version', 'unknown')}, this is {__version__})"
+        )
     cfg = from_dict(json.loads(meta["config"]))
     class_map = ClassMap.from_dict(json.loads(meta["class_map"]))
     model, _ = build_model(cfg, len(class_map), pretrained=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -29,9 +28,12 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _options(quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warnings and errors only."),
-             version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")) -> None:
+def _options(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warnings and errors only."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Show the library's log (epochs, resumes, warnings) on standard error."""
     import logging
 
@@ -48,11 +50,13 @@ def _options(quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warni
 @data_app.command("summary")
 def data_summary(
     path: Path = typer.Argument(..., help="BreakHis folder (official or nested copy) or manifest CSV."),
-    json_out: Optional[Path] = typer.Option(None, "--json", dir_okay=False,
-                                            help="Also write the summary as JSON to this file."),
+    json_out: Path | None = typer.Option(
+        None, "--json", dir_okay=False, help="Also write the summary as JSON to this file."
+    ),
     skip_bad: bool = typer.Option(False, help="Skip unreadable or misnamed files and list them."),
-    cache_dir: Optional[Path] = typer.Option(None, file_okay=False,
-                                             help="Cache folder (default $SMSE_CACHE_DIR or ~/.cache/smse)."),
+    cache_dir: Path | None = typer.Option(
+        None, file_okay=False, help="Cache folder (default $SMSE_CACHE_DIR or ~/.cache/smse)."
+    ),
 ) -> None:
     """Print images by class, type and magnification, and patient counts (as JSON too with --json)."""
     from smse.config import DataConfig
@@ -60,8 +64,9 @@ def data_summary(
     from smse.data.summary import format_table, summarize
     from smse.io import write_json
 
-    cfg = DataConfig(root=str(path), skip_bad=skip_bad, cache_dir=str(cache_dir) if cache_dir else None,
-                     duplicates="keep")
+    cfg = DataConfig(
+        root=str(path), skip_bad=skip_bad, cache_dir=str(cache_dir) if cache_dir else None, duplicates="keep"
+    )
     data = load_data(cfg, split=False)
     summary = summarize(data.records)
     summary["summary_line"] = data.summary_line()
@@ -82,9 +87,13 @@ def data_summary(
 
 @config_app.command("show", context_settings={"allow_extra_args": True, **HELP})
 def config_show(
-    config: Optional[str] = typer.Option(None, "-c", "--config", help="A YAML file or a packaged config name "
-                                                                      "(demo, breakhis, breakhis-paper); none: the defaults."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides such as loss.gamma=1.5."),
+    config: str | None = typer.Option(
+        None,
+        "-c",
+        "--config",
+        help="A YAML file or a packaged config name (demo, breakhis, breakhis-paper); none: the defaults.",
+    ),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides such as loss.gamma=1.5."),
 ) -> None:
     """Print the resolved config (file + overrides, validated) as YAML: what smse train would run."""
     import yaml
@@ -94,7 +103,7 @@ def config_show(
     typer.echo(yaml.safe_dump(to_dict(_config(config, overrides or [])), sort_keys=False).rstrip())
 
 
-def _config(config: Optional[str], overrides: List[str]):
+def _config(config: str | None, overrides: list[str]):
     """A config file, or the name of a packaged one (demo, breakhis, breakhis-paper), plus overrides."""
     from smse.config import load_config
 
@@ -107,8 +116,8 @@ OVERRIDES_HELP = "Dotted overrides such as loss.gamma=1.5 data.root=/data/BreaKH
 
 @app.command(context_settings={"allow_extra_args": True})
 def train(
-    config: Optional[str] = typer.Option(None, "-c", "--config", help=CONFIG_HELP),
-    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    config: str | None = typer.Option(None, "-c", "--config", help=CONFIG_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
     evaluate: bool = typer.Option(True, help="Evaluate the best checkpoint on the test split afterwards."),
 ) -> None:
     """Train a model (resumes when the out folder holds an unfinished run of the same config)."""
@@ -124,9 +133,11 @@ def _print_results(run: Path, result: dict) -> None:
     typer.echo(RunFiles(run).results.read_text())
     probe = result["magnification_probe"]
     if probe["balanced_accuracy"] == probe["balanced_accuracy"]:
-        typer.echo(f"magnification probe: balanced accuracy {100 * probe['balanced_accuracy']:.1f}% (chance "
-                   f"{100 * probe['balanced_chance']:.1f}%; {probe['images']} images, {probe['smallest']} at the rarest "
-                   "magnification; lower is more magnification-independent)")
+        typer.echo(
+            f"magnification probe: balanced accuracy {100 * probe['balanced_accuracy']:.1f}% (chance "
+            f"{100 * probe['balanced_chance']:.1f}%; {probe['images']} images, {probe['smallest']} at the rarest "
+            "magnification; lower is more magnification-independent)"
+        )
     typer.echo(f"report: {RunFiles(run).report}")
 
 
@@ -157,9 +168,9 @@ def report(run: Path = typer.Argument(..., help="Run folder (evaluated).")) -> N
 
 @app.command(context_settings={"allow_extra_args": True})
 def cv(
-    config: Optional[str] = typer.Option(None, "-c", "--config", help=CONFIG_HELP),
+    config: str | None = typer.Option(None, "-c", "--config", help=CONFIG_HELP),
     folds: int = typer.Option(5, min=1, help="Number of patient-disjoint splits."),
-    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Cross-validate over k patient-disjoint splits; prints mean +- std in the literature's table form."""
     from smse.cv import cross_validate
@@ -173,7 +184,7 @@ def cv(
 @app.command()
 def predict(
     run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
-    images: List[Path] = typer.Argument(..., help="Image files or folders."),
+    images: list[Path] = typer.Argument(..., help="Image files or folders."),
     out: Path = typer.Option(Path("predictions.csv"), dir_okay=False, help="CSV to write."),
     k: int = typer.Option(5, min=1, help="Nearest reference images per query."),
 ) -> None:
@@ -189,8 +200,9 @@ def predict(
 def embed(
     run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
     data: Path = typer.Argument(..., help="BreakHis folder or manifest CSV."),
-    out: Path = typer.Option(Path("embeddings.npz"), dir_okay=False,
-                             help="Output .npz; np.load(out) gives embeddings and metadata."),
+    out: Path = typer.Option(
+        Path("embeddings.npz"), dir_okay=False, help="Output .npz; np.load(out) gives embeddings and metadata."
+    ),
 ) -> None:
     """Write the embeddings of every image of a dataset, with label, patient and magnification."""
     from smse.evaluate import embed_folder
@@ -203,7 +215,7 @@ def demo(
     out: Path = typer.Option(Path("smse-demo"), file_okay=False, help="Folder for the data, the run and the report."),
     patients: int = typer.Option(32, min=2, help="Synthetic patients."),
     images_per_mag: int = typer.Option(12, min=1, help="Images per patient and magnification."),
-    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the demo config's)."),
+    epochs: int | None = typer.Option(None, min=1, help="Training epochs (default: the demo config's)."),
 ) -> None:
     """Generate the synthetic set, train SMSE on it, evaluate, write the report, say where all is."""
     import time
@@ -232,16 +244,21 @@ def serve(
     run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; anything but a loopback address needs --token."),
     port: int = typer.Option(8000, help="Port."),
-    reference: Optional[Path] = typer.Option(None, help="Reference images: a BreakHis folder or manifest CSV "
-                                                        "(embedded once, cached in the run folder) or an .npz of "
-                                                        "smse embed. Default: the run's training and validation images."),
-    token: Optional[str] = typer.Option(None, envvar="SMSE_TOKEN", show_envvar=True,
-                                        help="Every API call must send 'Authorization: Bearer TOKEN'."),
+    reference: Path | None = typer.Option(
+        None,
+        help="Reference images: a BreakHis folder or manifest CSV "
+        "(embedded once, cached in the run folder) or an .npz of "
+        "smse embed. Default: the run's training and validation images.",
+    ),
+    token: str | None = typer.Option(
+        None, envvar="SMSE_TOKEN", show_envvar=True, help="Every API call must send 'Authorization: Bearer TOKEN'."
+    ),
     max_files: int = typer.Option(16, help="Images per request."),
     max_file_mb: float = typer.Option(25.0, help="MiB per image file."),
     max_request_mb: float = typer.Option(100.0, help="MiB per request."),
-    max_megapixels: float = typer.Option(64.0, help="Pixels per image, in millions (larger images are refused "
-                                                    "before decoding)."),
+    max_megapixels: float = typer.Option(
+        64.0, help="Pixels per image, in millions (larger images are refused before decoding)."
+    ),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
 ) -> None:
     """Serve a web page and a JSON API: classify images, show the most similar reference cases."""
@@ -249,8 +266,10 @@ def serve(
     from smse.serve import is_loopback
 
     if not is_loopback(host) and not token:
-        raise ConfigError(f"--host {host}: not a loopback address, so the server needs a token "
-                          "(--token or the SMSE_TOKEN environment variable)")
+        raise ConfigError(
+            f"--host {host}: not a loopback address, so the server needs a token "
+            "(--token or the SMSE_TOKEN environment variable)"
+        )
     try:
         import uvicorn
 
@@ -259,13 +278,20 @@ def serve(
         raise ConfigError(f"smse serve needs FastAPI and uvicorn ({exc}): pip install 'smse[serve]'") from None
     from smse.runtime import resolve_device
 
-    limits = Limits(max_files=max_files, max_file_bytes=int(max_file_mb * 2**20),
-                    max_request_bytes=int(max_request_mb * 2**20), max_pixels=int(max_megapixels * 1e6))
+    limits = Limits(
+        max_files=max_files,
+        max_file_bytes=int(max_file_mb * 2**20),
+        max_request_bytes=int(max_request_mb * 2**20),
+        max_pixels=int(max_megapixels * 1e6),
+    )
     web = create_app(run, reference, token, limits, resolve_device(device))
     service = web.state.service
     typer.echo(f"model: {service.model!r}; {len(service.index)} reference images ({service.source})")
     url_host = f"[{host}]" if ":" in host else host
-    typer.echo(f"page: http://{url_host}:{port}/   API docs: http://{url_host}:{port}/docs" + ("   (token required)" if token else ""))
+    typer.echo(
+        f"page: http://{url_host}:{port}/   API docs: http://{url_host}:{port}/docs"
+        + ("   (token required)" if token else "")
+    )
     uvicorn.run(web, host=host, port=port, log_level="info")
 
 
@@ -281,19 +307,25 @@ def _size(text: str, option: str = "--size") -> tuple[int, int]:
 
 @app.command()
 def synth(
-    out: Optional[Path] = typer.Option(None, "--out", file_okay=False,
-                                       help="Output folder (default smse-demo/data; with --wsi, smse-wsi)."),
-    patients: Optional[int] = typer.Option(None, min=1, help="Number of patients, one virtual slide each "
-                                                             "(default 32; with --wsi, 8)."),
+    out: Path | None = typer.Option(
+        None, "--out", file_okay=False, help="Output folder (default smse-demo/data; with --wsi, smse-wsi)."
+    ),
+    patients: int | None = typer.Option(
+        None, min=1, help="Number of patients, one virtual slide each (default 32; with --wsi, 8)."
+    ),
     seed: int = typer.Option(0, min=0, help="Random seed; the output depends only on the arguments."),
-    size: Optional[str] = typer.Option(None, help="Image size WIDTHxHEIGHT (default 192x128; with --wsi, the slide's "
-                                                  "level-0 size, default 4000x3000)."),
+    size: str | None = typer.Option(
+        None, help="Image size WIDTHxHEIGHT (default 192x128; with --wsi, the slide's level-0 size, default 4000x3000)."
+    ),
     images_per_mag: int = typer.Option(12, min=1, help="Images per patient and magnification."),
-    proportions: Optional[str] = typer.Option(None, help="breakhis (default), balanced, or A=1,F=2,... per type."),
-    workers: Optional[int] = typer.Option(None, min=1, help="Processes (default: all cores)."),
-    preview_path: Optional[Path] = typer.Option(None, "--preview", dir_okay=False,
-                                                help="Only write a contact sheet PNG here."),
-    wsi: bool = typer.Option(False, "--wsi", help="Write pyramidal whole-slide TIFFs and labels.csv instead of images."),
+    proportions: str | None = typer.Option(None, help="breakhis (default), balanced, or A=1,F=2,... per type."),
+    workers: int | None = typer.Option(None, min=1, help="Processes (default: all cores)."),
+    preview_path: Path | None = typer.Option(
+        None, "--preview", dir_okay=False, help="Only write a contact sheet PNG here."
+    ),
+    wsi: bool = typer.Option(
+        False, "--wsi", help="Write pyramidal whole-slide TIFFs and labels.csv instead of images."
+    ),
     mpp: float = typer.Option(0.5, help="With --wsi: microns per level-0 pixel (0.5 = a 20x scan)."),
 ) -> None:
     """Generate the synthetic BreakHis-shaped H&E dataset (or, with --preview, a contact sheet; with --wsi, slides)."""
@@ -308,10 +340,13 @@ def synth(
             raise ConfigError("--preview: a contact sheet of the image set; leave out --wsi")
         n = patients or 8
         wh = _size(size) if size else DEFAULT_SIZE
-        root = generate_slides(out or Path("smse-wsi"), patients=n, seed=seed, size=wh, mpp=mpp,
-                               proportions=proportions, workers=workers)
-        typer.echo(f"wrote {n} slides of {wh[0]}x{wh[1]} px at {mpp:g} um/px under {root / 'slides'} and their labels in "
-                   f"{root / 'labels.csv'} in {time.perf_counter() - start:.1f} s")
+        root = generate_slides(
+            out or Path("smse-wsi"), patients=n, seed=seed, size=wh, mpp=mpp, proportions=proportions, workers=workers
+        )
+        typer.echo(
+            f"wrote {n} slides of {wh[0]}x{wh[1]} px at {mpp:g} um/px under {root / 'slides'} and their labels in "
+            f"{root / 'labels.csv'} in {time.perf_counter() - start:.1f} s"
+        )
         return
     from smse.synth import generate, preview
 
@@ -320,8 +355,15 @@ def synth(
         typer.echo(f"wrote {preview(preview_path, seed=seed, size=wh)}")
         return
     patients = patients or 32
-    root = generate(out or Path("smse-demo/data"), patients=patients, seed=seed, size=wh,
-                    images_per_mag=images_per_mag, proportions=proportions, workers=workers)
+    root = generate(
+        out or Path("smse-demo/data"),
+        patients=patients,
+        seed=seed,
+        size=wh,
+        images_per_mag=images_per_mag,
+        proportions=proportions,
+        workers=workers,
+    )
     n = patients * images_per_mag * 4
     typer.echo(f"wrote {n} images of {patients} patients under {root} in {time.perf_counter() - start:.1f} s")
 
@@ -335,16 +377,18 @@ BACKEND_HELP = "openslide or tiffslide (default: openslide when it imports)."
 
 @app.command()
 def tiles(
-    slides: List[Path] = typer.Argument(..., help="Whole-slide images (SVS, NDPI, MRXS, pyramidal TIFF, ...)."),
+    slides: list[Path] = typer.Argument(..., help="Whole-slide images (SVS, NDPI, MRXS, pyramidal TIFF, ...)."),
     out: Path = typer.Option(..., "--out", help="Output folder: tiles, manifest.csv and tiles.json."),
-    labels: Optional[Path] = typer.Option(None, help="CSV slide,label[,patient][,tumor_type] (default: 'unlabelled')."),
+    labels: Path | None = typer.Option(None, help="CSV slide,label[,patient][,tumor_type] (default: 'unlabelled')."),
     magnifications: str = typer.Option("40X,100X,200X,400X", help=MAGS_HELP),
     tile: str = typer.Option("700x460", help=TILE_HELP),
-    grid: Optional[str] = typer.Option(None, help=GRID_HELP),
+    grid: str | None = typer.Option(None, help=GRID_HELP),
     min_tissue: float = typer.Option(0.5, help="Least tissue share of every tile of a location."),
-    max_tiles: Optional[int] = typer.Option(None, help="At most this many locations per slide (a tile per magnification each)."),
-    mpp: Optional[float] = typer.Option(None, help=MPP_HELP),
-    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
+    max_tiles: int | None = typer.Option(
+        None, help="At most this many locations per slide (a tile per magnification each)."
+    ),
+    mpp: float | None = typer.Option(None, help=MPP_HELP),
+    backend: str | None = typer.Option(None, help=BACKEND_HELP),
     image_format: str = typer.Option("jpg", "--format", help="jpg (quality 95) or png (lossless, slower)."),
     seed: int = typer.Option(0, help="Seed of the --max-tiles sample."),
 ) -> None:
@@ -352,17 +396,27 @@ def tiles(
     from smse.wsi.export import write_tiles
     from smse.wsi.tiles import TileSpec, parse_magnifications
 
-    spec = TileSpec(magnifications=parse_magnifications(magnifications), size=_size(tile, "--tile"),
-                    grid=parse_magnifications(grid)[0] if grid else None, min_tissue=min_tissue,
-                    max_locations=max_tiles, seed=seed)
+    spec = TileSpec(
+        magnifications=parse_magnifications(magnifications),
+        size=_size(tile, "--tile"),
+        grid=parse_magnifications(grid)[0] if grid else None,
+        min_tissue=min_tissue,
+        max_locations=max_tiles,
+        seed=seed,
+    )
     result = write_tiles(slides, out, spec, labels=labels, mpp=mpp, backend=backend, image_format=image_format)
     said = ""
     for s in result.slides:
-        levels = ", ".join(f"{m} from level {v['level']}" + ("" if v["scale"] == 1 else f" resampled {v['scale']:.3g}:1")
-                           for m, v in s["sources"].items())
+        levels = ", ".join(
+            f"{m} from level {v['level']}" + ("" if v["scale"] == 1 else f" resampled {v['scale']:.3g}:1")
+            for m, v in s["sources"].items()
+        )
         levels = f"{s['mpp']:g} um/px from {s['mpp_source']}; {levels}"
-        found = (f"{s['locations']} locations of {s['grid_cells']} grid cells" if s["locations"] else
-                 f"none of its {s['grid_cells']} grid cells holds enough tissue, skipped")
+        found = (
+            f"{s['locations']} locations of {s['grid_cells']} grid cells"
+            if s["locations"]
+            else f"none of its {s['grid_cells']} grid cells holds enough tissue, skipped"
+        )
         typer.echo(f"{s['slide']}: {found}" + (f" ({levels})" if levels != said else ""))
         said = levels
     typer.echo(f"wrote {result.tiles} tiles and {result.manifest}")
@@ -376,31 +430,50 @@ def tiles(
 def predict_slide(
     run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
     slide: Path = typer.Argument(..., help="Whole-slide image."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default: <slide name>-prediction)."),
-    magnifications: Optional[str] = typer.Option(None, help=MAGS_HELP + " Default: the run's training tiles'."),
-    tile: Optional[str] = typer.Option(None, help=TILE_HELP + " Default: the run's training tiles'."),
-    grid: Optional[str] = typer.Option(None, help=GRID_HELP),
-    min_tissue: Optional[float] = typer.Option(None, help="Least tissue share of every tile of a location."),
+    out: Path | None = typer.Option(None, help="Output folder (default: <slide name>-prediction)."),
+    magnifications: str | None = typer.Option(None, help=MAGS_HELP + " Default: the run's training tiles'."),
+    tile: str | None = typer.Option(None, help=TILE_HELP + " Default: the run's training tiles'."),
+    grid: str | None = typer.Option(None, help=GRID_HELP),
+    min_tissue: float | None = typer.Option(None, help="Least tissue share of every tile of a location."),
     threshold: float = typer.Option(0.5, help="A tile counts as positive from this probability on."),
-    positive: Optional[str] = typer.Option(None, help="The class scored (default: malignant, else the model's last class)."),
-    mpp: Optional[float] = typer.Option(None, help=MPP_HELP),
-    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
+    positive: str | None = typer.Option(
+        None, help="The class scored (default: malignant, else the model's last class)."
+    ),
+    mpp: float | None = typer.Option(None, help=MPP_HELP),
+    backend: str | None = typer.Option(None, help=BACKEND_HELP),
     which: str = typer.Option("best", help="best or last checkpoint."),
 ) -> None:
     """Classify every tile of a slide: heat map PNG, per-tile CSV, slide score and an HTML page."""
     from smse.wsi.slide_predict import predict_slide as run_predict_slide
     from smse.wsi.tiles import parse_magnifications
 
-    overrides = {k: v for k, v in {
-        "magnifications": parse_magnifications(magnifications) if magnifications else None,
-        "size": _size(tile, "--tile") if tile else None,
-        "grid": parse_magnifications(grid)[0] if grid else None, "min_tissue": min_tissue}.items() if v is not None}
-    result = run_predict_slide(run, slide, out, overrides=overrides, threshold=threshold, positive=positive, mpp=mpp,
-                               backend=backend, which=which)
+    overrides = {
+        k: v
+        for k, v in {
+            "magnifications": parse_magnifications(magnifications) if magnifications else None,
+            "size": _size(tile, "--tile") if tile else None,
+            "grid": parse_magnifications(grid)[0] if grid else None,
+            "min_tissue": min_tissue,
+        }.items()
+        if v is not None
+    }
+    result = run_predict_slide(
+        run,
+        slide,
+        out,
+        overrides=overrides,
+        threshold=threshold,
+        positive=positive,
+        mpp=mpp,
+        backend=backend,
+        which=which,
+    )
     pos = result["positive"]
-    typer.echo(f"{result['slide']}: mean P({pos}) {result['mean_probability']:.3f}; "
-               f"{100 * result['share_above_threshold']:.1f}% of {result['tiles']} tiles (at {result['locations']} "
-               f"locations) >= {result['threshold']:g}; prediction {result['predicted']}")
+    typer.echo(
+        f"{result['slide']}: mean P({pos}) {result['mean_probability']:.3f}; "
+        f"{100 * result['share_above_threshold']:.1f}% of {result['tiles']} tiles (at {result['locations']} "
+        f"locations) >= {result['threshold']:g}; prediction {result['predicted']}"
+    )
     for name, path in result["files"].items():
         typer.echo(f"{name}: {path}")
 

@@ -7,9 +7,10 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -44,8 +45,14 @@ def _number(value: float | None) -> str:
     return "" if value is None else str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def ranged(default: Any, low: float | None = None, high: float | None = None, *,
-           low_open: bool = False, high_open: bool = False) -> Any:
+def ranged(
+    default: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
     """A dataclass field whose value ``validate`` keeps within a range (None, where allowed, passes)."""
     return field(default=default, metadata={"range": Range(low, high, low_open, high_open)})
 

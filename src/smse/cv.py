@@ -4,9 +4,9 @@ of the trained heads for comparisons with baselines on the same folds (``heads_o
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -77,11 +77,15 @@ def check_folds(cfg: Config, folds: int) -> None:
     s = cfg.data.split
     method = split_method(cfg.data, scan(cfg.data)[0]) if s.method == "auto" else s.method
     if method == "manifest":
-        raise ConfigError(f"data.split.method: {cfg.data.root} fixes one split in its split column, so all {folds} "
-                          "folds would score the same split; set data.split.method=seeded, or use --folds 1")
+        raise ConfigError(
+            f"data.split.method: {cfg.data.root} fixes one split in its split column, so all {folds} "
+            "folds would score the same split; set data.split.method=seeded, or use --folds 1"
+        )
     if method == "fold-file" and "{fold}" not in s.fold_file and Path(s.fold_file).suffix.lower() != ".csv":
-        raise ConfigError(f"data.split.fold_file: {s.fold_file} holds one split, so all {folds} folds would score it; "
-                          "write the path with {fold} (e.g. /data/dsfold{fold}.txt), or use --folds 1")
+        raise ConfigError(
+            f"data.split.fold_file: {s.fold_file} holds one split, so all {folds} folds would score it; "
+            "write the path with {fold} (e.g. /data/dsfold{fold}.txt), or use --folds 1"
+        )
 
 
 def fold_split(records: Sequence[Record], test_patients: set[str], cfg: Config) -> list[Record]:
@@ -101,8 +105,13 @@ class FoldEmbeddings:
     reference_embeddings: np.ndarray
 
 
-def heads_out_of_fold(cfg: Config, records: Sequence[Record], plan: list[list[set[str]]], workdir: str | Path,
-                      embeddings: list[list[FoldEmbeddings]] | None = None) -> list[np.ndarray]:
+def heads_out_of_fold(
+    cfg: Config,
+    records: Sequence[Record],
+    plan: list[list[set[str]]],
+    workdir: str | Path,
+    embeddings: list[list[FoldEmbeddings]] | None = None,
+) -> list[np.ndarray]:
     """Out-of-fold class probabilities [N, C] per repeat of ``plan`` (from ``baselines.patient_folds``).
 
     Each fold trains the config's model with the trainer, on that fold's training patients, into
@@ -122,8 +131,12 @@ def heads_out_of_fold(cfg: Config, records: Sequence[Record], plan: list[list[se
             c.out = str(Path(workdir) / f"repeat{r + 1}-fold{f + 1}")
             run = train(c, progress=False, data=LoadedData(split, {}))
             model, c2, class_map, meta = load_checkpoint(RunFiles(run).checkpoint("best"))
-            prep = prepare(c2, progress=False, data=LoadedData(split, {}),
-                           trained=(model, class_map, meta.get("backbone_weights", "")))
+            prep = prepare(
+                c2,
+                progress=False,
+                data=LoadedData(split, {}),
+                trained=(model, class_map, meta.get("backbone_weights", "")),
+            )
             test_idx = prep.indices("test")
             emb, p = embed(prep, test_idx)
             probs[test_idx] = p[:, [class_map.names.index(n) for n in class_names]]

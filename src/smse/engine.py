@@ -11,9 +11,9 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,9 +30,9 @@ from smse.losses import NeighbourhoodLoss, Objective, make_classification_loss, 
 from smse.metrics import image_accuracy, patient_accuracy
 from smse.prepare import Prepared, embed, prepare
 from smse.runfiles import RunFiles
-from smse.tracking import tracked
 from smse.runfolder import check_finite_weights, check_resume_data, guarded, split_fingerprint
 from smse.runtime import Dist, resolve_device, seed_everything, torch_threads, versions
+from smse.tracking import tracked
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ class Progress:
 
 
 @guarded
-def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = True,
-          data: LoadedData | None = None) -> Path:
+def train(
+    cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = True, data: LoadedData | None = None
+) -> Path:
     """Train a model as ``cfg`` says; resumes exactly from ``cfg.out/state.pt`` when it exists.
 
     Seeds the random generators and sets torch's deterministic-kernel switch (``train.deterministic``).
@@ -90,14 +91,27 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
         log.info("resuming %s after epoch %d", run, done.epoch)
     net: nn.Module = trainable
     if dist.world > 1:
-        net = nn.parallel.DistributedDataParallel(trainable, device_ids=[prep.device.index] if prep.device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(
+            trainable, device_ids=[prep.device.index] if prep.device.type == "cuda" else None
+        )
     # heads on cached features: tiny operations, fastest on one CPU thread
     threads = torch_threads(1) if cfg.model.freeze_backbone and prep.device.type == "cpu" else contextlib.nullcontext()
-    with threads, (tracked(cfg, run) if dist.main else contextlib.nullcontext()) as tracker:
+    with threads, tracked(cfg, run) if dist.main else contextlib.nullcontext() as tracker:
         try:
             for epoch in range(done.epoch, cfg.train.epochs):
-                row = train_epoch(prep, net, objective, sampler, optimizer, scaler, train_idx, epoch, dist, callbacks,
-                                  progress and dist.main)
+                row = train_epoch(
+                    prep,
+                    net,
+                    objective,
+                    sampler,
+                    optimizer,
+                    scaler,
+                    train_idx,
+                    epoch,
+                    dist,
+                    callbacks,
+                    progress and dist.main,
+                )
                 scheduler.step()
                 check_finite_weights(trainable, epoch + 1, run)
                 if len(val_idx):  # the k-NN classifier validates against this epoch's embeddings
@@ -110,8 +124,13 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
                     tracker.epoch(row)
                 if dist.main:
                     save_progress(run, prep, done, trainable, optimizer, scheduler, scaler)
-                    log.info("epoch %d/%d (%.1f s): %s", epoch + 1, cfg.train.epochs, row["seconds"],
-                             ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "seconds")))
+                    log.info(
+                        "epoch %d/%d (%.1f s): %s",
+                        epoch + 1,
+                        cfg.train.epochs,
+                        row["seconds"],
+                        ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "seconds")),
+                    )
                 dist.barrier()
             if dist.main:
                 done.calibration = calibrate(prep, done, trainable, val_idx)
@@ -122,10 +141,17 @@ def train(cfg: Config, callbacks: Sequence[StepCallback] = (), progress: bool = 
         if tracker is not None:
             tracker.checkpoint(RunFiles(run).checkpoint("best"))
     if dist.main:
-        RunFiles(run).write_summary({"finished": True, "epochs": cfg.train.epochs, "best_val": done.best,
-                                      "best_epoch": done.best_epoch, "backbone_weights": prep.weights,
-                                      "calibration": done.calibration,
-                                      "data": prep.data.summary_line()})
+        RunFiles(run).write_summary(
+            {
+                "finished": True,
+                "epochs": cfg.train.epochs,
+                "best_val": done.best,
+                "best_epoch": done.best_epoch,
+                "backbone_weights": prep.weights,
+                "calibration": done.calibration,
+                "data": prep.data.summary_line(),
+            }
+        )
     return run
 
 
@@ -141,13 +167,17 @@ def resume_key(cfg: Config) -> dict:
 def load_resume_state(cfg: Config, run: Path, dist: Dist) -> dict | None:
     """The saved state of an unfinished run in ``run``, after checking that it is the same run."""
     if cfg.sampler.batch_size % dist.world:
-        raise ConfigError(f"sampler.batch_size: {cfg.sampler.batch_size} is not divisible by the {dist.world} processes")
+        raise ConfigError(
+            f"sampler.batch_size: {cfg.sampler.batch_size} is not divisible by the {dist.world} processes"
+        )
     path = RunFiles(run).state
     state = RunFiles(run).read_state()
     if state is None:
         return None
     if state["config"] != resume_key(cfg):
-        raise ConfigError(f"{path}: this run folder holds a run with another config; use another out folder or delete it")
+        raise ConfigError(
+            f"{path}: this run folder holds a run with another config; use another out folder or delete it"
+        )
     return state
 
 
@@ -158,9 +188,15 @@ def write_run_files(run: Path, prep: Prepared) -> None:
     files.write_config(prep.cfg)
     files.write_versions(versions())
     files.write_split(prep.records)
-    files.write_data({"summary": prep.data.summary_line(), "skipped": prep.data.skipped,
-                                   "duplicates": asdict(prep.data.duplicates), "backbone_weights": prep.weights,
-                                   "class_map": prep.class_map.to_dict()})
+    files.write_data(
+        {
+            "summary": prep.data.summary_line(),
+            "skipped": prep.data.skipped,
+            "duplicates": asdict(prep.data.duplicates),
+            "backbone_weights": prep.weights,
+            "class_map": prep.class_map.to_dict(),
+        }
+    )
 
 
 def calibrate(prep: Prepared, done: Progress, trainable: nn.Module, val_idx: np.ndarray) -> dict | None:
@@ -179,8 +215,12 @@ def calibrate(prep: Prepared, done: Progress, trainable: nn.Module, val_idx: np.
     targets = np.asarray(prep.dataset.targets)[val_idx]
     t = fit_temperature(np.log(np.clip(probs, 1e-12, None)), targets)
     _rewrite_kept(done, trainable, lambda: prep.model.heads.temperature.fill_(t))
-    return {"temperature": t, "val_images": int(len(val_idx)), "val_ece_before": expected_calibration_error(targets, probs),
-            "val_ece_after": expected_calibration_error(targets, rescale(probs, t))}
+    return {
+        "temperature": t,
+        "val_images": int(len(val_idx)),
+        "val_ece_before": expected_calibration_error(targets, probs),
+        "val_ece_after": expected_calibration_error(targets, rescale(probs, t)),
+    }
 
 
 def final_references(prep: Prepared, done: Progress, trainable: nn.Module, indices: np.ndarray) -> None:
@@ -238,11 +278,19 @@ def build_objective(prep: Prepared, train_idx: np.ndarray) -> Objective:
     counts = class_counts(prep, train_idx).tolist()
     return Objective(
         make_classification_loss(L.classification, counts, L.alpha, L.gamma, L.balance, L.ohem_keep),
-        make_metric_loss(L.metric, margin=L.margin, strategy=L.mining,
-                         cross_magnification=cfg.sampler.mode == "cross-magnification",
-                         same_patient=cfg.sampler.same_patient),
-        L.classification_weight, L.metric_weight,
-        NeighbourhoodLoss(L.structure_temperature), L.structure_weight, L.structure_scope).to(prep.device)
+        make_metric_loss(
+            L.metric,
+            margin=L.margin,
+            strategy=L.mining,
+            cross_magnification=cfg.sampler.mode == "cross-magnification",
+            same_patient=cfg.sampler.same_patient,
+        ),
+        L.classification_weight,
+        L.metric_weight,
+        NeighbourhoodLoss(L.structure_temperature),
+        L.structure_weight,
+        L.structure_scope,
+    ).to(prep.device)
 
 
 @torch.no_grad()
@@ -260,15 +308,28 @@ def build_sampler(cfg: Config, prep: Prepared, train_idx: np.ndarray, dist: Dist
     """Paper mode: offline tuples from the pooled set; otherwise magnification-balanced batches."""
     targets = np.asarray(prep.dataset.targets)[train_idx].tolist()
     if cfg.sampler.mode == "pooled" and cfg.loss.metric != "none":
-        sampler = OfflineTupleSampler(targets, cfg.sampler.batch_size, cfg.loss.metric, cfg.seed,
-                                      cfg.train.batches_per_epoch, cfg.train.min_batches_per_epoch)
+        sampler = OfflineTupleSampler(
+            targets,
+            cfg.sampler.batch_size,
+            cfg.loss.metric,
+            cfg.seed,
+            cfg.train.batches_per_epoch,
+            cfg.train.min_batches_per_epoch,
+        )
         if (sampler.tuples_per_batch * sampler.arity) % dist.world:
             raise ConfigError("sampler.batch_size: paper-mode tuples do not split evenly over the processes")
         return sampler
     mags = [prep.records[i].magnification for i in train_idx]
     patients = [prep.records[i].patient for i in train_idx] if cfg.sampler.balance == "patient" else None
-    return MagnificationBalancedSampler(targets, mags, cfg.sampler.batch_size, cfg.seed, cfg.train.batches_per_epoch,
-                                        patients, cfg.train.min_batches_per_epoch)
+    return MagnificationBalancedSampler(
+        targets,
+        mags,
+        cfg.sampler.batch_size,
+        cfg.seed,
+        cfg.train.batches_per_epoch,
+        patients,
+        cfg.train.min_batches_per_epoch,
+    )
 
 
 def trainable_module(prep: Prepared, train_idx: np.ndarray) -> nn.Module:
@@ -306,8 +367,16 @@ def restore(state: dict | None, trainable: nn.Module, optimizer, scheduler, scal
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    return Progress(state["epoch"], state["history"], state["best"], state["best_epoch"], state["best_row"],
-                    state["best_state"], _copy(trainable), _checkpoint_epoch(RunFiles(run).checkpoint("last")))
+    return Progress(
+        state["epoch"],
+        state["history"],
+        state["best"],
+        state["best_epoch"],
+        state["best_row"],
+        state["best_state"],
+        _copy(trainable),
+        _checkpoint_epoch(RunFiles(run).checkpoint("last")),
+    )
 
 
 def _checkpoint_epoch(path: Path) -> int:
@@ -340,8 +409,19 @@ def _gather(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     return torch.cat(all_gather(t))
 
 
-def train_epoch(prep: Prepared, net: nn.Module, objective: Objective, sampler, optimizer, scaler, train_idx: np.ndarray,
-                epoch: int, dist: Dist, callbacks: Sequence[StepCallback], progress: bool) -> dict:
+def train_epoch(
+    prep: Prepared,
+    net: nn.Module,
+    objective: Objective,
+    sampler,
+    optimizer,
+    scaler,
+    train_idx: np.ndarray,
+    epoch: int,
+    dist: Dist,
+    callbacks: Sequence[StepCallback],
+    progress: bool,
+) -> dict:
     """One pass of the sampler's batches; returns the epoch's mean loss parts and statistics."""
     cfg, device = prep.cfg, prep.device
     torch.manual_seed(cfg.seed * 100_003 + epoch)
@@ -351,9 +431,16 @@ def train_epoch(prep: Prepared, net: nn.Module, objective: Objective, sampler, o
     amp_ctx, _ = _amp(device, use_amp(cfg))
     batches = [Batch(train_idx[b.indices], b.tuples, b.classify) for b in sampler.epoch(epoch)]
     per = len(batches[0]) // dist.world
-    mine_of = [b.indices[dist.rank * per:(dist.rank + 1) * per] for b in batches]  # this process's share
-    images = None if cfg.model.freeze_backbone else iter(DataLoader(
-        prep.dataset, batch_sampler=mine_of, num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda"))
+    mine_of = [b.indices[dist.rank * per : (dist.rank + 1) * per] for b in batches]  # this process's share
+    images = (
+        None
+        if cfg.model.freeze_backbone
+        else iter(
+            DataLoader(
+                prep.dataset, batch_sampler=mine_of, num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda"
+            )
+        )
+    )
     targets = torch.as_tensor(prep.dataset.targets)
     mags = torch.tensor([r.magnification for r in prep.records])
     patients = torch.tensor([prep.patient_ids[r.patient] for r in prep.records])
@@ -362,7 +449,11 @@ def train_epoch(prep: Prepared, net: nn.Module, objective: Objective, sampler, o
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=None if progress else True, leave=False)
     for step, batch in enumerate(bar):
         mine = mine_of[step]
-        inputs = prep.features[mine, view_of[mine]].to(device) if images is None else next(images)[0].to(device, non_blocking=True)
+        inputs = (
+            prep.features[mine, view_of[mine]].to(device)
+            if images is None
+            else next(images)[0].to(device, non_blocking=True)
+        )
         with amp_ctx:
             emb, logits, feats = net(inputs, return_inputs=True)
         emb, logits = _gather(emb.float(), dist), _gather(logits.float(), dist)
@@ -370,12 +461,22 @@ def train_epoch(prep: Prepared, net: nn.Module, objective: Objective, sampler, o
         idx = batch.indices
         tuples = None if batch.tuples is None else tuple(torch.as_tensor(t, device=device) for t in batch.tuples)
         classify = None if batch.classify is None else torch.as_tensor(batch.classify, device=device)
-        parts = objective(emb, logits, targets[idx].to(device), mags[idx].to(device), patients[idx].to(device),
-                          tuples, classify, feats)
+        parts = objective(
+            emb,
+            logits,
+            targets[idx].to(device),
+            mags[idx].to(device),
+            patients[idx].to(device),
+            tuples,
+            classify,
+            feats,
+        )
         if not torch.isfinite(parts["total"]):
-            raise TrainingDiverged(f"loss became {parts['total'].item()} at epoch {epoch + 1}, step {step + 1} "
-                                   f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items())}); the last good "
-                                   f"checkpoint is {Path(cfg.out) / 'last.safetensors'}; lower train.lr?")
+            raise TrainingDiverged(
+                f"loss became {parts['total'].item()} at epoch {epoch + 1}, step {step + 1} "
+                f"({', '.join(f'{k}={v.item():.4g}' for k, v in parts.items())}); the last good "
+                f"checkpoint is {Path(cfg.out) / 'last.safetensors'}; lower train.lr?"
+            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(parts["total"]).backward()
         scaler.step(optimizer)
@@ -388,8 +489,11 @@ def train_epoch(prep: Prepared, net: nn.Module, objective: Objective, sampler, o
             bar.set_postfix({k: f"{v / (step + 1):.4f}" for k, v in sums.items() if k.startswith("loss_")})
         for cb in callbacks:
             cb(epoch, step, parts)
-    return {"epoch": epoch + 1, "seconds": time.perf_counter() - started,
-            **{k: v / len(batches) for k, v in sums.items()}}
+    return {
+        "epoch": epoch + 1,
+        "seconds": time.perf_counter() - started,
+        **{k: v / len(batches) for k, v in sums.items()},
+    }
 
 
 def validate(prep: Prepared, val_idx: np.ndarray) -> dict:
@@ -398,7 +502,10 @@ def validate(prep: Prepared, val_idx: np.ndarray) -> dict:
     pred = probs.argmax(1)
     truth = np.asarray(prep.dataset.targets)[val_idx]
     patients = [prep.records[i].patient for i in val_idx]
-    return {"val_image_accuracy": image_accuracy(truth, pred), "val_patient_accuracy": patient_accuracy(truth, pred, patients)}
+    return {
+        "val_image_accuracy": image_accuracy(truth, pred),
+        "val_patient_accuracy": patient_accuracy(truth, pred, patients),
+    }
 
 
 def record_epoch(done: Progress, row: dict, trainable: nn.Module) -> None:
@@ -411,16 +518,28 @@ def record_epoch(done: Progress, row: dict, trainable: nn.Module) -> None:
         done.best, done.best_epoch, done.best_row, done.best_state = score, row["epoch"], row, done.last_state
 
 
-def save_progress(run: Path, prep: Prepared, done: Progress, trainable: nn.Module, optimizer, scheduler, scaler) -> None:
+def save_progress(
+    run: Path, prep: Prepared, done: Progress, trainable: nn.Module, optimizer, scheduler, scaler
+) -> None:
     """state.pt (the resume point) and history every epoch; the checkpoints at most every CHECKPOINT_EVERY_S."""
     files = RunFiles(run)
     files.write_history(done.history)
     if time.monotonic() - done.written_at >= CHECKPOINT_EVERY_S:
         write_checkpoints(run, prep, done, trainable)
-    state = {"epoch": done.epoch, "trainable": done.last_state, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": done.history,
-             "best": done.best, "best_epoch": done.best_epoch, "best_row": done.best_row, "best_state": done.best_state,
-             "config": resume_key(prep.cfg), "data": split_fingerprint(prep.records)}
+    state = {
+        "epoch": done.epoch,
+        "trainable": done.last_state,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "history": done.history,
+        "best": done.best,
+        "best_epoch": done.best_epoch,
+        "best_row": done.best_row,
+        "best_state": done.best_state,
+        "config": resume_key(prep.cfg),
+        "data": split_fingerprint(prep.records),
+    }
     files.write_state(state)
 
 
@@ -440,9 +559,25 @@ def write_checkpoints(run: Path, prep: Prepared, done: Progress, trainable: nn.M
         return {**current, **{prefix + k: v for k, v in part.items()}}
 
     if all(torch.isfinite(v).all() for v in done.last_state.values() if v.is_floating_point()):
-        save_checkpoint(RunFiles(run).checkpoint("last"), model, cfg, prep.class_map, done.epoch, done.history[-1], prep.weights,
-                        state=full(done.last_state))
+        save_checkpoint(
+            RunFiles(run).checkpoint("last"),
+            model,
+            cfg,
+            prep.class_map,
+            done.epoch,
+            done.history[-1],
+            prep.weights,
+            state=full(done.last_state),
+        )
     if done.best_state is not None:
-        save_checkpoint(RunFiles(run).checkpoint("best"), model, cfg, prep.class_map, done.best_epoch, done.best_row,
-                        prep.weights, state=full(done.best_state))
+        save_checkpoint(
+            RunFiles(run).checkpoint("best"),
+            model,
+            cfg,
+            prep.class_map,
+            done.best_epoch,
+            done.best_row,
+            prep.weights,
+            state=full(done.best_state),
+        )
     done.written_epoch, done.written_at = done.epoch, time.monotonic()

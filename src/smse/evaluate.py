@@ -39,8 +39,12 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     if records is None:
         raise CheckpointError(f"{run}: no split.csv; evaluate needs the run folder written by smse train")
     backend = backend or cfg.eval.knn_backend
-    prep = prepare(cfg, progress=progress, data=LoadedData(records, {}),
-                   trained=(model, class_map, meta.get("backbone_weights", "")))
+    prep = prepare(
+        cfg,
+        progress=progress,
+        data=LoadedData(records, {}),
+        trained=(model, class_map, meta.get("backbone_weights", "")),
+    )
     # references: every training and validation image, the archive a k-NN model votes with and a query is shown
     test, train = prep.indices("test"), np.sort(np.concatenate([prep.indices("train"), prep.indices("val")]))
     targets = np.asarray(prep.dataset.targets)
@@ -54,7 +58,10 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     k = cfg.eval.knn_k
     knn_probs = knn_predict(emb, ref_emb, targets[train], len(class_map), k, backend)
     out = {
-        "run": str(run), "checkpoint": which, "epoch": int(meta.get("epoch", 0)), "task": class_map.task,
+        "run": str(run),
+        "checkpoint": which,
+        "epoch": int(meta.get("epoch", 0)),
+        "task": class_map.task,
         "classes": list(class_map.names),
         "head": by_magnification(t_test, probs, pats, mags, len(class_map)),
         "knn": by_magnification(t_test, knn_probs, pats, mags, len(class_map)),
@@ -77,17 +84,35 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     pred = probs.argmax(1)
     scores = patient_scores(t_test, pred, pats)
     out["patients"] = [
-        {"patient": p, "label": class_map.names[int(np.bincount(t_test[pats == p]).argmax())],
-         "images": int((pats == p).sum()), "score": scores[p],
-         "predicted": class_map.names[int(np.bincount(pred[pats == p], minlength=len(class_map)).argmax())],
-         "magnifications": sorted({int(m) for m in mags[pats == p]})}
-        for p in sorted(scores)]
+        {
+            "patient": p,
+            "label": class_map.names[int(np.bincount(t_test[pats == p]).argmax())],
+            "images": int((pats == p).sum()),
+            "score": scores[p],
+            "predicted": class_map.names[int(np.bincount(pred[pats == p], minlength=len(class_map)).argmax())],
+            "magnifications": sorted({int(m) for m in mags[pats == p]}),
+        }
+        for p in sorted(scores)
+    ]
     files.eval.mkdir(parents=True, exist_ok=True)
     files.write_metrics(out)
-    files.write_results(results_table(result_rows(out)) + "\n\n" + table_note([p["images"] for p in out["patients"]]) + "\n")
-    files.write_predictions(class_map.names, ([recs[i].path, recs[i].patient, recs[i].magnification,
-                                               class_map.names[t_test[j]], class_map.names[pred[j]], *probs[j]]
-                                              for j, i in enumerate(test)))
+    files.write_results(
+        results_table(result_rows(out)) + "\n\n" + table_note([p["images"] for p in out["patients"]]) + "\n"
+    )
+    files.write_predictions(
+        class_map.names,
+        (
+            [
+                recs[i].path,
+                recs[i].patient,
+                recs[i].magnification,
+                class_map.names[t_test[j]],
+                class_map.names[pred[j]],
+                *probs[j],
+            ]
+            for j, i in enumerate(test)
+        ),
+    )
     files.write_test_embeddings(emb, test_recs, class_map, probs)
     files.write_reference(ref_emb, train_recs, class_map)
     return out
@@ -103,15 +128,23 @@ def classifier_name(cfg) -> str:
 def similarity(emb: np.ndarray, ref_emb: np.ndarray, test_recs, ref_recs, backend: str = "torch") -> dict:
     """Tumour-type retrieval (test against references), same-patient retrieval across magnifications (test set),
     the references' spread and distance guide."""
+
     def cols(recs):
-        return ([r.tumor_type for r in recs], [r.label for r in recs], [r.patient for r in recs],
-                [r.magnification for r in recs])
+        return (
+            [r.tumor_type for r in recs],
+            [r.label for r in recs],
+            [r.patient for r in recs],
+            [r.magnification for r in recs],
+        )
 
     qt, ql, qp, qm = cols(test_recs)
     gt, gl, gp, _ = cols(ref_recs)
-    return {"type_retrieval": type_retrieval(emb, qt, ql, qp, ref_emb, gt, gl, gp, backend=backend),
-            "same_patient": same_patient_retrieval(emb, qp, qm, backend=backend),
-            "spread": embedding_spread(ref_emb), "distance_guide": distance_guide(ref_emb, gl, gt, gp)}
+    return {
+        "type_retrieval": type_retrieval(emb, qt, ql, qp, ref_emb, gt, gl, gp, backend=backend),
+        "same_patient": same_patient_retrieval(emb, qp, qm, backend=backend),
+        "spread": embedding_spread(ref_emb),
+        "distance_guide": distance_guide(ref_emb, gl, gt, gp),
+    }
 
 
 def _plain_features(prep, indices: np.ndarray) -> np.ndarray:
@@ -121,8 +154,9 @@ def _plain_features(prep, indices: np.ndarray) -> np.ndarray:
         return heads.standardized(prep.features[indices, 0].to(heads.feature_mean.device)).double().cpu().numpy()
 
 
-def frozen_baselines(x_test: np.ndarray, x_train: np.ndarray, test_recs, train_recs, dim: int,
-                     backend: str = "torch") -> dict:
+def frozen_baselines(
+    x_test: np.ndarray, x_train: np.ndarray, test_recs, train_recs, dim: int, backend: str = "torch"
+) -> dict:
     """The similarity measures on the frozen features themselves and on their PCA to the embedding's dimension."""
     from sklearn.decomposition import PCA
 
@@ -130,12 +164,21 @@ def frozen_baselines(x_test: np.ndarray, x_train: np.ndarray, test_recs, train_r
     n = min(dim, len(x_train), x_train.shape[1])
     if n >= 1 and len(x_train) > 1:
         pca = PCA(n, random_state=0).fit(x_train)
-        out[f"frozen_pca{n}"] = similarity(pca.transform(x_test), pca.transform(x_train), test_recs, train_recs, backend)
+        out[f"frozen_pca{n}"] = similarity(
+            pca.transform(x_test), pca.transform(x_train), test_recs, train_recs, backend
+        )
     return out
 
 
-def probe_baseline(x_test: np.ndarray, x_train: np.ndarray, y_test: np.ndarray, y_train: np.ndarray, test_recs,
-                   train_recs, n_classes: int) -> dict:
+def probe_baseline(
+    x_test: np.ndarray,
+    x_train: np.ndarray,
+    y_test: np.ndarray,
+    y_train: np.ndarray,
+    test_recs,
+    train_recs,
+    n_classes: int,
+) -> dict:
     """The independent baseline: scikit-learn's logistic regression on the standardised frozen features of the
     training images, C chosen by patient-grouped cross-validation on the training patients only."""
     from smse.baselines import choose_probe_c, linear_probe
@@ -143,13 +186,18 @@ def probe_baseline(x_test: np.ndarray, x_train: np.ndarray, y_test: np.ndarray, 
     c = choose_probe_c(x_train, y_train, [r.patient for r in train_recs])
     probs = np.zeros((len(x_test), n_classes))
     probs[:, np.unique(y_train)] = linear_probe(x_train, y_train, x_test, c)
-    return {"C": c, "results": by_magnification(y_test, probs, [r.patient for r in test_recs],
-                                                [r.magnification for r in test_recs], n_classes)}
+    return {
+        "C": c,
+        "results": by_magnification(
+            y_test, probs, [r.patient for r in test_recs], [r.magnification for r in test_recs], n_classes
+        ),
+    }
 
 
 @torch.no_grad()
-def embed_folder(run: str | Path, data_root: str | Path, out: str | Path, which: str = "best",
-                 progress: bool = True) -> Path:
+def embed_folder(
+    run: str | Path, data_root: str | Path, out: str | Path, which: str = "best", progress: bool = True
+) -> Path:
     """Embeddings of every image of a dataset (BreakHis tree or manifest) under a run's model, to ``out`` (.npz)."""
     from smse.data.loading import load_data
 
@@ -163,4 +211,3 @@ def embed_folder(run: str | Path, data_root: str | Path, out: str | Path, which:
     check_finite_outputs(find_checkpoint(run, which), embeddings=emb, probabilities=probs)
     save_embeddings(out, emb, prep.records, class_map, probs)
     return Path(out)
-

@@ -7,9 +7,10 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from smse.errors import DataError, OutputError, SmseError
 
@@ -58,8 +59,9 @@ def writable_folder(path: str | os.PathLike, name: str, hint: str = "") -> Path:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        raise OutputError(f"{name} {path}: cannot write there ({describe(exc)})"
-                          + (f"; {hint}" if hint else "")) from None
+        raise OutputError(
+            f"{name} {path}: cannot write there ({describe(exc)})" + (f"; {hint}" if hint else "")
+        ) from None
     return path
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -121,12 +121,20 @@ def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> t
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (0.0 if successes == 0 else float(max(0.0, centre - half)),
-            1.0 if successes == n else float(min(1.0, centre + half)))
+    return (
+        0.0 if successes == 0 else float(max(0.0, centre - half)),
+        1.0 if successes == n else float(min(1.0, centre + half)),
+    )
 
 
-def accuracy_intervals(y_true: Sequence[int], y_pred: Sequence[int], patients: Sequence[str],
-                       draws: int = BOOTSTRAP_DRAWS, confidence: float = CONFIDENCE, seed: int = 0) -> dict:
+def accuracy_intervals(
+    y_true: Sequence[int],
+    y_pred: Sequence[int],
+    patients: Sequence[str],
+    draws: int = BOOTSTRAP_DRAWS,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> dict:
     """95% intervals of image- and patient-level accuracy, resampling *patients* (their images stay together).
 
     With one patient there is nothing to resample: both intervals are then Wilson's on the images.
@@ -146,12 +154,14 @@ def accuracy_intervals(y_true: Sequence[int], y_pred: Sequence[int], patients: S
     image = correct[pick].sum(1) / count[pick].sum(1)
     patient = (correct / count)[pick].mean(1)
     q = [50 * (1 - confidence), 50 * (1 + confidence)]
-    return {"image_accuracy": np.percentile(image, q).tolist(), "patient_accuracy": np.percentile(patient, q).tolist(),
-            "method": "patient bootstrap"}
+    return {
+        "image_accuracy": np.percentile(image, q).tolist(),
+        "patient_accuracy": np.percentile(patient, q).tolist(),
+        "method": "patient bootstrap",
+    }
 
 
-def classification_metrics(y_true: Sequence[int], probs: np.ndarray, patients: Sequence[str],
-                           n_classes: int) -> dict:
+def classification_metrics(y_true: Sequence[int], probs: np.ndarray, patients: Sequence[str], n_classes: int) -> dict:
     """Every classification metric on one set of images."""
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=float)
@@ -176,8 +186,9 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, patients: S
     return out
 
 
-def by_magnification(y_true: Sequence[int], probs: np.ndarray, patients: Sequence[str], mags: Sequence[int],
-                     n_classes: int) -> dict[str, dict]:
+def by_magnification(
+    y_true: Sequence[int], probs: np.ndarray, patients: Sequence[str], mags: Sequence[int], n_classes: int
+) -> dict[str, dict]:
     """``classification_metrics`` for each magnification and for all of them pooled (key ``all``)."""
     y_true, probs = np.asarray(y_true), np.asarray(probs)
     patients, mags = np.asarray(patients), np.asarray(mags)

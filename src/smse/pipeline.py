@@ -8,7 +8,9 @@ from smse.config import Config
 from smse.runtime import Dist
 
 
-def run_pipeline(cfg: Config, evaluate: bool = True, report: bool = True, progress: bool = True) -> tuple[Path, dict | None]:
+def run_pipeline(
+    cfg: Config, evaluate: bool = True, report: bool = True, progress: bool = True
+) -> tuple[Path, dict | None]:
     """Train as ``cfg`` says (resuming an unfinished run), then evaluate the best checkpoint on the test split
     and write the report.
 
@@ -49,6 +51,7 @@ def _track_evaluation(run: str | Path, result: dict) -> None:
     if cfg is None or not (cfg.log.tensorboard or cfg.log.mlflow):
         return
     with tracked(cfg, run) as tracker:
+        assert tracker is not None  # the config asks for one
         if cfg.log.tensorboard:
             emb, labels, thumbs = projector_rows(files.read_embeddings(files.test_embeddings), seed=cfg.seed)
             tracker.evaluation(result, emb, labels, thumbs)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -36,8 +36,16 @@ def _magnification_of(path: Path) -> str:
         return ""
 
 
-def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None, k: int = 5,
-            batch_size: int = 32, which: str = "best", device: str = "auto", backend: str | None = None) -> list[dict]:
+def predict(
+    run: str | Path,
+    inputs: Sequence[str | Path],
+    out_csv: str | Path | None = None,
+    k: int = 5,
+    batch_size: int = 32,
+    which: str = "best",
+    device: str = "auto",
+    backend: str | None = None,
+) -> list[dict]:
     """Classify images and find their ``k`` nearest reference images (the run's training and validation images).
 
     An unreadable image gets a row with its error and the rest go on; ``out_of_distribution`` is 1 where the
@@ -51,7 +59,7 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
     class_map = model.class_map
     rows: list[dict] = []
     for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
+        chunk = files[start : start + batch_size]
         images, ok = [], []
         for f in chunk:
             row = {"path": str(f), "magnification": _magnification_of(f), "error": ""}
@@ -77,9 +85,16 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
                 row[f"nn{r + 1}_distance"] = float(hits.distances[q, r])
     if out_csv:
         k = min(k, len(index.embeddings))  # a k above the reference set's size gives every reference
-        columns = (["path", "magnification", "predicted"] + [f"p_{c}" for c in class_map.names] + ["out_of_distribution"]
-                   + [f"nn{r}_{f}" for r in range(1, k + 1) for f in ("path", "label", "magnification", "distance")]
-                   + ["error"])
-        write_csv(out_csv, columns, ([f"{row[c]:.6f}" if isinstance(row.get(c), float) else row.get(c, "")
-                                      for c in columns] for row in rows))
+        columns = (
+            ["path", "magnification", "predicted"]
+            + [f"p_{c}" for c in class_map.names]
+            + ["out_of_distribution"]
+            + [f"nn{r}_{f}" for r in range(1, k + 1) for f in ("path", "label", "magnification", "distance")]
+            + ["error"]
+        )
+        write_csv(
+            out_csv,
+            columns,
+            ([f"{row[c]:.6f}" if isinstance(row.get(c), float) else row.get(c, "") for c in columns] for row in rows),
+        )
     return rows

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,8 @@ from smse.data.loading import LoadedData, cache_dir_of, load_data
 from smse.data.records import ClassMap, Record
 from smse.features import cached_features, feature_key
 from smse.models import Embedder
-from smse.progress import batch_sizes, progress as report_progress
+from smse.progress import batch_sizes
+from smse.progress import progress as report_progress
 from smse.runtime import Dist, resolve_device
 
 
@@ -39,12 +40,23 @@ class Prepared:
         return self.data.records
 
     def indices(self, split: str, magnification: int | None = None) -> np.ndarray:
-        return np.array([i for i, r in enumerate(self.records)
-                         if r.split == split and (magnification is None or r.magnification == magnification)], dtype=int)
+        return np.array(
+            [
+                i
+                for i, r in enumerate(self.records)
+                if r.split == split and (magnification is None or r.magnification == magnification)
+            ],
+            dtype=int,
+        )
 
 
-def prepare(cfg: Config, dist: Dist = Dist(), progress: bool = True, data: LoadedData | None = None,
-            trained: tuple[Embedder, ClassMap, str] | None = None) -> Prepared:
+def prepare(
+    cfg: Config,
+    dist: Dist = Dist(),
+    progress: bool = True,
+    data: LoadedData | None = None,
+    trained: tuple[Embedder, ClassMap, str] | None = None,
+) -> Prepared:
     """Load and split the data, build the model, and (frozen mode) compute or load the cached features.
 
     Changes no global state: a caller that builds a new model and wants it reproducible seeds first.
@@ -62,31 +74,46 @@ def prepare(cfg: Config, dist: Dist = Dist(), progress: bool = True, data: Loade
     size = tuple(cfg.data.image_size)
     cache = ImageCache(cache_dir_of(cfg.data), size, model.interpolation)
     dataset = RecordDataset(data.records, class_map, size, cache, augment=not cfg.model.freeze_backbone, seed=cfg.seed)
-    prepared = Prepared(cfg, data, class_map, model.to(device), weights, dataset, device,
-                        patient_ids={p: i for i, p in enumerate(sorted({r.patient for r in data.records}))})
+    prepared = Prepared(
+        cfg,
+        data,
+        class_map,
+        model.to(device),
+        weights,
+        dataset,
+        device,
+        patient_ids={p: i for i, p in enumerate(sorted({r.patient for r in data.records}))},
+    )
     if cfg.model.freeze_backbone:
         scaling = f"{model.mean.flatten().tolist()}|{model.std.flatten().tolist()}|{model.interpolation}"
         key = feature_key(data.records, f"{cfg.model.backbone}|{weights}|{scaling}", size, cfg.model.views, cfg.seed)
         if not dist.main:
             dist.barrier()  # the main process fills the cache first; the others then read it
-        prepared.features = cached_features(model, dataset, cfg.model.views, cache_dir_of(cfg.data), key,
-                                            device=device, progress=progress)
+        prepared.features = cached_features(
+            model, dataset, cfg.model.views, cache_dir_of(cfg.data), key, device=device, progress=progress
+        )
         if dist.main:
             dist.barrier()
     return prepared
 
 
 @torch.no_grad()
-def embed(prep: Prepared, indices: Sequence[int], batch_size: int = 256,
-          progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def embed(
+    prep: Prepared, indices: Sequence[int], batch_size: int = 256, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and class probabilities of the plain view of ``indices`` (from cached features in frozen mode;
     ``progress``: report the way where images go through the backbone)."""
     model = prep.model
     model.eval()
     embs, probs = [], []
-    for start in report_progress(range(0, len(indices), batch_size), desc="embedding images", unit="images",
-                                 enabled=progress and prep.features is None, weights=batch_sizes(len(indices), batch_size)):
-        idx = list(indices[start:start + batch_size])
+    for start in report_progress(
+        range(0, len(indices), batch_size),
+        desc="embedding images",
+        unit="images",
+        enabled=progress and prep.features is None,
+        weights=batch_sizes(len(indices), batch_size),
+    ):
+        idx = list(indices[start : start + batch_size])
         if prep.features is not None:
             emb, logits = model.heads(prep.features[idx, 0].to(prep.device))
         else:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("smse.progress")
@@ -24,8 +25,14 @@ def _interactive() -> bool:
     return "ipykernel" in sys.modules or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
 
 
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it",
-             enabled: bool = True, weights: Iterable[int] | None = None) -> Iterable[T]:
+def progress(
+    iterable: Iterable[T],
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    enabled: bool = True,
+    weights: Iterable[int] | None = None,
+) -> Iterable[T]:
     """``iterable``, reporting its progress as it is consumed.
 
     Args:
@@ -63,8 +70,16 @@ def _lines(items, sizes, total: int, desc: str, unit: str) -> Iterator:
         if done >= next_at or done == total:
             elapsed = time.monotonic() - start
             left = elapsed / done * (total - done) if done else 0.0
-            log.info("%s: %d/%d %s (%.0f%%), %.0f s, about %.0f s left", desc, done, total, unit,
-                     100.0 * done / max(total, 1), elapsed, left)
+            log.info(
+                "%s: %d/%d %s (%.0f%%), %.0f s, about %.0f s left",
+                desc,
+                done,
+                total,
+                unit,
+                100.0 * done / max(total, 1),
+                elapsed,
+                left,
+            )
             while next_at <= done:
                 next_at += EVERY * total
 

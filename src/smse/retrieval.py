@@ -1,8 +1,8 @@
-"""Nearest neighbours in embedding space: torch top-k by default, faiss when installed; k-NN votes and retrieval scores."""
+"""Nearest neighbours in embedding space: torch top-k by default, faiss when installed; k-NN votes, retrieval scores."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -19,8 +19,9 @@ def faiss_available() -> bool:
     return True
 
 
-def search(queries: np.ndarray, refs: np.ndarray, k: int, backend: str = "torch",
-           chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    queries: np.ndarray, refs: np.ndarray, k: int, backend: str = "torch", chunk: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest references (squared L2) of each query: (distances, indices), nearest first.
 
     Args:
@@ -48,7 +49,7 @@ def search(queries: np.ndarray, refs: np.ndarray, k: int, backend: str = "torch"
     chunk = chunk or max(1, min(1024, int(64e6 // len(refs))))  # at most ~256 MB of distances at a time
     ds, ids = [], []
     for start in range(0, len(queries), chunk):
-        q = torch.from_numpy(queries[start:start + chunk])
+        q = torch.from_numpy(queries[start : start + chunk])
         d2 = (q * q).sum(1, keepdim=True) + r_sq[None, :] - 2.0 * q @ r.T
         d, i = torch.topk(d2.clamp_min_(0), k, dim=1, largest=False, sorted=True)
         ds.append(d)
@@ -56,8 +57,9 @@ def search(queries: np.ndarray, refs: np.ndarray, k: int, backend: str = "torch"
     return torch.cat(ds).numpy(), torch.cat(ids).numpy().astype(np.int64)
 
 
-def knn_predict(queries: np.ndarray, refs: np.ndarray, ref_labels: Sequence[int], n_classes: int, k: int = 5,
-                backend: str = "torch") -> np.ndarray:
+def knn_predict(
+    queries: np.ndarray, refs: np.ndarray, ref_labels: Sequence[int], n_classes: int, k: int = 5, backend: str = "torch"
+) -> np.ndarray:
     """Class probabilities from the labels of the k nearest references (votes / k)."""
     _, idx = search(queries, refs, k, backend)
     labels = np.asarray(ref_labels)[idx]
@@ -80,8 +82,11 @@ def ranked_scores(order: np.ndarray, relevant_of, keep_of, k: int = 1) -> dict[s
     """Per query, from its gallery ranking ``order[q]`` (nearest first): precision@k, AP@R and the precision of a
     random ranking (the share of relevant items), over the gallery items ``keep_of(q, ranked)`` keeps, relevant
     where ``relevant_of(q, ranked)``; NaN for a query left with no relevant item."""
-    out = {"precision": np.full(len(order), np.nan), "ap": np.full(len(order), np.nan),
-           "chance": np.full(len(order), np.nan)}
+    out = {
+        "precision": np.full(len(order), np.nan),
+        "ap": np.full(len(order), np.nan),
+        "chance": np.full(len(order), np.nan),
+    }
     for q in range(len(order)):
         ranked = order[q][keep_of(q, order[q])]
         rel = relevant_of(q, ranked)
@@ -97,14 +102,29 @@ def ranked_scores(order: np.ndarray, relevant_of, keep_of, k: int = 1) -> dict[s
 def summarize_scores(per: dict[str, np.ndarray], k: int = 1) -> dict[str, float]:
     """The means of ``ranked_scores`` over the queries it could score, and how many it skipped."""
     valid = ~np.isnan(per["precision"])
-    mean = (lambda v: float(v[valid].mean()) if valid.any() else float("nan"))
-    return {f"precision_at_{k}": mean(per["precision"]), "map_at_r": mean(per["ap"]),
-            "chance_precision": mean(per["chance"]), "queries": int(valid.sum()), "skipped": int((~valid).sum())}
+
+    def mean(v: np.ndarray) -> float:
+        return float(v[valid].mean()) if valid.any() else float("nan")
+
+    return {
+        f"precision_at_{k}": mean(per["precision"]),
+        "map_at_r": mean(per["ap"]),
+        "chance_precision": mean(per["chance"]),
+        "queries": int(valid.sum()),
+        "skipped": int((~valid).sum()),
+    }
 
 
-def retrieval_scores(q_emb: np.ndarray, q_labels: np.ndarray, q_patients: np.ndarray,
-                     g_emb: np.ndarray, g_labels: np.ndarray, g_patients: np.ndarray,
-                     exclude_same_patient: bool = True, backend: str = "torch") -> dict[str, float]:
+def retrieval_scores(
+    q_emb: np.ndarray,
+    q_labels: np.ndarray,
+    q_patients: np.ndarray,
+    g_emb: np.ndarray,
+    g_labels: np.ndarray,
+    g_patients: np.ndarray,
+    exclude_same_patient: bool = True,
+    backend: str = "torch",
+) -> dict[str, float]:
     """Precision@1 and mAP@R of queries against a gallery (relevant = same class).
 
     Gallery items of the query's own patient are excluded by default, so a score measures
@@ -113,15 +133,20 @@ def retrieval_scores(q_emb: np.ndarray, q_labels: np.ndarray, q_patients: np.nda
     if len(q_emb) == 0 or len(g_emb) == 0:
         return {"precision_at_1": float("nan"), "map_at_r": float("nan"), "queries": 0}
     _, order = search(q_emb, g_emb, len(g_emb), backend)
-    per = ranked_scores(order, lambda q, ranked: g_labels[ranked] == q_labels[q],
-                        (lambda q, ranked: g_patients[ranked] != q_patients[q]) if exclude_same_patient
-                        else (lambda q, ranked: np.ones(len(ranked), bool)))
+    per = ranked_scores(
+        order,
+        lambda q, ranked: g_labels[ranked] == q_labels[q],
+        (lambda q, ranked: g_patients[ranked] != q_patients[q])
+        if exclude_same_patient
+        else (lambda q, ranked: np.ones(len(ranked), bool)),
+    )
     s = summarize_scores(per)
     return {"precision_at_1": s["precision_at_1"], "map_at_r": s["map_at_r"], "queries": s["queries"]}
 
 
-def cross_magnification_matrix(emb: np.ndarray, labels: np.ndarray, patients: np.ndarray, mags: np.ndarray,
-                               backend: str = "torch") -> dict:
+def cross_magnification_matrix(
+    emb: np.ndarray, labels: np.ndarray, patients: np.ndarray, mags: np.ndarray, backend: str = "torch"
+) -> dict:
     """Rows: query magnification; columns: gallery magnification; cells: precision@1 and mAP@R."""
     levels = sorted(set(mags.tolist()))
     p1 = np.full((len(levels), len(levels)), np.nan)
@@ -134,8 +159,9 @@ def cross_magnification_matrix(emb: np.ndarray, labels: np.ndarray, patients: np
     return {"magnifications": [mag_name(m) for m in levels], "precision_at_1": p1.tolist(), "map_at_r": mapr.tolist()}
 
 
-def magnification_probe(emb: np.ndarray, mags: np.ndarray, patients: np.ndarray, folds: int = 3,
-                        seed: int = 0) -> dict[str, float]:
+def magnification_probe(
+    emb: np.ndarray, mags: np.ndarray, patients: np.ndarray, folds: int = 3, seed: int = 0
+) -> dict[str, float]:
     """How well a linear classifier predicts magnification from the embedding (patient-grouped CV).
 
     Lower accuracy (towards ``chance``, the majority share) means a more magnification-independent embedding.
@@ -151,8 +177,12 @@ def magnification_probe(emb: np.ndarray, mags: np.ndarray, patients: np.ndarray,
     chance = max((mags == m).mean() for m in levels) if len(mags) else float("nan")
     smallest = int(min((mags == m).sum() for m in levels)) if len(mags) else 0
     n_groups = len(set(patients.tolist()))
-    base = {"chance": float(chance), "balanced_chance": 1.0 / max(len(levels), 1), "images": int(len(mags)),
-            "smallest": smallest}
+    base = {
+        "chance": float(chance),
+        "balanced_chance": 1.0 / max(len(levels), 1),
+        "images": int(len(mags)),
+        "smallest": smallest,
+    }
     if len(levels) < 2 or n_groups < 2:
         return {"accuracy": float("nan"), "balanced_accuracy": float("nan"), "folds": 0, **base}
     folds = min(folds, n_groups)
@@ -165,5 +195,9 @@ def magnification_probe(emb: np.ndarray, mags: np.ndarray, patients: np.ndarray,
         clf = LogisticRegression(max_iter=2000, random_state=seed).fit(scaler.transform(emb[train]), mags[train])
         predicted[test] = clf.predict(scaler.transform(emb[test]))
     recall = [float((predicted[mags == m] == m).mean()) for m in levels]
-    return {"accuracy": float((predicted == mags).mean()), "balanced_accuracy": float(np.mean(recall)),
-            "folds": folds, **base}
+    return {
+        "accuracy": float((predicted == mags).mean()),
+        "balanced_accuracy": float(np.mean(recall)),
+        "folds": folds,
+        **base,
+    }

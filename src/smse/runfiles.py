@@ -29,9 +29,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -162,9 +162,15 @@ class RunFiles:
         if not self.predictions.exists():
             return []
         with open(self.predictions, newline="", encoding="utf-8") as handle:
-            return [{**row, "path": canonical_path(row["path"]), "magnification": int(row["magnification"] or 0),
-                     **{k: float(v) for k, v in row.items() if k.startswith("p_")}}
-                    for row in csv.DictReader(handle)]
+            return [
+                {
+                    **row,
+                    "path": canonical_path(row["path"]),
+                    "magnification": int(row["magnification"] or 0),
+                    **{k: float(v) for k, v in row.items() if k.startswith("p_")},
+                }
+                for row in csv.DictReader(handle)
+            ]
 
     def read_state(self) -> dict | None:
         """The resume point ``state.pt``, or None when the run has not finished an epoch."""
@@ -184,9 +190,11 @@ class RunFiles:
 
     def write_predictions(self, class_names: Sequence[str], rows: Iterable[Sequence]) -> None:
         """``eval/predictions.csv``: rows of (path, patient, magnification, label, predicted, *probabilities)."""
-        write_csv(self.predictions, ["path", "patient", "magnification", "label", "predicted"]
-                  + [f"p_{c}" for c in class_names],
-                  ([*row[:5], *(f"{v:.6f}" for v in row[5:])] for row in rows))
+        write_csv(
+            self.predictions,
+            ["path", "patient", "magnification", "label", "predicted"] + [f"p_{c}" for c in class_names],
+            ([*row[:5], *(f"{v:.6f}" for v in row[5:])] for row in rows),
+        )
 
     def write_test_embeddings(self, emb: np.ndarray, records, class_map, probs: np.ndarray) -> None:
         save_embeddings(self.test_embeddings, emb, records, class_map, probs)
@@ -243,7 +251,7 @@ def save_embeddings(path: str | Path, emb: np.ndarray, records, class_map, probs
         arrays["probabilities"] = np.asarray(probs, dtype=np.float32)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
+            np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its bool flag
 
 
 def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:

@@ -6,9 +6,9 @@ import functools
 import hashlib
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -67,8 +67,10 @@ def _flock(run: Path) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise RunLockedError(f"{run}: another training (process {_holder(path)}) is writing into this run folder; "
-                             "wait for it to end, or choose another out") from None
+        raise RunLockedError(
+            f"{run}: another training (process {_holder(path)}) is writing into this run folder; "
+            "wait for it to end, or choose another out"
+        ) from None
     except OSError as exc:  # a read-only folder, or a file system without locks (some network mounts)
         raise OutputError(f"{path}: cannot take the run folder's lock ({describe(exc)})") from None
     try:
@@ -110,11 +112,14 @@ def resume_hint(run: Path) -> str:
     """What an interrupted training left in ``run`` and how to go on."""
     state = RunFiles(run).read_state()
     if state is None:
-        return (f"interrupted before the first epoch ended; nothing in {run} to resume: "
-                "run the same command to start again")
+        return (
+            f"interrupted before the first epoch ended; nothing in {run} to resume: run the same command to start again"
+        )
     epoch = state["epoch"]
-    return (f"interrupted; {run} holds the run after epoch {epoch} (state.pt, last.safetensors): "
-            "run the same command again to resume from there")
+    return (
+        f"interrupted; {run} holds the run after epoch {epoch} (state.pt, last.safetensors): "
+        "run the same command again to resume from there"
+    )
 
 
 def split_fingerprint(records: Sequence[Record]) -> str:
@@ -137,8 +142,10 @@ def check_resume_data(state: dict | None, records: Sequence[Record], run: Path) 
     changes = _changes(RunFiles(run).read_split() or [], records)
     if "data" not in state and not changes:
         return  # a run from before the fingerprint was saved, with the very same split
-    raise DataError(f"{run}: the data changed since this run started ({'; '.join(changes) or 'split.csv is missing'}); "
-                    "resuming would mix two splits: choose another out, or restore the data")
+    raise DataError(
+        f"{run}: the data changed since this run started ({'; '.join(changes) or 'split.csv is missing'}); "
+        "resuming would mix two splits: choose another out, or restore the data"
+    )
 
 
 def _changes(saved: Sequence[Record], records: Sequence[Record]) -> list[str]:
@@ -153,13 +160,20 @@ def _changes(saved: Sequence[Record], records: Sequence[Record]) -> list[str]:
         out.append(f"{len(added)} image(s) added, e.g. {added[0]}")
     if removed:
         out.append(f"{len(removed)} image(s) gone, e.g. {removed[0]}")
-    moved = sorted({(new[p]["patient"], old[p]["split"], new[p]["split"]) for p in set(old) & set(new)
-                    if old[p]["split"] != new[p]["split"]})
+    moved = sorted(
+        {
+            (new[p]["patient"], old[p]["split"], new[p]["split"])
+            for p in set(old) & set(new)
+            if old[p]["split"] != new[p]["split"]
+        }
+    )
     if moved:
-        out.append(f"{len(moved)} patient(s) moved between splits: "
-                   + ", ".join(f"{p} ({a} -> {b})" for p, a, b in moved[:5]))
-    relabelled = sorted(p for p in set(old) & set(new)
-                        if any(old[p][f] != new[p][f] for f in SPLIT_FIELDS if f != "split"))
+        out.append(
+            f"{len(moved)} patient(s) moved between splits: " + ", ".join(f"{p} ({a} -> {b})" for p, a, b in moved[:5])
+        )
+    relabelled = sorted(
+        p for p in set(old) & set(new) if any(old[p][f] != new[p][f] for f in SPLIT_FIELDS if f != "split")
+    )
     if relabelled:
         out.append(f"{len(relabelled)} image(s) with another label, patient or magnification, e.g. {relabelled[0]}")
     return out
@@ -173,8 +187,10 @@ def check_finite_weights(module: nn.Module, epoch: int, run: Path) -> None:
     """
     bad = next((name for name, p in module.named_parameters() if not torch.isfinite(p).all()), None)
     if bad is not None:
-        raise TrainingDiverged(f"weights {bad} became non-finite in epoch {epoch}; the last good checkpoint is "
-                               f"{run / 'last.safetensors'}; lower train.lr?")
+        raise TrainingDiverged(
+            f"weights {bad} became non-finite in epoch {epoch}; the last good checkpoint is "
+            f"{run / 'last.safetensors'}; lower train.lr?"
+        )
 
 
 def check_finite_outputs(checkpoint: str | os.PathLike, **arrays: np.ndarray) -> None:
@@ -187,5 +203,7 @@ def check_finite_outputs(checkpoint: str | os.PathLike, **arrays: np.ndarray) ->
         array = np.asarray(array)
         rows = ~np.isfinite(array).all(axis=tuple(range(1, array.ndim)))
         if rows.any():
-            raise TrainingDiverged(f"{checkpoint}: the model gives non-finite {name} for {int(rows.sum())} of "
-                                   f"{len(array)} images; its training diverged: train again with a lower train.lr")
+            raise TrainingDiverged(
+                f"{checkpoint}: the model gives non-finite {name} for {int(rows.sum())} of "
+                f"{len(array)} images; its training diverged: train again with a lower train.lr"
+            )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import platform
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -70,9 +70,10 @@ class Dist:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "Dist":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+    def from_env(cls) -> Dist:
+        return cls(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
 
     @property
     def main(self) -> bool:
@@ -92,7 +93,17 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("smse", "torch", "torchvision", "timm", "numpy", "scikit-learn", "safetensors", "faiss-cpu", "umap-learn"):
+    for pkg in (
+        "smse",
+        "torch",
+        "torchvision",
+        "timm",
+        "numpy",
+        "scikit-learn",
+        "safetensors",
+        "faiss-cpu",
+        "umap-learn",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -17,7 +17,7 @@ about the tissue. These measures ask more of it:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -35,10 +35,18 @@ OOD_K = 5
 GUIDE_SAMPLE = 2000
 
 
-def type_retrieval_per_query(q_emb: np.ndarray, q_types: Sequence[str], q_labels: Sequence[str],
-                             q_patients: Sequence[str], g_emb: np.ndarray, g_types: Sequence[str],
-                             g_labels: Sequence[str], g_patients: Sequence[str], k: int = 5,
-                             backend: str = "torch") -> dict[str, dict[str, np.ndarray]]:
+def type_retrieval_per_query(
+    q_emb: np.ndarray,
+    q_types: Sequence[str],
+    q_labels: Sequence[str],
+    q_patients: Sequence[str],
+    g_emb: np.ndarray,
+    g_types: Sequence[str],
+    g_labels: Sequence[str],
+    g_patients: Sequence[str],
+    k: int = 5,
+    backend: str = "torch",
+) -> dict[str, dict[str, np.ndarray]]:
     """``type_retrieval``'s values for each query (``precision``, ``ap``, ``chance`` arrays; NaN where skipped),
     for intervals by resampling patients."""
     q_types, q_labels, q_patients = (np.asarray(a, dtype=str) for a in (q_types, q_labels, q_patients))
@@ -51,14 +59,26 @@ def type_retrieval_per_query(q_emb: np.ndarray, q_types: Sequence[str], q_labels
     def relevant(q, ranked):
         return g_types[ranked] == q_types[q]
 
-    return {"all": ranked_scores(order, relevant, lambda q, r: g_patients[r] != q_patients[q], k),
-            "within_class": ranked_scores(
-                order, relevant, lambda q, r: (g_patients[r] != q_patients[q]) & (g_labels[r] == q_labels[q]), k)}
+    return {
+        "all": ranked_scores(order, relevant, lambda q, r: g_patients[r] != q_patients[q], k),
+        "within_class": ranked_scores(
+            order, relevant, lambda q, r: (g_patients[r] != q_patients[q]) & (g_labels[r] == q_labels[q]), k
+        ),
+    }
 
 
-def type_retrieval(q_emb: np.ndarray, q_types: Sequence[str], q_labels: Sequence[str], q_patients: Sequence[str],
-                   g_emb: np.ndarray, g_types: Sequence[str], g_labels: Sequence[str], g_patients: Sequence[str],
-                   k: int = 5, backend: str = "torch") -> dict[str, dict[str, float]]:
+def type_retrieval(
+    q_emb: np.ndarray,
+    q_types: Sequence[str],
+    q_labels: Sequence[str],
+    q_patients: Sequence[str],
+    g_emb: np.ndarray,
+    g_types: Sequence[str],
+    g_labels: Sequence[str],
+    g_patients: Sequence[str],
+    k: int = 5,
+    backend: str = "torch",
+) -> dict[str, dict[str, float]]:
     """Tumour-type retrieval of queries against a gallery (squared L2), the query's patient excluded.
 
     Returns:
@@ -68,13 +88,15 @@ def type_retrieval(q_emb: np.ndarray, q_types: Sequence[str], q_labels: Sequence
         expected precision of a random ranking), ``queries``, ``skipped`` (queries whose type has no gallery
         item of another patient).
     """
-    per = type_retrieval_per_query(q_emb, q_types, q_labels, q_patients, g_emb, g_types, g_labels, g_patients,
-                                   k, backend)
+    per = type_retrieval_per_query(
+        q_emb, q_types, q_labels, q_patients, g_emb, g_types, g_labels, g_patients, k, backend
+    )
     return {part: summarize_scores(values, k) for part, values in per.items()}
 
 
-def same_patient_retrieval(emb: np.ndarray, patients: Sequence[str], mags: Sequence[int], k: int = 5,
-                           backend: str = "torch") -> dict[str, float]:
+def same_patient_retrieval(
+    emb: np.ndarray, patients: Sequence[str], mags: Sequence[int], k: int = 5, backend: str = "torch"
+) -> dict[str, float]:
     """Each image against the images at *other* magnifications (every patient): is its own patient found?
 
     Returns:
@@ -101,9 +123,17 @@ def same_patient_retrieval(emb: np.ndarray, patients: Sequence[str], mags: Seque
         kk = min(k, n)  # P(no relevant among kk drawn without replacement)
         miss = np.prod([(n - r - i) / (n - i) for i in range(kk)]) if n - r >= kk else 0.0
         chance.append(1.0 - miss)
-    mean = (lambda v: float(np.mean(v)) if v else nan)
-    return {f"hit_at_{k}": mean(hits), "precision_at_1": mean(p1), "map_at_r": mean(aps), "queries": len(hits),
-            f"chance_hit_at_{k}": mean(chance)}
+
+    def mean(v: list[float]) -> float:
+        return float(np.mean(v)) if v else nan
+
+    return {
+        f"hit_at_{k}": mean(hits),
+        "precision_at_1": mean(p1),
+        "map_at_r": mean(aps),
+        "queries": len(hits),
+        f"chance_hit_at_{k}": mean(chance),
+    }
 
 
 def pairwise_distances(emb: np.ndarray) -> np.ndarray:
@@ -121,30 +151,44 @@ def embedding_spread(emb: np.ndarray) -> dict:
         ``first_axis_share``: the share of the total variance on the first principal axis (near 1:
         everything lies on one line, e.g. one point per class of two); ``effective_rank``: the
         exponential of the entropy of the principal axes' shares of the variance (the entropy effective
-        rank of Roy & Vetterli 2007, on the covariance's spectrum; 1 for a line, d for an isotropic cloud); ``distance_quantiles``: the
-        5/25/50/75/95% quantiles of the pairwise squared Euclidean distances (the unit
+        rank of Roy & Vetterli 2007, on the covariance's spectrum; 1 for a line, d for an isotropic cloud);
+        ``distance_quantiles``: the 5/25/50/75/95% quantiles of the pairwise squared Euclidean distances (the unit
         every distance the tool shows is in; of at most ``GUIDE_SAMPLE`` images); ``images``.
     """
     e = np.asarray(emb, dtype=np.float64)
     if len(e) < 2:
-        return {"first_axis_share": float("nan"), "effective_rank": float("nan"),
-                "distance_quantiles": [float("nan")] * len(QUANTILES), "images": len(e)}
+        return {
+            "first_axis_share": float("nan"),
+            "effective_rank": float("nan"),
+            "distance_quantiles": [float("nan")] * len(QUANTILES),
+            "images": len(e),
+        }
     s = np.linalg.svd(e - e.mean(0), compute_uv=False)
-    var = s ** 2
+    var = s**2
     share = float(var[0] / var.sum()) if var.sum() > 0 else float("nan")
     p = var[var > 0] / var.sum() if var.sum() > 0 else np.ones(1)
     sample = e[_sample(len(e), GUIDE_SAMPLE, 0)]  # O(n^2) distances: a seeded sample of large sets
     d = pairwise_distances(sample)[np.triu_indices(len(sample), 1)]
-    return {"first_axis_share": share, "effective_rank": float(np.exp(-(p * np.log(p)).sum())),
-            "distance_quantiles": _quantiles(d), "images": len(e)}
+    return {
+        "first_axis_share": share,
+        "effective_rank": float(np.exp(-(p * np.log(p)).sum())),
+        "distance_quantiles": _quantiles(d),
+        "images": len(e),
+    }
 
 
 def _sample(n: int, size: int, seed: int) -> np.ndarray:
     return np.arange(n) if n <= size else np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
 
 
-def distance_guide(emb: np.ndarray, labels: Sequence[str], types: Sequence[str], patients: Sequence[str],
-                   seed: int = 0, sample: int = GUIDE_SAMPLE) -> dict:
+def distance_guide(
+    emb: np.ndarray,
+    labels: Sequence[str],
+    types: Sequence[str],
+    patients: Sequence[str],
+    seed: int = 0,
+    sample: int = GUIDE_SAMPLE,
+) -> dict:
     """A guide to reading distances between a query and the references, from the references themselves.
 
     Distances are squared Euclidean, as ``search`` reports them. Pairs are of references of *different*
@@ -176,9 +220,15 @@ def distance_guide(emb: np.ndarray, labels: Sequence[str], types: Sequence[str],
     k = min(OOD_K, len(e) - 1)
     kth = np.partition(np.where(other_patient, d, np.inf), k - 1, axis=1)[:, k - 1] if k >= 1 else np.zeros(0)
     nearest = kth[np.isfinite(kth)]
-    return {"same_type": part(d[upper & same_type]), "same_class": part(d[upper & same_class & ~same_type]),
-            "other_class": part(d[upper & ~same_class]), "references": int(len(e)), "nearest": part(nearest),
-            "ood_k": OOD_K, "ood_threshold": float(np.quantile(nearest, OOD_QUANTILE)) if len(nearest) else None}
+    return {
+        "same_type": part(d[upper & same_type]),
+        "same_class": part(d[upper & same_class & ~same_type]),
+        "other_class": part(d[upper & ~same_class]),
+        "references": int(len(e)),
+        "nearest": part(nearest),
+        "ood_k": OOD_K,
+        "ood_threshold": float(np.quantile(nearest, OOD_QUANTILE)) if len(nearest) else None,
+    }
 
 
 def _quantiles(values: np.ndarray) -> list[float]:

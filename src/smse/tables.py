@@ -1,9 +1,9 @@
-"""Results tables in the literature's form: rows are methods, columns 40X/100X/200X/400X/all, image and patient level."""
+"""Results tables in the literature's form: rows are methods, columns 40X/100X/200X/400X/all, image and patient."""
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 LEVELS = (("image_accuracy", "image"), ("patient_accuracy", "patient"))
 
@@ -14,7 +14,9 @@ def _columns(results: Mapping[str, Mapping[str, dict]]) -> list[str]:
         for key in per_mag:
             if key not in cols:
                 cols.append(key)
-    mags = sorted((c for c in cols if c != "all"), key=lambda c: (not c[:-1].isdigit(), int(c[:-1]) if c[:-1].isdigit() else 0))
+    mags = sorted(
+        (c for c in cols if c != "all"), key=lambda c: (not c[:-1].isdigit(), int(c[:-1]) if c[:-1].isdigit() else 0)
+    )
     return mags + (["all"] if "all" in cols else [])
 
 
@@ -46,32 +48,45 @@ def results_grid(results: Mapping[str, Mapping[str, dict]]) -> tuple[list[str], 
     than ``MIN_PATIENTS`` patients.
     """
     cols = _columns(results)
-    rows = [[method, name, *(_cell(per_mag.get(c), key) for c in cols)]
-            for method, per_mag in results.items() for key, name in LEVELS]
+    rows = [
+        [method, name, *(_cell(per_mag.get(c), key) for c in cols)]
+        for method, per_mag in results.items()
+        for key, name in LEVELS
+    ]
     first = next(iter(results.values()), {})
-    rows.append(["n", "images / patients",
-                 *(f"{first[c]['images']} / {first[c]['patients']}" if c in first else "-" for c in cols)])
+    rows.append(
+        [
+            "n",
+            "images / patients",
+            *(f"{first[c]['images']} / {first[c]['patients']}" if c in first else "-" for c in cols),
+        ]
+    )
     return ["method", "level", *cols], rows
 
 
 def results_table(results: Mapping[str, Mapping[str, dict]]) -> str:
     """Markdown table of one evaluation: ``results[method][magnification][metric]`` (see ``results_grid``)."""
     head, rows = results_grid(results)
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                      + ["| " + " | ".join(r) + " |" for r in rows])
+    return "\n".join(
+        ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    )
 
 
-TABLE_NOTE = (f"Cells: accuracy in % [95% interval, resampling patients; Wilson's for one patient]; "
-              f"* fewer than {MIN_PATIENTS} patients. Patient level is the literature's patient score: the mean over "
-              "patients of each patient's share of correctly classified images.")
+TABLE_NOTE = (
+    f"Cells: accuracy in % [95% interval, resampling patients; Wilson's for one patient]; "
+    f"* fewer than {MIN_PATIENTS} patients. Patient level is the literature's patient score: the mean over "
+    "patients of each patient's share of correctly classified images."
+)
 
 
 def table_note(images_per_patient: Sequence[int]) -> str:
     """``TABLE_NOTE``, and why image and patient levels coincide when every test patient has as many images."""
     counts = set(images_per_patient)
     if len(counts) == 1:
-        return (TABLE_NOTE + f" Every test patient has {counts.pop()} images, so the image and patient levels "
-                "coincide: the mean over images equals the mean over patients.")
+        return (
+            TABLE_NOTE + f" Every test patient has {counts.pop()} images, so the image and patient levels "
+            "coincide: the mean over images equals the mean over patients."
+        )
     return TABLE_NOTE
 
 
@@ -89,7 +104,11 @@ def mean_std_table(runs: Mapping[str, Sequence[Mapping[str, dict]]]) -> tuple[st
             cells = []
             for c in cols:
                 vals = np.array([r[c][key] for r in reps if c in r and not math.isnan(r[c][key])], dtype=float)
-                mean, std = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0) if len(vals) else (float("nan"), float("nan"))
+                mean, std = (
+                    (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0)
+                    if len(vals)
+                    else (float("nan"), float("nan"))
+                )
                 data[method].setdefault(c, {})[name] = {"mean": mean, "std": std, "n": int(len(vals))}
                 cells.append("-" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}")
             lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")

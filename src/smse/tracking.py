@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,8 +60,9 @@ PROJECTOR_ROWS = 4096
 THUMBNAIL_SIDE = 48
 
 
-def projector_rows(arrays: dict | None, seed: int = 0,
-                   limit: int = PROJECTOR_ROWS) -> tuple[np.ndarray | None, list[str], np.ndarray | None]:
+def projector_rows(
+    arrays: dict | None, seed: int = 0, limit: int = PROJECTOR_ROWS
+) -> tuple[np.ndarray | None, list[str], np.ndarray | None]:
     """Embeddings, labels (class, type, magnification) and thumbnails of the test images for the projector."""
     from PIL import Image
 
@@ -74,13 +76,15 @@ def projector_rows(arrays: dict | None, seed: int = 0,
     if len(rows) > limit:
         log.info("projector: a seeded sample of %d of the %d test images", limit, len(rows))
         rows = np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
-    labels = [f"{arrays['labels'][i]} {arrays['tumor_types'][i]} {mag_name(int(arrays['magnifications'][i]))}"
-              for i in rows]
+    labels = [
+        f"{arrays['labels'][i]} {arrays['tumor_types'][i]} {mag_name(int(arrays['magnifications'][i]))}" for i in rows
+    ]
     thumbs = np.zeros((len(rows), THUMBNAIL_SIDE, THUMBNAIL_SIDE, 3), dtype=np.uint8)
     for j, i in enumerate(rows):
         try:
-            thumbs[j] = np.asarray(read_image(str(arrays["paths"][i])).resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE),
-                                                                              Image.Resampling.BILINEAR))
+            thumbs[j] = np.asarray(
+                read_image(str(arrays["paths"][i])).resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR)
+            )
         except ImageError:  # moved or unreadable since evaluation: a grey square
             thumbs[j] = 128
     return arrays["embeddings"][rows], labels, thumbs
@@ -91,13 +95,16 @@ class Tracker:
 
     def __init__(self, cfg: Config, run: str | Path):
         self.cfg, self.files = cfg, RunFiles(run)
-        self._tb = self._mlflow = None
+        self._tb: Any = None
+        self._mlflow: Any = None
         self._mlflow_run: str | None = None
         if cfg.log.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("log.tensorboard: TensorBoard is not installed; pip install 'smse[tensorboard]'") from None
+                raise ConfigError(
+                    "log.tensorboard: TensorBoard is not installed; pip install 'smse[tensorboard]'"
+                ) from None
             self._tb = SummaryWriter(str(self.files.tensorboard))
         if cfg.log.mlflow:
             self._start_mlflow(cfg.log.mlflow)
@@ -116,16 +123,22 @@ class Tracker:
             if run_id is None:
                 experiment = client.get_experiment_by_name(self.cfg.log.mlflow_experiment)
                 if experiment is None:
-                    experiment_id = client.create_experiment(self.cfg.log.mlflow_experiment,
-                                                             artifact_location=_artifact_location(uri))
+                    experiment_id = client.create_experiment(
+                        self.cfg.log.mlflow_experiment, artifact_location=_artifact_location(uri)
+                    )
                 else:
                     experiment_id = experiment.experiment_id
-                run_id = client.create_run(experiment_id, run_name=self.files.root.name,
-                                           tags={"smse.run_folder": str(self.files.root.resolve())}).info.run_id
+                run_id = client.create_run(
+                    experiment_id,
+                    run_name=self.files.root.name,
+                    tags={"smse.run_folder": str(self.files.root.resolve())},
+                ).info.run_id
                 params = {k: str(v) for k, v in to_flat(self.cfg).items()}
                 items = list(params.items())
                 for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-                    client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:500]) for k, v in items[start:start + 100]])
+                    client.log_batch(
+                        run_id, params=[mlflow.entities.Param(k, v[:500]) for k, v in items[start : start + 100]]
+                    )
                 self.files.write_tracking({"mlflow": uri, "mlflow_run": run_id})
         except Exception as exc:  # noqa: BLE001 - a store that cannot be reached or written
             raise ConfigError(f"log.mlflow: cannot log to {uri} ({type(exc).__name__}: {exc})") from None
@@ -139,7 +152,7 @@ class Tracker:
         now = int(time.time() * 1000)
         metrics = [Metric(_mlflow_name(k), v, now, step) for k, v in values.items()]
         for start in range(0, len(metrics), 1000):
-            self._mlflow.log_batch(self._mlflow_run, metrics=metrics[start:start + 1000])
+            self._mlflow.log_batch(self._mlflow_run, metrics=metrics[start : start + 1000])
 
     # ---- what the pipeline sends ----
     def epoch(self, row: dict) -> None:
@@ -158,8 +171,13 @@ class Tracker:
         if self._mlflow is not None and path.exists():
             self._mlflow.log_artifact(self._mlflow_run, str(path), artifact_path="checkpoints")
 
-    def evaluation(self, metrics: dict, embeddings: np.ndarray | None = None, labels: Sequence[str] = (),
-                   thumbnails: np.ndarray | None = None) -> None:
+    def evaluation(
+        self,
+        metrics: dict,
+        embeddings: np.ndarray | None = None,
+        labels: Sequence[str] = (),
+        thumbnails: np.ndarray | None = None,
+    ) -> None:
         """The test metrics and (TensorBoard) the test embeddings for the projector."""
         values = test_metrics(metrics)
         step = int(metrics.get("epoch", 0))
@@ -169,10 +187,16 @@ class Tracker:
             if embeddings is not None and len(embeddings):
                 import torch
 
-                label_img = None if thumbnails is None else torch.from_numpy(thumbnails).permute(0, 3, 1, 2).float() / 255
-                self._tb.add_embedding(torch.from_numpy(np.asarray(embeddings, dtype=np.float32)),
-                                       metadata=list(labels) or None, label_img=label_img, global_step=step,
-                                       tag="test_embeddings")
+                label_img = (
+                    None if thumbnails is None else torch.from_numpy(thumbnails).permute(0, 3, 1, 2).float() / 255
+                )
+                self._tb.add_embedding(
+                    torch.from_numpy(np.asarray(embeddings, dtype=np.float32)),
+                    metadata=list(labels) or None,
+                    label_img=label_img,
+                    global_step=step,
+                    tag="test_embeddings",
+                )
             self._tb.flush()
         if self._mlflow is not None:
             self._mlflow_metrics(values, step)
@@ -190,7 +214,7 @@ def _tb_name(key: str) -> str:
     """History names grouped for TensorBoard: ``loss_total`` -> ``loss/total``, ``val_...`` -> ``val/...``."""
     for prefix in ("loss_", "val_"):
         if key.startswith(prefix):
-            return f"{prefix[:-1]}/{key[len(prefix):]}"
+            return f"{prefix[:-1]}/{key[len(prefix) :]}"
     return f"train/{key}"
 
 
@@ -202,7 +226,7 @@ def _mlflow_name(key: str) -> str:
 def _artifact_location(uri: str) -> str | None:
     """For a local SQLite store, artifacts beside the database (not in the working folder's ``mlruns``)."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
     return None
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from smse.data.images import IMAGE_SUFFIXES
 from smse.data.records import MAGNIFICATIONS, Record
@@ -14,8 +14,13 @@ from smse.errors import DataError
 
 CLASS_FOLDERS = {"B": "benign", "M": "malignant"}
 TYPE_FOLDERS = {
-    "A": "adenosis", "F": "fibroadenoma", "PT": "phyllodes_tumor", "TA": "tubular_adenoma",
-    "DC": "ductal_carcinoma", "LC": "lobular_carcinoma", "MC": "mucinous_carcinoma",
+    "A": "adenosis",
+    "F": "fibroadenoma",
+    "PT": "phyllodes_tumor",
+    "TA": "tubular_adenoma",
+    "DC": "ductal_carcinoma",
+    "LC": "lobular_carcinoma",
+    "MC": "mucinous_carcinoma",
     "PC": "papillary_carcinoma",
 }
 TYPE_CLASS = {"A": "B", "F": "B", "PT": "B", "TA": "B", "DC": "M", "LC": "M", "MC": "M", "PC": "M"}
@@ -23,9 +28,14 @@ TYPES = tuple(TYPE_FOLDERS)
 
 #: Images per tumour type and magnification in the complete archive (7,909 images).
 ARCHIVE_COUNTS = {
-    "A": (114, 113, 111, 106), "F": (253, 260, 264, 237), "PT": (109, 121, 108, 115),
-    "TA": (149, 150, 140, 130), "DC": (864, 903, 896, 788), "LC": (156, 170, 163, 137),
-    "MC": (205, 222, 196, 169), "PC": (145, 142, 135, 138),
+    "A": (114, 113, 111, 106),
+    "F": (253, 260, 264, 237),
+    "PT": (109, 121, 108, 115),
+    "TA": (149, 150, 140, 130),
+    "DC": (864, 903, 896, 788),
+    "LC": (156, 170, 163, 137),
+    "MC": (205, 222, 196, 169),
+    "PC": (145, 142, 135, 138),
 }
 ARCHIVE_TOTAL = 7909
 
@@ -52,8 +62,13 @@ def parse_name(name: str) -> dict:
     if TYPE_CLASS[m["type"]] != m["cls"]:
         raise DataError(f"{name}: tumour type {m['type']} does not belong to class {m['cls']}")
     return {
-        "cls": m["cls"], "type": m["type"], "year": m["year"], "slide": m["slide"],
-        "magnification": mag, "seq": int(m["seq"]), "patient": f"{m['year']}-{m['slide']}",
+        "cls": m["cls"],
+        "type": m["type"],
+        "year": m["year"],
+        "slide": m["slide"],
+        "magnification": mag,
+        "seq": int(m["seq"]),
+        "patient": f"{m['year']}-{m['slide']}",
         "slide_folder": f"SOB_{m['cls']}_{m['type']}_{m['year']}-{m['slide']}",
     }
 
@@ -90,13 +105,23 @@ def record_from_path(path: Path, breast_root: Path) -> Record:
     if len(rel) != 6 or rel[1] != "SOB":
         raise DataError(f"{path}: not at <class>/SOB/<type>/<slide>/<mag>X/<file> under {breast_root}")
     info = parse_name(rel[5])
-    expected = (CLASS_FOLDERS[info["cls"]], "SOB", TYPE_FOLDERS[info["type"]], info["slide_folder"],
-                f"{info['magnification']}X")
+    expected = (
+        CLASS_FOLDERS[info["cls"]],
+        "SOB",
+        TYPE_FOLDERS[info["type"]],
+        info["slide_folder"],
+        f"{info['magnification']}X",
+    )
     for got, want, what in zip(rel[:5], expected, ("class", "SOB", "type", "slide", "magnification")):
         if got != want:
             raise DataError(f"{path}: {what} folder {got!r} disagrees with the file name (expected {want!r})")
-    return Record(path=str(path), label=CLASS_FOLDERS[info["cls"]], tumor_type=info["type"],
-                  patient=info["patient"], magnification=info["magnification"])
+    return Record(
+        path=str(path),
+        label=CLASS_FOLDERS[info["cls"]],
+        tumor_type=info["type"],
+        patient=info["patient"],
+        magnification=info["magnification"],
+    )
 
 
 def _unreadable(exc: OSError) -> None:
@@ -116,8 +141,9 @@ def iter_image_files(root: Path) -> Iterable[Path]:
                 yield Path(dirpath) / name
 
 
-def scan_breakhis(path: str | os.PathLike, magnifications: Sequence[int] | None = None,
-                  skip_bad: bool = False) -> tuple[list[Record], list[tuple[str, str]]]:
+def scan_breakhis(
+    path: str | os.PathLike, magnifications: Sequence[int] | None = None, skip_bad: bool = False
+) -> tuple[list[Record], list[tuple[str, str]]]:
     """Records for every image of a BreakHis tree; with ``skip_bad`` bad names are skipped and returned.
 
     Returns:
@@ -152,8 +178,7 @@ def check_counts(records: Sequence[Record]) -> str:
         counts[(t, m)] == n for t, row in ARCHIVE_COUNTS.items() for m, n in zip(MAGNIFICATIONS, row)
     ):
         return "counts match the complete BreakHis archive (7,909 images)"
-    over = [f"{t}@{m}X" for t, row in ARCHIVE_COUNTS.items() for m, n in zip(MAGNIFICATIONS, row)
-            if counts[(t, m)] > n]
+    over = [f"{t}@{m}X" for t, row in ARCHIVE_COUNTS.items() for m, n in zip(MAGNIFICATIONS, row) if counts[(t, m)] > n]
     if over:
         return f"more images than the archive holds for {', '.join(over)}: not the official BreakHis set"
     return f"a subset of the archive ({len(records)} of {ARCHIVE_TOTAL:,} images)"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,8 +20,16 @@ class RecordDataset(Dataset):
     ``magnification`` so they travel to the metrics without re-parsing file names.
     """
 
-    def __init__(self, records: Sequence[Record], class_map: ClassMap, size: tuple[int, int],
-                 cache: ImageCache | None = None, augment: bool = False, seed: int = 0, interpolation: str = "bilinear"):
+    def __init__(
+        self,
+        records: Sequence[Record],
+        class_map: ClassMap,
+        size: tuple[int, int],
+        cache: ImageCache | None = None,
+        augment: bool = False,
+        seed: int = 0,
+        interpolation: str = "bilinear",
+    ):
         self.records = list(records)
         self.targets = class_map.targets(self.records)
         self.size = (int(size[0]), int(size[1]))

@@ -6,9 +6,9 @@ import hashlib
 import json
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from smse.data.images import decode_image, read_bytes
 from smse.data.records import Record
@@ -72,8 +72,9 @@ def inspect_files(paths: Sequence[str], cache_dir: str | os.PathLike | None = No
             out[path] = FileInfo(*hit[2:])
         else:
             todo.append((path, stamp))
-    for path, stamp in progress(todo, desc="reading images (full decode and hash, once)", unit="images",
-                                enabled=len(todo) > 0):
+    for path, stamp in progress(
+        todo, desc="reading images (full decode and hash, once)", unit="images", enabled=len(todo) > 0
+    ):
         info = inspect_file(path)
         out[path] = info
         cached[path] = stamp + list(astuple(info))
@@ -93,8 +94,10 @@ class DuplicateReport:
 
     def summary(self) -> str:
         n_dup = sum(len(g) for g in self.groups)
-        return (f"{len(self.groups)} groups of identical images ({n_dup} files), "
-                f"{len(self.conflicting)} with conflicting labels; {len(self.dropped)} files dropped")
+        return (
+            f"{len(self.groups)} groups of identical images ({n_dup} files), "
+            f"{len(self.conflicting)} with conflicting labels; {len(self.dropped)} files dropped"
+        )
 
 
 def duplicate_groups(records: Sequence[Record], hashes: dict[str, str]) -> list[list[Record]]:
@@ -105,8 +108,9 @@ def duplicate_groups(records: Sequence[Record], hashes: dict[str, str]) -> list[
     return [sorted(g, key=lambda r: r.path) for g in by_hash.values() if len(g) > 1]
 
 
-def resolve_duplicates(records: Sequence[Record], hashes: dict[str, str],
-                       policy: str = "prefer-ductal") -> tuple[list[Record], DuplicateReport]:
+def resolve_duplicates(
+    records: Sequence[Record], hashes: dict[str, str], policy: str = "prefer-ductal"
+) -> tuple[list[Record], DuplicateReport]:
     """Apply a duplicate policy; returns the kept records and a report.
 
     Policies:

@@ -83,8 +83,9 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise ImageError(str(path), f"cannot read the file ({exc.strerror or exc})") from None
 
 
-def read_image(source: str | os.PathLike | BinaryIO, max_pixels: int | None = None,
-               name: str | None = None) -> Image.Image:
+def read_image(
+    source: str | os.PathLike | BinaryIO, max_pixels: int | None = None, name: str | None = None
+) -> Image.Image:
     """Decode a file (a path or a binary file object) fully into an 8-bit RGB image.
 
     Args:
@@ -107,8 +108,12 @@ def _check_pixels(name: str, width: int, height: int, max_pixels: int | None) ->
 
 
 #: PIL's filter of each interpolation name (timm's names)
-RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-              "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+}
 
 
 def resize_image(image: Image.Image, size: tuple[int, int], interpolation: str = "bilinear") -> Image.Image:

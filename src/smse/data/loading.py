@@ -41,9 +41,11 @@ class LoadedData:
         by_label = Counter(r.label for r in self.records)
         by_mag = Counter(r.magnification for r in self.records)
         patients = len({r.patient for r in self.records})
-        parts = [f"{len(self.records)} images, {patients} patients",
-                 ", ".join(f"{k} {v}" for k, v in sorted(by_label.items())),
-                 ", ".join(f"{m}X {n}" if m else f"unknown {n}" for m, n in sorted(by_mag.items()))]
+        parts = [
+            f"{len(self.records)} images, {patients} patients",
+            ", ".join(f"{k} {v}" for k, v in sorted(by_label.items())),
+            ", ".join(f"{m}X {n}" if m else f"unknown {n}" for m, n in sorted(by_mag.items())),
+        ]
         if self.counts_note:
             parts.append(self.counts_note)
         if self.skipped:
@@ -55,8 +57,11 @@ class LoadedData:
 
 def cache_dir_of(cfg: DataConfig) -> Path:
     """The cache folder (``data.cache_dir``, else ``$SMSE_CACHE_DIR``, else ``~/.cache/smse``), checked writable."""
-    return writable_folder(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), "cache folder",
-                           "choose a writable one with data.cache_dir, --cache-dir or $SMSE_CACHE_DIR")
+    return writable_folder(
+        Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
+        "cache folder",
+        "choose a writable one with data.cache_dir, --cache-dir or $SMSE_CACHE_DIR",
+    )
 
 
 def scan(cfg: DataConfig) -> tuple[list[Record], list[tuple[str, str]], str]:
@@ -109,10 +114,12 @@ def check_classes(records: list[Record], cfg: DataConfig) -> None:
     """Refuse a dataset with one class for the task: every score on it would read 100%."""
     counts = Counter(r.target_name(cfg.task) for r in records)
     if len(counts) == 1:
-        (name, n), = counts.items()
+        ((name, n),) = counts.items()
         patients = len({r.patient for r in records})
-        raise DataError(f"{cfg.root}: every image is of one class for data.task={cfg.task}: {name!r} "
-                        f"({n} images, {patients} patients); a classifier needs at least two classes")
+        raise DataError(
+            f"{cfg.root}: every image is of one class for data.task={cfg.task}: {name!r} "
+            f"({n} images, {patients} patients); a classifier needs at least two classes"
+        )
 
 
 def split_method(cfg: DataConfig, records: list[Record]) -> str:
@@ -139,8 +146,10 @@ def assign_split(records: list[Record], cfg: DataConfig) -> list[Record]:
     if len(missing) == len(records):
         raise DataError(f"{cfg.root}: data.split.method is manifest, but no image has a split there")
     if missing:
-        raise DataError(f"{missing[0]}: this image has no split in {cfg.root} while others have one; "
-                        "fill the split column for every row, or set data.split.method=seeded")
+        raise DataError(
+            f"{missing[0]}: this image has no split in {cfg.root} while others have one; "
+            "fill the split column for every row, or set data.split.method=seeded"
+        )
     if any(r.split == "val" for r in records):
         return list(records)
     return carve_validation(records, s.val_fraction, s.seed, cfg.task)

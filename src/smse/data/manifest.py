@@ -32,8 +32,9 @@ def _magnification(value: str, where: str) -> int:
 def read_manifest(path: str | os.PathLike, skip_bad: bool = False) -> tuple[list[Record], list[tuple[str, str]]]:
     """Records from a manifest CSV (UTF-8, with or without a byte-order mark).
 
-    Relative image paths are taken from the CSV's folder. Columns: ``path``, ``label``, ``patient`` (required), ``magnification`` (``40``, ``40X`` or
-    empty), ``split`` (``train``/``val``/``test`` or empty), ``tumor_type`` (defaults to label).
+    Relative image paths are taken from the CSV's folder. Columns: ``path``, ``label``, ``patient``
+    (required), ``magnification`` (``40``, ``40X`` or empty), ``split`` (``train``/``val``/``test``
+    or empty), ``tumor_type`` (defaults to label).
     A row repeated verbatim counts once.
 
     Raises:
@@ -66,9 +67,14 @@ def read_manifest(path: str | os.PathLike, skip_bad: bool = False) -> tuple[list
         if earlier_line == line:
             records.append(record)
         elif earlier != record:
-            raise DataError(f"{path}:{line}: {record.path} is also listed on line {earlier_line}, with "
-                            + ", ".join(f"{f} {getattr(record, f)!r} here and {getattr(earlier, f)!r} there"
-                                        for f in FIELDS if getattr(record, f) != getattr(earlier, f)))
+            raise DataError(
+                f"{path}:{line}: {record.path} is also listed on line {earlier_line}, with "
+                + ", ".join(
+                    f"{f} {getattr(record, f)!r} here and {getattr(earlier, f)!r} there"
+                    for f in FIELDS
+                    if getattr(record, f) != getattr(earlier, f)
+                )
+            )
     if not records:
         raise DataError(f"{path}: manifest lists no usable images")
     _check_spellings(records, {p: line for p, (line, _) in first.items()}, path)
@@ -85,9 +91,14 @@ def _record(row: dict[str, str], base: Path, where: str) -> Record:
     split = row.get("split") or None
     if split is not None and split not in SPLITS:
         raise DataError(f"{where}: split {split!r} is not one of {SPLITS}")
-    return Record(path=canonical_path(image), label=row["label"], tumor_type=row.get("tumor_type") or row["label"],
-                  patient=row["patient"], magnification=_magnification(row.get("magnification", ""), where),
-                  split=split)
+    return Record(
+        path=canonical_path(image),
+        label=row["label"],
+        tumor_type=row.get("tumor_type") or row["label"],
+        patient=row["patient"],
+        magnification=_magnification(row.get("magnification", ""), where),
+        split=split,
+    )
 
 
 def _check_spellings(records: list[Record], line_of: dict[str, int], path: Path) -> None:
@@ -98,11 +109,16 @@ def _check_spellings(records: list[Record], line_of: dict[str, int], path: Path)
             value = getattr(r, name)
             other = first.setdefault(" ".join(value.split()).casefold(), r)
             if getattr(other, name) != value:
-                raise DataError(f"{path}: {name} {getattr(other, name)!r} (line {line_of[other.path]}) and {value!r} "
-                                f"(line {line_of[r.path]}) differ only in case or spaces; write one name one way")
+                raise DataError(
+                    f"{path}: {name} {getattr(other, name)!r} (line {line_of[other.path]}) and {value!r} "
+                    f"(line {line_of[r.path]}) differ only in case or spaces; write one name one way"
+                )
 
 
 def write_manifest(path: str | os.PathLike, records: list[Record]) -> None:
     """Write records as a manifest CSV (absolute paths)."""
-    write_csv(path, ["path", "label", "tumor_type", "patient", "magnification", "split"],
-              ([r.path, r.label, r.tumor_type, r.patient, r.magnification or "", r.split or ""] for r in records))
+    write_csv(
+        path,
+        ["path", "label", "tumor_type", "patient", "magnification", "split"],
+        ([r.path, r.label, r.tumor_type, r.patient, r.magnification or "", r.split or ""] for r in records),
+    )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
 
 MAGNIFICATIONS = (40, 100, 200, 400)
 UNKNOWN_MAGNIFICATION = 0
@@ -45,7 +45,7 @@ class Record:
     magnification: int = UNKNOWN_MAGNIFICATION
     split: str | None = None
 
-    def with_split(self, split: str | None) -> "Record":
+    def with_split(self, split: str | None) -> Record:
         return replace(self, split=split)
 
     def target_name(self, task: str) -> str:
@@ -61,7 +61,7 @@ class ClassMap:
     names: tuple[str, ...]
 
     @classmethod
-    def from_records(cls, records: Iterable[Record], task: str = "binary") -> "ClassMap":
+    def from_records(cls, records: Iterable[Record], task: str = "binary") -> ClassMap:
         return cls(task, tuple(sorted({r.target_name(task) for r in records})))
 
     def targets(self, records: Sequence[Record]) -> list[int]:
@@ -76,6 +76,5 @@ class ClassMap:
         return {"task": self.task, "names": list(self.names)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ClassMap":
+    def from_dict(cls, d: dict) -> ClassMap:
         return cls(d["task"], tuple(d["names"]))
-

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -49,8 +49,16 @@ class MagnificationBalancedSampler:
     replacement.
     """
 
-    def __init__(self, targets: Sequence[int], mags: Sequence[int], batch_size: int, seed: int = 0,
-                 batches_per_epoch: int | None = None, patients: Sequence[str] | None = None, min_batches: int = 1):
+    def __init__(
+        self,
+        targets: Sequence[int],
+        mags: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        batches_per_epoch: int | None = None,
+        patients: Sequence[str] | None = None,
+        min_batches: int = 1,
+    ):
         self.n = len(targets)
         self.batch_size = batch_size
         self.seed = seed
@@ -77,7 +85,9 @@ class MagnificationBalancedSampler:
         if self.weights is None:
             streams = [_Stream(pool, rng).take for pool in self.pools]
         else:
-            streams = [lambda k, pool=pool, w=w: rng.choice(pool, size=k, p=w) for pool, w in zip(self.pools, self.weights)]
+            streams = [
+                lambda k, pool=pool, w=w: rng.choice(pool, size=k, p=w) for pool, w in zip(self.pools, self.weights)
+            ]
         m = len(streams)
         for b in range(self.batches):
             sizes = [self.batch_size // m + (1 if (k + b) % m < self.batch_size % m else 0) for k in range(m)]
@@ -92,8 +102,15 @@ class OfflineTupleSampler:
     and the anchors (first images) as the rows to classify, as in the original.
     """
 
-    def __init__(self, targets: Sequence[int], batch_size: int, kind: str = "triplet", seed: int = 0,
-                 batches_per_epoch: int | None = None, min_batches: int = 1):
+    def __init__(
+        self,
+        targets: Sequence[int],
+        batch_size: int,
+        kind: str = "triplet",
+        seed: int = 0,
+        batches_per_epoch: int | None = None,
+        min_batches: int = 1,
+    ):
         self.targets = np.asarray(targets)
         self.kind = kind
         self.arity = 3 if kind == "triplet" else 2
@@ -126,8 +143,14 @@ class OfflineTupleSampler:
                 tuples = (t, t + len(t), t + 2 * len(t))
             else:
                 same = rng.random(len(anchors)) < 0.5
-                cols.append(np.array([self._same(self.targets[a], rng) if s else self._other(self.targets[a], rng)
-                                      for a, s in zip(anchors, same)]))
+                cols.append(
+                    np.array(
+                        [
+                            self._same(self.targets[a], rng) if s else self._other(self.targets[a], rng)
+                            for a, s in zip(anchors, same)
+                        ]
+                    )
+                )
                 tuples = (t, t + len(t), same.astype(np.int64))
             yield Batch(np.concatenate(cols), tuples, t)
 
@@ -145,7 +168,7 @@ class _Stream:
         while k > 0:
             if self.pos >= len(self.order):
                 self.order, self.pos = self.rng.permutation(self.pool), 0
-            chunk = self.order[self.pos:self.pos + k]
+            chunk = self.order[self.pos : self.pos + k]
             out.append(chunk)
             self.pos += len(chunk)
             k -= len(chunk)

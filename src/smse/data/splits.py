@@ -6,8 +6,8 @@ import csv
 import io
 import os
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -42,8 +42,13 @@ def stratified_patient_split(patients: dict[str, str], fraction: float, seed: in
     return picked
 
 
-def seeded_split(records: Sequence[Record], test_fraction: float = 0.3, val_fraction: float = 0.15,
-                 seed: int = 0, task: str = "binary") -> list[Record]:
+def seeded_split(
+    records: Sequence[Record],
+    test_fraction: float = 0.3,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    task: str = "binary",
+) -> list[Record]:
     """Assign train/val/test by patient, stratified by the task's class; val is carved out of the training patients.
 
     A class with a single patient keeps it in training.
@@ -85,7 +90,9 @@ def read_fold_file(path: str | os.PathLike, fold: int | None = None) -> dict[str
             raise DataError(f"{path}: expected columns {sorted(need)}, found {reader.fieldnames}")
         for line, row in enumerate(reader, start=2):
             if _fold_number(row["fold"], path, line) == fold:
-                out[_group(row["filename"].replace("\\", "/").rsplit("/", 1)[-1], row["grp"], path, line, out)] = row["grp"]
+                out[_group(row["filename"].replace("\\", "/").rsplit("/", 1)[-1], row["grp"], path, line, out)] = row[
+                    "grp"
+                ]
         if not out:
             raise DataError(f"{path}: no rows for fold {fold}")
         return out
@@ -134,8 +141,10 @@ def check_split(records: Sequence[Record], hashes: dict[str, str] | None = None)
     shared = sorted(p for p, s in sides.items() if len(s) > 1)
     problems = []
     if shared:
-        problems.append(f"{len(shared)} patient(s) on both sides: "
-                        + ", ".join(f"{p} ({'/'.join(sorted(sides[p]))})" for p in shared[:10]))
+        problems.append(
+            f"{len(shared)} patient(s) on both sides: "
+            + ", ".join(f"{p} ({'/'.join(sorted(sides[p]))})" for p in shared[:10])
+        )
     if hashes:
         first: dict[str, Record] = {}
         pairs = []

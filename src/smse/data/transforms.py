@@ -45,7 +45,7 @@ def hed_jitter(image: torch.Tensor, rng: np.random.Generator, sigma: float = 0.0
 
 
 def augment(image: torch.Tensor, rng: np.random.Generator, sigma: float = 0.05) -> torch.Tensor:
-    """Random horizontal and vertical flips (both: a 180-degree turn) and HED stain jitter of a 3xHxW image in [0, 1]."""
+    """Random horizontal and vertical flips (both: a 180-degree turn) and HED stain jitter of a 3xHxW [0, 1] image."""
     if rng.random() < 0.5:
         image = image.flip(-1)
     if rng.random() < 0.5:

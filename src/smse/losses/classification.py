@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,12 +85,23 @@ class OHEMLoss(ClassificationLoss):
         return losses.topk(k).values.mean()
 
 
-CLASSIFICATION_LOSSES = {"rfl": ReinforcedFocalLoss, "focal": FocalLoss, "ce": CrossEntropy,
-                         "balanced-ce": CrossEntropy, "ohem": OHEMLoss}
+CLASSIFICATION_LOSSES = {
+    "rfl": ReinforcedFocalLoss,
+    "focal": FocalLoss,
+    "ce": CrossEntropy,
+    "balanced-ce": CrossEntropy,
+    "ohem": OHEMLoss,
+}
 
 
-def make_classification_loss(name: str, class_counts: Sequence[int], alpha: float = 2.0, gamma: float = 1.2,
-                             balance: bool = True, ohem_keep: float = 0.5) -> ClassificationLoss:
+def make_classification_loss(
+    name: str,
+    class_counts: Sequence[int],
+    alpha: float = 2.0,
+    gamma: float = 1.2,
+    balance: bool = True,
+    ohem_keep: float = 0.5,
+) -> ClassificationLoss:
     """Build a classification loss; ``balance`` gives RFL and focal their beta_t from ``class_counts``.
 
     Plain ``ce`` and ``ohem`` ignore alpha, gamma and balance; ``balanced-ce`` uses beta scaled to mean 1.

@@ -24,8 +24,13 @@ def squared_distances(emb: torch.Tensor) -> torch.Tensor:
     return d2 * (1.0 - torch.eye(len(emb), dtype=emb.dtype, device=emb.device))
 
 
-def tuple_masks(labels: torch.Tensor, mags: torch.Tensor | None, patients: torch.Tensor | None,
-                cross_magnification: bool, same_patient: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def tuple_masks(
+    labels: torch.Tensor,
+    mags: torch.Tensor | None,
+    patients: torch.Tensor | None,
+    cross_magnification: bool,
+    same_patient: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[i, j] is True where j is a valid positive (first mask) or negative (second) for anchor i."""
     n = len(labels)
     same = labels[:, None] == labels[None, :]
@@ -45,9 +50,16 @@ def hardest(emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[to
     return hp, hn
 
 
-def mine_triplets(emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | None = None,
-                  patients: torch.Tensor | None = None, strategy: str = "all", margin: float = 1.0,
-                  cross_magnification: bool = True, same_patient: bool = False) -> Tuples:
+def mine_triplets(
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    mags: torch.Tensor | None = None,
+    patients: torch.Tensor | None = None,
+    strategy: str = "all",
+    margin: float = 1.0,
+    cross_magnification: bool = True,
+    same_patient: bool = False,
+) -> Tuples:
     """Indices (a, p, n) of the triplets of a batch chosen by ``strategy``."""
     with torch.no_grad():
         pos, neg = tuple_masks(labels, mags, patients, cross_magnification, same_patient)
@@ -67,9 +79,16 @@ def mine_triplets(emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | 
         return a, p, n
 
 
-def mine_pairs(emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | None = None,
-               patients: torch.Tensor | None = None, strategy: str = "all", margin: float = 1.0,
-               cross_magnification: bool = True, same_patient: bool = False) -> Tuples:
+def mine_pairs(
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    mags: torch.Tensor | None = None,
+    patients: torch.Tensor | None = None,
+    strategy: str = "all",
+    margin: float = 1.0,
+    cross_magnification: bool = True,
+    same_patient: bool = False,
+) -> Tuples:
     """Indices (i, j) and same-class flags y of the pairs of a batch chosen by ``strategy``."""
     with torch.no_grad():
         pos, neg = tuple_masks(labels, mags, patients, cross_magnification, same_patient)
@@ -88,8 +107,7 @@ def mine_pairs(emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | Non
             raise ConfigError(f"loss.mining: unknown strategy {strategy!r}")
         pi, pj = torch.nonzero(torch.triu(pos | pos.T, diagonal=1), as_tuple=True)
         ni, nj = torch.nonzero(torch.triu(neg, diagonal=1), as_tuple=True)
-        return (torch.cat([pi, ni]), torch.cat([pj, nj]),
-                torch.cat([torch.ones_like(pi), torch.zeros_like(ni)]))
+        return (torch.cat([pi, ni]), torch.cat([pj, nj]), torch.cat([torch.ones_like(pi), torch.zeros_like(ni)]))
 
 
 class CrossMagnificationMiner:
@@ -103,8 +121,14 @@ class CrossMagnificationMiner:
     ``num_neg_pairs``), as PML's miners keep theirs.
     """
 
-    def __init__(self, kind: str = "triplet", strategy: str = "semihard", margin: float = 1.0,
-                 cross_magnification: bool = True, same_patient: bool = False):
+    def __init__(
+        self,
+        kind: str = "triplet",
+        strategy: str = "semihard",
+        margin: float = 1.0,
+        cross_magnification: bool = True,
+        same_patient: bool = False,
+    ):
         if kind not in ("triplet", "pair"):
             raise ConfigError(f"loss.metric: a miner mines triplets or pairs, not {kind!r}")
         if strategy not in ("all", "semihard", "hard"):
@@ -113,10 +137,23 @@ class CrossMagnificationMiner:
         self.cross_magnification, self.same_patient = cross_magnification, same_patient
         self.num_tuples = self.num_triplets = self.num_pos_pairs = self.num_neg_pairs = 0
 
-    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor, magnifications: torch.Tensor | None = None,
-                 patients: torch.Tensor | None = None) -> Tuples:
-        args = (embeddings, labels, magnifications, patients, self.strategy, self.margin,
-                self.cross_magnification, self.same_patient)
+    def __call__(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        magnifications: torch.Tensor | None = None,
+        patients: torch.Tensor | None = None,
+    ) -> Tuples:
+        args = (
+            embeddings,
+            labels,
+            magnifications,
+            patients,
+            self.strategy,
+            self.margin,
+            self.cross_magnification,
+            self.same_patient,
+        )
         if self.kind == "triplet":
             tuples = mine_triplets(*args)
             self.num_tuples = self.num_triplets = len(tuples[0])
@@ -142,15 +179,22 @@ class MetricLoss(nn.Module):
 
     kind: str
 
-    def __init__(self, margin: float = 1.0, strategy: str = "all", cross_magnification: bool = True,
-                 same_patient: bool = False):
+    def __init__(
+        self, margin: float = 1.0, strategy: str = "all", cross_magnification: bool = True, same_patient: bool = False
+    ):
         super().__init__()
         self.margin = margin
         self.miner = CrossMagnificationMiner(self.kind, strategy, margin, cross_magnification, same_patient)
         self.num_tuples = 0
 
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor, mags: torch.Tensor | None = None,
-                patients: torch.Tensor | None = None, tuples: Tuples | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        emb: torch.Tensor,
+        labels: torch.Tensor,
+        mags: torch.Tensor | None = None,
+        patients: torch.Tensor | None = None,
+        tuples: Tuples | None = None,
+    ) -> torch.Tensor:
         if emb.ndim != 2 or len(emb) != len(labels):
             raise ValueError(f"embeddings {tuple(emb.shape)} and labels {tuple(labels.shape)} do not match")
         if tuples is None:

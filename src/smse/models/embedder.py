@@ -31,8 +31,15 @@ class Heads(nn.Module):
     reference). In eval mode the logits are divided by ``temperature`` (1 until ``calibrate`` fits it).
     """
 
-    def __init__(self, num_features: int, embedding_dim: int, num_classes: int, normalize: bool = True,
-                 classifier: str = "head", knn_k: int = 15):
+    def __init__(
+        self,
+        num_features: int,
+        embedding_dim: int,
+        num_classes: int,
+        normalize: bool = True,
+        classifier: str = "head",
+        knn_k: int = 15,
+    ):
         super().__init__()
         if classifier not in ("head", "knn"):
             raise ValueError(f"classifier must be head or knn, not {classifier!r}")
@@ -52,21 +59,27 @@ class Heads(nn.Module):
         """Set the standardisation to the per-feature mean and standard deviation of ``features`` [N, F]."""
         features = features.reshape(-1, features.shape[-1]).double()
         self.feature_mean.copy_(features.mean(0))
-        self.feature_std.copy_(features.std(0).clamp_min(1e-6) if len(features) > 1 else torch.ones_like(self.feature_std))
+        self.feature_std.copy_(
+            features.std(0).clamp_min(1e-6) if len(features) > 1 else torch.ones_like(self.feature_std)
+        )
 
     @torch.no_grad()
     def set_references(self, embeddings: torch.Tensor, targets: torch.Tensor) -> None:
         """The k-NN classifier's references: embeddings [R, d] and their class indices [R]."""
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embed.out_features or len(embeddings) != len(targets):
-            raise ValueError(f"references {tuple(embeddings.shape)} with {len(targets)} targets do not fit "
-                             f"embeddings of dimension {self.embed.out_features}")
+            raise ValueError(
+                f"references {tuple(embeddings.shape)} with {len(targets)} targets do not fit "
+                f"embeddings of dimension {self.embed.out_features}"
+            )
         self.ref_embeddings = embeddings.detach().to(self.feature_mean.device, torch.float32).clone()
         self.ref_targets = targets.detach().to(self.feature_mean.device, torch.long).clone()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # references take the size of what is loaded; a checkpoint without them loads with none
-        for name, empty in (("ref_embeddings", torch.zeros(0, self.embed.out_features)),
-                            ("ref_targets", torch.zeros(0, dtype=torch.long))):
+        for name, empty in (
+            ("ref_embeddings", torch.zeros(0, self.embed.out_features)),
+            ("ref_targets", torch.zeros(0, dtype=torch.long)),
+        ):
             incoming = state_dict.setdefault(prefix + name, empty)
             setattr(self, name, torch.empty_like(incoming, device=self.feature_mean.device))
         state_dict.setdefault(prefix + "temperature", torch.ones(()))  # written before calibration existed

@@ -10,8 +10,12 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 @lru_cache(maxsize=1)
 def _environment() -> Environment:
-    return Environment(loader=PackageLoader("smse.report", "templates"), undefined=StrictUndefined,
-                       autoescape=select_autoescape(["j2", "html"], default_for_string=True), trim_blocks=False)
+    return Environment(
+        loader=PackageLoader("smse.report", "templates"),
+        undefined=StrictUndefined,
+        autoescape=select_autoescape(["j2", "html"], default_for_string=True),
+        trim_blocks=False,
+    )
 
 
 def render(template: str, **context) -> str:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 import numpy as np
@@ -78,15 +78,32 @@ def magnification_bars(results: dict[str, dict], path: Path) -> Path:
             err = np.abs(np.vstack([np.array(vals) - ci[:, 0], ci[:, 1] - np.array(vals)]))
             few = [m.get("patients", MIN_PATIENTS) < MIN_PATIENTS for m in cells]
             colours = ["#bbbbbb" if f else PALETTE[methods.index(method)] for f in few]
-            bars = ax.bar(x + (k - len(methods) + 0.5) * width, vals, width, label=f"{method}, {key.split('_')[0]}",
-                          color=colours, hatch=hatch, alpha=0.85, edgecolor="white",
-                          yerr=np.nan_to_num(err), error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#444"})
+            bars = ax.bar(
+                x + (k - len(methods) + 0.5) * width,
+                vals,
+                width,
+                label=f"{method}, {key.split('_')[0]}",
+                color=colours,
+                hatch=hatch,
+                alpha=0.85,
+                edgecolor="white",
+                yerr=np.nan_to_num(err),
+                error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#444"},
+            )
             ax.bar_label(bars, labels=[f"{v:.0f}" + ("*" if f else "") for v, f in zip(vals, few)], fontsize=9)
             k += 1
-    ax.set_xticks(x, [f"{c}\n{results[methods[0]][c].get('images', '?')} img / {results[methods[0]][c].get('patients', '?')} pat"
-                      for c in cols])
-    ax.set(ylabel="accuracy (%)", ylim=(0, 125),
-           title=f"accuracy per magnification and pooled (bars: 95% intervals; grey*: under {MIN_PATIENTS} patients)")
+    ax.set_xticks(
+        x,
+        [
+            f"{c}\n{results[methods[0]][c].get('images', '?')} img / {results[methods[0]][c].get('patients', '?')} pat"
+            for c in cols
+        ],
+    )
+    ax.set(
+        ylabel="accuracy (%)",
+        ylim=(0, 125),
+        title=f"accuracy per magnification and pooled (bars: 95% intervals; grey*: under {MIN_PATIENTS} patients)",
+    )
     ax.legend(fontsize=8, loc="upper center", ncol=min(3, 2 * len(methods)), frameon=False)
     return _save(fig, path)
 
@@ -114,8 +131,14 @@ def retrieval_heatmap(matrix: dict, path: Path) -> Path | None:
         ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0, vmax=1)
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
-                ax.text(j, i, "-" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center",
-                        color="white" if not np.isnan(m[i, j]) and m[i, j] < 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    "-" if np.isnan(m[i, j]) else f"{m[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if not np.isnan(m[i, j]) and m[i, j] < 0.6 else "black",
+                )
         ax.set_xticks(range(len(mags)), mags)
         ax.set_yticks(range(len(mags)), mags)
         ax.set(xlabel="gallery magnification", ylabel="query magnification", title=f"cross-magnification {title}")
@@ -130,8 +153,13 @@ def gallery(queries: list[dict], path: Path, thumb: tuple[int, int] = (150, 100)
     fig, axes = _subplots(len(queries), k + 1, figsize=(1.9 * (k + 1), 1.55 * len(queries)), squeeze=False)
     for r, q in enumerate(queries):
         cells = [(q["path"], f"query: {q['label']}\n{mag_name(q['magnification'])}", "black")] + [
-            (n["path"], f"{n['label']} {mag_name(n['magnification'])}\nd={n['distance']:.2f}",
-             "#2ca02c" if n["label"] == q["label"] else "#d62728") for n in q["neighbours"]]
+            (
+                n["path"],
+                f"{n['label']} {mag_name(n['magnification'])}\nd={n['distance']:.2f}",
+                "#2ca02c" if n["label"] == q["label"] else "#d62728",
+            )
+            for n in q["neighbours"]
+        ]
         for c in range(k + 1):
             ax = axes[r, c]
             ax.set_xticks([])
@@ -160,28 +188,40 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], positive
     for k, (name, (fpr, tpr, auc)) in enumerate(curves.items()):
         ax.plot(fpr, tpr, color=PALETTE[k % len(PALETTE)], label=f"{name} (AUC {auc:.3f})", lw=1.6)
     ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--", label="chance")
-    ax.set(xlabel="false positive rate (1 - specificity)", ylabel=f"true positive rate ({positive} recall)",
-           xlim=(0, 1), ylim=(0, 1.01), title=f"ROC, {positive} as positive, test images")
+    ax.set(
+        xlabel="false positive rate (1 - specificity)",
+        ylabel=f"true positive rate ({positive} recall)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        title=f"ROC, {positive} as positive, test images",
+    )
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
 
-def reliability_diagram(calibration: dict, path: Path) -> Path | None:
+def reliability_diagram(calibration: dict | None, path: Path) -> Path | None:
     """Accuracy against confidence per bin, the model as calibrated and uncalibrated (T = 1)."""
     if not calibration or not calibration.get("images"):
         return None
     fig, ax = _subplots(figsize=(4.8, 4.4))
     ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--", label="perfectly calibrated")
     t = calibration["temperature"]
-    for key, name, colour in (("reliability_uncalibrated", f"uncalibrated (ECE {100 * calibration['ece_uncalibrated']:.1f}%)", "#d62728"),
-                              ("reliability", f"T = {t:.2f} (ECE {100 * calibration['ece']:.1f}%)", "#1f77b4")):
+    for key, name, colour in (
+        ("reliability_uncalibrated", f"uncalibrated (ECE {100 * calibration['ece_uncalibrated']:.1f}%)", "#d62728"),
+        ("reliability", f"T = {t:.2f} (ECE {100 * calibration['ece']:.1f}%)", "#1f77b4"),
+    ):
         r = calibration[key]
         pts = [(c, a, n) for c, a, n in zip(r["confidence"], r["accuracy"], r["count"]) if n]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour, label=name, lw=1.4)
             for c, a, n in pts:
                 ax.annotate(str(n), (c, a), textcoords="offset points", xytext=(3, 3), fontsize=7, color=colour)
-    ax.set(xlabel="confidence (probability of the predicted class)", ylabel="accuracy",
-           xlim=(0, 1), ylim=(0, 1.02), title=f"reliability, {calibration['images']} test images (n per point)")
+    ax.set(
+        xlabel="confidence (probability of the predicted class)",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title=f"reliability, {calibration['images']} test images (n per point)",
+    )
     ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)

@@ -22,9 +22,12 @@ from smse.serve.service import Limits, Service, Upload, parse_magnification
 
 STATIC = Path(str(files("smse.serve") / "static"))
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
-                                           "base-uri 'none'; frame-ancestors 'none'",
-                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 class ApiError(HTTPException):
@@ -67,22 +70,32 @@ class _Guard:
     def _refusal(self, scope) -> JSONResponse | None:
         headers = dict(scope["headers"])
         if self.token is None and not is_loopback(_host_name(headers.get(b"host", b""))):
-            return _error(400, "host_not_local", "without a token this server answers local host names only "
-                                                 "(localhost, 127.0.0.1, [::1])")
+            return _error(
+                400,
+                "host_not_local",
+                "without a token this server answers local host names only (localhost, 127.0.0.1, [::1])",
+            )
         if not scope["path"].startswith("/api/"):
             return None
         if self.token is not None:
             given = headers.get(b"authorization", b"")
             if not (given.startswith(b"Bearer ") and hmac.compare_digest(given[7:].strip(), self.token)):
-                return _error(401, "unauthorized", "this server needs its token: send 'Authorization: Bearer <token>'",
-                              {"WWW-Authenticate": "Bearer"})
+                return _error(
+                    401,
+                    "unauthorized",
+                    "this server needs its token: send 'Authorization: Bearer <token>'",
+                    {"WWW-Authenticate": "Bearer"},
+                )
         if scope["method"] in ("POST", "PUT", "PATCH"):
             length = headers.get(b"content-length")
             if length is None or not length.isdigit():
                 return _error(411, "length_required", "the request must declare its Content-Length")
             if int(length) > self.max_bytes:
-                return _error(413, "upload_too_large", f"the request is {int(length) / 2**20:.1f} MiB, over the "
-                                                       f"limit of {self.max_bytes / 2**20:.1f} MiB")
+                return _error(
+                    413,
+                    "upload_too_large",
+                    f"the request is {int(length) / 2**20:.1f} MiB, over the limit of {self.max_bytes / 2**20:.1f} MiB",
+                )
         return None
 
 
@@ -133,19 +146,47 @@ class Prediction(BaseModel):
     case: Case
 
 
-PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["images"],
-    "properties": {
-        "images": {"type": "array", "items": {"type": "string", "format": "binary"},
-                   "description": "One or several image files (PNG, JPEG, TIFF, BMP)."},
-        "magnification": {"type": "array", "items": {"type": "string"},
-                          "description": "Optional, one per image in order: 40, 100X, ... or auto "
-                                         "(read from BreakHis-style names)."},
-        "k": {"type": "integer", "default": 5, "description": "Neighbours per image and per magnification."}}}}}}}
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "One or several image files (PNG, JPEG, TIFF, BMP).",
+                        },
+                        "magnification": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "Optional, one per image in order: 40, 100X, ... or auto "
+                            "(read from BreakHis-style names).",
+                        },
+                        "k": {
+                            "type": "integer",
+                            "default": 5,
+                            "description": "Neighbours per image and per magnification.",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
 
 
-def create_app(run: str | Path | None = None, reference: str | Path | None = None, token: str | None = None,
-               limits: Limits = Limits(), device: str = "cpu", service: Service | None = None) -> FastAPI:
+def create_app(
+    run: str | Path | None = None,
+    reference: str | Path | None = None,
+    token: str | None = None,
+    limits: Limits = Limits(),
+    device: str = "cpu",
+    service: Service | None = None,
+) -> FastAPI:
     """The app serving ``run``'s model (or a ready ``service``).
 
     Args:
@@ -159,8 +200,11 @@ def create_app(run: str | Path | None = None, reference: str | Path | None = Non
     """
     service = service or Service.from_run(run, reference, limits, device)
     limits = service.limits
-    app = FastAPI(title="smse", version=__version__,
-                  description="Classify histopathology images and find similar reference cases at any magnification.")
+    app = FastAPI(
+        title="smse",
+        version=__version__,
+        description="Classify histopathology images and find similar reference cases at any magnification.",
+    )
     app.state.service = service
     app.add_middleware(_Guard, token=token, max_bytes=limits.max_request_bytes)
 
@@ -183,22 +227,38 @@ def create_app(run: str | Path | None = None, reference: str | Path | None = Non
     def reference_map() -> Response:
         return Response(json.dumps(service.reference_map()), media_type="application/json")
 
-    @app.get("/api/reference/{ref_id}/thumbnail", summary="JPEG thumbnail of one reference image, by id",
-             responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "unknown id"}})
+    @app.get(
+        "/api/reference/{ref_id}/thumbnail",
+        summary="JPEG thumbnail of one reference image, by id",
+        responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "unknown id"}},
+    )
     async def thumbnail(ref_id: str) -> Response:
         if not (ref_id.isascii() and ref_id.isdigit()) or not int(ref_id) < len(service.index):
-            raise ApiError(404, "unknown_reference", f"reference id {ref_id!r}: no such reference image "
-                                                     f"(ids are 0 to {len(service.index) - 1})")
+            raise ApiError(
+                404,
+                "unknown_reference",
+                f"reference id {ref_id!r}: no such reference image (ids are 0 to {len(service.index) - 1})",
+            )
         try:
             data = await run_in_threadpool(service.thumbnail, int(ref_id))
         except ImageError as exc:
-            raise ApiError(404, "reference_unreadable", f"reference id {ref_id} ({Path(exc.path).name}): {exc.reason}") from None
+            raise ApiError(
+                404, "reference_unreadable", f"reference id {ref_id} ({Path(exc.path).name}): {exc.reason}"
+            ) from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
-    @app.post("/api/predict", response_model=Prediction, response_model_by_alias=True, openapi_extra=PREDICT_BODY,
-              summary="Classify images; their nearest references overall and per magnification; the case's mean",
-              responses={400: {"description": "too many files, or not a multipart form"}, 413: {"description": "upload too large"},
-                         422: {"description": "no readable image, or a bad field"}})
+    @app.post(
+        "/api/predict",
+        response_model=Prediction,
+        response_model_by_alias=True,
+        openapi_extra=PREDICT_BODY,
+        summary="Classify images; their nearest references overall and per magnification; the case's mean",
+        responses={
+            400: {"description": "too many files, or not a multipart form"},
+            413: {"description": "upload too large"},
+            422: {"description": "no readable image, or a bad field"},
+        },
+    )
     async def predict(request: Request) -> dict:
         try:  # Starlette stops parsing at the first file over the limit
             form = await request.form(max_files=limits.max_files, max_fields=limits.max_files + 8)
@@ -211,8 +271,12 @@ def create_app(run: str | Path | None = None, reference: str | Path | None = Non
         known = sorted(m for m, _, _ in service.groups if m > 0)
         for up in uploads:  # a magnification the references do not have is a typo, not a new microscope
             if up.magnification and known and up.magnification not in known:
-                raise ApiError(422, "invalid_request", f"magnification: {up.magnification}X is not one of the "
-                                                       f"references' ({', '.join(f'{m}X' for m in known)}) for {up.name}")
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"magnification: {up.magnification}X is not one of the "
+                    f"references' ({', '.join(f'{m}X' for m in known)}) for {up.name}",
+                )
         try:
             return await run_in_threadpool(service.predict, uploads, k)
         except ImageError as exc:
@@ -228,8 +292,11 @@ async def _read_form(form, limits: Limits) -> tuple[list[Upload], int]:
         raise ApiError(422, "no_images", "images: no image uploaded (send files in the 'images' field)")
     mags = form.getlist("magnification")
     if mags and len(mags) != len(images):
-        raise ApiError(422, "invalid_request", f"magnification: {len(mags)} values for {len(images)} images "
-                                               "(give one per image, or none)")
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"magnification: {len(mags)} values for {len(images)} images (give one per image, or none)",
+        )
     try:
         k = int(form.get("k", 5))
         magnifications = [parse_magnification(str(m)) for m in mags] or [None] * len(images)
@@ -247,7 +314,10 @@ async def _read_form(form, limits: Limits) -> tuple[list[Upload], int]:
         data = await item.read(limits.max_file_bytes + 1)
         if len(data) > limits.max_file_bytes:
             size = max(item.size or 0, len(data)) / 2**20
-            raise ApiError(413, "file_too_large", f"{name}: {size:.1f} MiB, over the limit of "
-                                                  f"{limits.max_file_bytes / 2**20:.1f} MiB per file")
+            raise ApiError(
+                413,
+                "file_too_large",
+                f"{name}: {size:.1f} MiB, over the limit of {limits.max_file_bytes / 2**20:.1f} MiB per file",
+            )
         uploads.append(Upload(name, data, mag))
     return uploads, k

@@ -7,9 +7,9 @@ import io
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ class ReferenceMap:
         if len(emb) >= 2:
             _, s, vt = np.linalg.svd(centred, full_matrices=False)
             components = vt[:2]
-            var = s ** 2
+            var = s**2
             self.explained = (var[:2] / var.sum()).tolist() if var.sum() > 0 else [0.0, 0.0]
         else:
             components, self.explained = np.eye(2, emb.shape[1]), [0.0, 0.0]
@@ -96,7 +96,7 @@ class ReferenceMap:
 def reference_index(run: str | Path, model: Model, reference: str | Path | None = None) -> tuple[ReferenceIndex, str]:
     """The reference set and a description of where it came from.
 
-    ``None``: the run's training and validation images (``reference.npz``). A ``.npz`` from ``smse embed``: loaded as is.
+    ``None``: the run's training and validation images (``reference.npz``). A ``.npz`` from ``smse embed``: as is.
     A BreakHis folder or manifest CSV: embedded once into ``RUN/references/`` (keyed by the data path and
     the checkpoint), then loaded from there; delete that file to embed the data again.
     """
@@ -127,8 +127,14 @@ class Service:
 
     THUMBNAIL_SIDE = 256
 
-    def __init__(self, model: Model, index: ReferenceIndex, source: str = "", limits: Limits = Limits(),
-                 thumbnails_cached: int = 512):
+    def __init__(
+        self,
+        model: Model,
+        index: ReferenceIndex,
+        source: str = "",
+        limits: Limits = Limits(),
+        thumbnails_cached: int = 512,
+    ):
         self.model = model
         self.index = index
         self.source = source
@@ -146,8 +152,9 @@ class Service:
         self.map = ReferenceMap(index.embeddings)
 
     @classmethod
-    def from_run(cls, run: str | Path, reference: str | Path | None = None, limits: Limits = Limits(),
-                 device: str = "cpu") -> "Service":
+    def from_run(
+        cls, run: str | Path, reference: str | Path | None = None, limits: Limits = Limits(), device: str = "cpu"
+    ) -> Service:
         model = load_model(run, device=device)
         index, source = reference_index(run, model, reference)
         log.debug("serving %r with %d reference images (%s)", model, len(index), source)  # the CLI prints it
@@ -156,12 +163,20 @@ class Service:
     def health(self) -> dict:
         mags = self.index.metadata["magnifications"]
         return {
-            "status": "ok", "version": __version__,
-            "model": {"backbone": self.model.config.model.backbone, "task": self.model.class_map.task,
-                      "classes": list(self.model.classes), "input_size": list(self.model.size),
-                      "embedding_dim": int(self.index.embeddings.shape[1]) if len(self.index) else 0},
-            "reference": {"size": len(self.index), "source": self.source,
-                          "magnifications": {str(m): int((mags == m).sum()) for m, _, _ in self.groups}},
+            "status": "ok",
+            "version": __version__,
+            "model": {
+                "backbone": self.model.config.model.backbone,
+                "task": self.model.class_map.task,
+                "classes": list(self.model.classes),
+                "input_size": list(self.model.size),
+                "embedding_dim": int(self.index.embeddings.shape[1]) if len(self.index) else 0,
+            },
+            "reference": {
+                "size": len(self.index),
+                "source": self.source,
+                "magnifications": {str(m): int((mags == m).sum()) for m, _, _ in self.groups},
+            },
             "map": {"method": "PCA", "explained_variance": self.map.explained},
             "distance_guide": self.index.guide() if len(self.index) else None,
             "limits": asdict(self.limits),
@@ -170,10 +185,14 @@ class Service:
     def reference_map(self) -> dict:
         """Every reference's map position with what to colour it by."""
         meta = self.index.metadata
-        return {"method": "PCA", "explained_variance": self.map.explained,
-                "x": np.round(self.map.points[:, 0], 4).tolist(), "y": np.round(self.map.points[:, 1], 4).tolist(),
-                "classes": [str(v) for v in meta[self.label_key]],
-                "magnifications": [int(v) for v in meta["magnifications"]]}
+        return {
+            "method": "PCA",
+            "explained_variance": self.map.explained,
+            "x": np.round(self.map.points[:, 0], 4).tolist(),
+            "y": np.round(self.map.points[:, 1], 4).tolist(),
+            "classes": [str(v) for v in meta[self.label_key]],
+            "magnifications": [int(v) for v in meta["magnifications"]],
+        }
 
     def _decode(self, upload: Upload) -> torch.Tensor:
         image = read_image(io.BytesIO(upload.data), self.limits.max_pixels, name=upload.name)
@@ -190,7 +209,9 @@ class Service:
         errors: list[ImageError] = []
         with self._lock:
             for up in uploads:
-                mag, source = (up.magnification, "given") if up.magnification else (magnification_from_name(up.name), "name")
+                mag, source = (
+                    (up.magnification, "given") if up.magnification else (magnification_from_name(up.name), "name")
+                )
                 item = {"name": up.name, "magnification": mag, "magnification_source": source if mag else None}
                 try:
                     tensors.append(self._decode(up))
@@ -209,23 +230,31 @@ class Service:
         names = self.model.classes
         for q, item in enumerate(ok):
             top = {int(i) for i in overall.indices[q]}
-            item.update({
-                "predicted": names[int(probs[q].argmax())],
-                "probabilities": {c: float(p) for c, p in zip(names, probs[q])},
-                "map": [float(coords[q, 0]), float(coords[q, 1])],
-                "out_of_distribution": bool(overall.out_of_distribution[q]),
-                "neighbours": self._neighbours(overall, q, None, top),
-                "by_magnification": [{"magnification": mag, "neighbours": self._neighbours(hits, q, rows, top)}
-                                     for mag, rows, hits in per_mag],
-            })
+            item.update(
+                {
+                    "predicted": names[int(probs[q].argmax())],
+                    "probabilities": {c: float(p) for c, p in zip(names, probs[q])},
+                    "map": [float(coords[q, 0]), float(coords[q, 1])],
+                    "out_of_distribution": bool(overall.out_of_distribution[q]),
+                    "neighbours": self._neighbours(overall, q, None, top),
+                    "by_magnification": [
+                        {"magnification": mag, "neighbours": self._neighbours(hits, q, rows, top)}
+                        for mag, rows, hits in per_mag
+                    ],
+                }
+            )
         mean = probs.mean(0)
         vote = {c: 0 for c in names}
         for item in ok:
             for n in item["neighbours"]:
                 vote[n["class"]] = vote.get(n["class"], 0) + 1
-        case = {"images": len(ok), "predicted": names[int(mean.argmax())],
-                "out_of_distribution": sum(item["out_of_distribution"] for item in ok),
-                "probabilities": {c: float(p) for c, p in zip(names, mean)}, "neighbour_vote": vote}
+        case = {
+            "images": len(ok),
+            "predicted": names[int(mean.argmax())],
+            "out_of_distribution": sum(item["out_of_distribution"] for item in ok),
+            "probabilities": {c: float(p) for c, p in zip(names, mean)},
+            "neighbour_vote": vote,
+        }
         return {"classes": list(names), "task": self.model.class_map.task, "k": k, "images": items, "case": case}
 
     def _neighbours(self, hits, q: int, rows: np.ndarray | None, top: set[int]) -> list[dict]:
@@ -233,10 +262,20 @@ class Service:
         meta = self.index.metadata
         for r in range(hits.indices.shape[1]):
             i = int(hits.indices[q, r]) if rows is None else int(rows[hits.indices[q, r]])
-            out.append({"id": i, "rank": r + 1, "class": str(meta[self.label_key][i]), "label": str(meta["labels"][i]),
-                        "tumor_type": str(meta["tumor_types"][i]), "magnification": int(meta["magnifications"][i]),
-                        "patient": str(meta["patients"][i]), "file": Path(str(meta["paths"][i])).name,
-                        "distance": float(hits.distances[q, r]), "in_top_k": i in top})
+            out.append(
+                {
+                    "id": i,
+                    "rank": r + 1,
+                    "class": str(meta[self.label_key][i]),
+                    "label": str(meta["labels"][i]),
+                    "tumor_type": str(meta["tumor_types"][i]),
+                    "magnification": int(meta["magnifications"][i]),
+                    "patient": str(meta["patients"][i]),
+                    "file": Path(str(meta["paths"][i])).name,
+                    "distance": float(hits.distances[q, r]),
+                    "in_top_k": i in top,
+                }
+            )
         return out
 
     def thumbnail(self, ref_id: int) -> bytes:
@@ -262,5 +301,12 @@ class Service:
             return self._thumbs[ref_id]
 
 
-__all__ = ["Limits", "ReferenceMap", "Service", "Upload", "magnification_from_name", "parse_magnification",
-           "reference_index"]
+__all__ = [
+    "Limits",
+    "ReferenceMap",
+    "Service",
+    "Upload",
+    "magnification_from_name",
+    "parse_magnification",
+    "reference_index",
+]

@@ -39,8 +39,18 @@ class SynthPatient:
 
     def path(self, root: Path, mag: int, seq: int) -> Path:
         cls = TYPE_CLASS[self.tumor_type]
-        return (root / "BreaKHis_v1" / "histology_slides" / "breast" / CLASS_FOLDERS[cls] / "SOB"
-                / TYPE_FOLDERS[self.tumor_type] / self.folder / f"{mag}X" / self.file_name(mag, seq))
+        return (
+            root
+            / "BreaKHis_v1"
+            / "histology_slides"
+            / "breast"
+            / CLASS_FOLDERS[cls]
+            / "SOB"
+            / TYPE_FOLDERS[self.tumor_type]
+            / self.folder
+            / f"{mag}X"
+            / self.file_name(mag, seq)
+        )
 
 
 def parse_proportions(text: str | None) -> dict[str, float]:
@@ -115,8 +125,9 @@ def nested_fields(slide: VirtualSlide, aspect: float, k: int, rng: np.random.Gen
         w40, h40 = FIELD_40X_WIDTH, FIELD_40X_WIDTH / aspect
         x40, y40 = rng.uniform(0, W - w40), rng.uniform(0, H - h40)
         w4, h4 = w40 / ZOOM[400], h40 / ZOOM[400]
-        cands = np.column_stack([rng.uniform(x40 + w4 / 2, x40 + w40 - w4 / 2, 64),
-                                 rng.uniform(y40 + h4 / 2, y40 + h40 - h4 / 2, 64)])
+        cands = np.column_stack(
+            [rng.uniform(x40 + w4 / 2, x40 + w40 - w4 / 2, 64), rng.uniform(y40 + h4 / 2, y40 + h40 - h4 / 2, 64)]
+        )
         step = 2.0
         hits = [c for c in cands if slide.regions(c[0], c[1], step, (1, 1))[0, 0] in LESION]
         cx, cy = hits[0] if hits else cands[0]
@@ -144,8 +155,11 @@ def render_patient(patient: SynthPatient, root: Path, size: tuple[int, int], ima
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 Image.fromarray(image).save(tmp, format="PNG", compress_level=1)
-            fields[path.name] = {"patient": f"{patient.year}-{patient.slide}", "magnification": mag,
-                                 "field_um": [round(v, 3) for v in field]}
+            fields[path.name] = {
+                "patient": f"{patient.year}-{patient.slide}",
+                "magnification": mag,
+                "field_um": [round(v, 3) for v in field],
+            }
     return fields
 
 
@@ -153,8 +167,15 @@ def _render_job(args):
     return render_patient(*args)
 
 
-def generate(out: str | os.PathLike, patients: int = 32, seed: int = 0, size: tuple[int, int] = (192, 128),
-             images_per_mag: int = 12, proportions: str | None = None, workers: int | None = None) -> Path:
+def generate(
+    out: str | os.PathLike,
+    patients: int = 32,
+    seed: int = 0,
+    size: tuple[int, int] = (192, 128),
+    images_per_mag: int = 12,
+    proportions: str | None = None,
+    workers: int | None = None,
+) -> Path:
     """Write the dataset under ``out`` (BreaKHis_v1/...) plus ``smse-synth.json`` with every field's geometry.
 
     The output depends only on the arguments, not on ``workers``.
@@ -173,11 +194,18 @@ def generate(out: str | os.PathLike, patients: int = 32, seed: int = 0, size: tu
     else:
         results = [_render_job(j) for j in jobs]
     fields = {k: v for r in results for k, v in r.items()}
-    write_json(root / "smse-synth.json", {
-        "generator": "smse synth", "seed": seed, "patients": patients, "size": list(size),
-        "images_per_mag": images_per_mag, "proportions": proportions or "breakhis",
-        "fields": fields,
-    })
+    write_json(
+        root / "smse-synth.json",
+        {
+            "generator": "smse synth",
+            "seed": seed,
+            "patients": patients,
+            "size": list(size),
+            "images_per_mag": images_per_mag,
+            "proportions": proportions or "breakhis",
+            "fields": fields,
+        },
+    )
     return root
 
 

@@ -41,7 +41,7 @@ def fbm(x: np.ndarray, y: np.ndarray, scale: float, seed: int, octaves: int = 3)
     total = np.zeros(np.broadcast(x, y).shape)
     amp, norm = 1.0, 0.0
     for o in range(octaves):
-        total += amp * value_noise(x, y, scale / (2 ** o), seed + 101 * o)
+        total += amp * value_noise(x, y, scale / (2**o), seed + 101 * o)
         norm += amp
         amp *= 0.5
     return total / norm

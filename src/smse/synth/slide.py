@@ -34,9 +34,14 @@ class VirtualSlide:
         s = self.style
         draw = lambda rng_pair: float(rng.uniform(*rng_pair))  # noqa: E731
         self.p = {
-            "r_nuc": draw(s.nucleus_radius), "pleo": draw(s.pleomorphism), "dark": draw(s.darkness),
-            "epi_density": draw(s.epi_density), "stroma_density": draw(s.stroma_density),
-            "stroma_eosin": draw(s.stroma_eosin), "R": draw(s.structure_size), "fill": draw(s.fill),
+            "r_nuc": draw(s.nucleus_radius),
+            "pleo": draw(s.pleomorphism),
+            "dark": draw(s.darkness),
+            "epi_density": draw(s.epi_density),
+            "stroma_density": draw(s.stroma_density),
+            "stroma_eosin": draw(s.stroma_eosin),
+            "R": draw(s.structure_size),
+            "fill": draw(s.fill),
             "elong": draw(s.elongation),
         }
         # per-patient stain, illumination and optics: the nuisance a model must ignore
@@ -61,8 +66,22 @@ class VirtualSlide:
         cap: list[list[float]] = []
 
         def ellipse(cx, cy, a, b, theta, kind, lumen=0.0, myo=0.0, irr=0.08):
-            ell.append([cx, cy, a, b, theta, kind, lumen, myo, rng.uniform(0, irr), rng.uniform(0, 6.3),
-                        rng.uniform(0, irr), rng.uniform(0, 6.3)])
+            ell.append(
+                [
+                    cx,
+                    cy,
+                    a,
+                    b,
+                    theta,
+                    kind,
+                    lumen,
+                    myo,
+                    rng.uniform(0, irr),
+                    rng.uniform(0, 6.3),
+                    rng.uniform(0, irr),
+                    rng.uniform(0, 6.3),
+                ]
+            )
 
         layout = self.style.layout
         if layout == "lobules":
@@ -72,13 +91,30 @@ class VirtualSlide:
                 for _ in range(int((L / R) ** 2 * 0.45)):
                     rr, ang = L * math.sqrt(rng.uniform()), rng.uniform(0, 6.3)
                     a = R * rng.uniform(0.7, 1.25)
-                    ellipse(cx + rr * math.cos(ang), cy + rr * math.sin(ang), a, a * rng.uniform(0.55, 0.95),
-                            rng.uniform(0, 3.15), GLAND, rng.uniform(0.1, 0.3), 0.22)
+                    ellipse(
+                        cx + rr * math.cos(ang),
+                        cy + rr * math.sin(ang),
+                        a,
+                        a * rng.uniform(0.55, 0.95),
+                        rng.uniform(0, 3.15),
+                        GLAND,
+                        rng.uniform(0.1, 0.3),
+                        0.22,
+                    )
         elif layout == "slits":
             for _ in range(int(fill * area / (math.pi * R * R * 0.3))):
                 a = R * rng.uniform(0.7, 1.6)
-                ellipse(rng.uniform(0, W), rng.uniform(0, H), a, a * rng.uniform(0.12, 0.3),
-                        rng.uniform(0, 3.15), GLAND, rng.uniform(0.08, 0.25), 0.15, irr=0.12)
+                ellipse(
+                    rng.uniform(0, W),
+                    rng.uniform(0, H),
+                    a,
+                    a * rng.uniform(0.12, 0.3),
+                    rng.uniform(0, 3.15),
+                    GLAND,
+                    rng.uniform(0.08, 0.25),
+                    0.15,
+                    irr=0.12,
+                )
         elif layout == "clefts":
             n_chains = int(fill * area / (R * 4 * 30))
             for _ in range(n_chains):
@@ -99,19 +135,45 @@ class VirtualSlide:
                     if value_noise(np.array(cx), np.array(cy), 500.0, self.seed + 7) < 0.9 - fill:
                         continue
                     a = R * rng.uniform(0.85, 1.15)
-                    ellipse(cx, cy, a, a * rng.uniform(0.8, 1.0), rng.uniform(0, 3.15), GLAND,
-                            rng.uniform(0.25, 0.4), 0.3, irr=0.05)
+                    ellipse(
+                        cx,
+                        cy,
+                        a,
+                        a * rng.uniform(0.8, 1.0),
+                        rng.uniform(0, 3.15),
+                        GLAND,
+                        rng.uniform(0.25, 0.4),
+                        0.3,
+                        irr=0.05,
+                    )
         elif layout == "nests":
             for _ in range(int(fill * area / (math.pi * R * R * 0.6))):
                 a = R * rng.uniform(0.5, 1.4)
                 lumen = rng.uniform(0.08, 0.2) if rng.uniform() < 0.25 else 0.0
-                ellipse(rng.uniform(0, W), rng.uniform(0, H), a, a * rng.uniform(0.5, 1.0), rng.uniform(0, 3.15),
-                        NEST, lumen, 0.0, irr=0.25)
+                ellipse(
+                    rng.uniform(0, W),
+                    rng.uniform(0, H),
+                    a,
+                    a * rng.uniform(0.5, 1.0),
+                    rng.uniform(0, 3.15),
+                    NEST,
+                    lumen,
+                    0.0,
+                    irr=0.25,
+                )
         elif layout == "rows":
             for _ in range(int(fill * area / (math.pi * R * R))):
                 a = R * rng.uniform(0.7, 1.3)
-                ellipse(rng.uniform(0, W), rng.uniform(0, H), a, a * rng.uniform(0.6, 1.0), rng.uniform(0, 3.15),
-                        GLAND, rng.uniform(0.15, 0.35), 0.2)
+                ellipse(
+                    rng.uniform(0, W),
+                    rng.uniform(0, H),
+                    a,
+                    a * rng.uniform(0.6, 1.0),
+                    rng.uniform(0, 3.15),
+                    GLAND,
+                    rng.uniform(0.15, 0.35),
+                    0.2,
+                )
         elif layout == "lakes":
             for _ in range(int(fill * area / (math.pi * R * R * 0.8))):
                 cx, cy = rng.uniform(0, W), rng.uniform(0, H)
@@ -119,12 +181,21 @@ class VirtualSlide:
                 b = a * rng.uniform(0.6, 1.0)
                 theta = rng.uniform(0, 3.15)
                 ellipse(cx, cy, a, b, theta, LAKE, irr=0.2)
-                for _ in range(int(rng.uniform(4, 12) * a * b / 150.0 ** 2) + 1):
+                for _ in range(int(rng.uniform(4, 12) * a * b / 150.0**2) + 1):
                     rr, ang = 0.8 * math.sqrt(rng.uniform()), rng.uniform(0, 6.3)
                     ox, oy = rr * a * math.cos(ang), rr * b * math.sin(ang)
                     c = rng.uniform(10, 28)
-                    ellipse(cx + ox * math.cos(theta) - oy * math.sin(theta), cy + ox * math.sin(theta) + oy * math.cos(theta),
-                            c, c * rng.uniform(0.5, 1.0), rng.uniform(0, 3.15), CLUSTER, 0.0, 0.0, irr=0.25)
+                    ellipse(
+                        cx + ox * math.cos(theta) - oy * math.sin(theta),
+                        cy + ox * math.sin(theta) + oy * math.cos(theta),
+                        c,
+                        c * rng.uniform(0.5, 1.0),
+                        rng.uniform(0, 3.15),
+                        CLUSTER,
+                        0.0,
+                        0.0,
+                        irr=0.25,
+                    )
         elif layout == "fronds":
             for _ in range(int(fill * area / (math.pi * R * R * 0.9))):
                 cx, cy = rng.uniform(0, W), rng.uniform(0, H)
@@ -138,13 +209,23 @@ class VirtualSlide:
                     cap.append([x, y, nx, ny, core, band, FROND])
                     if depth < 3:
                         for turn in (-1, 1):
-                            stack.append((nx, ny, ang + turn * rng.uniform(0.4, 1.0), length * rng.uniform(0.55, 0.8), depth + 1))
+                            stack.append(
+                                (nx, ny, ang + turn * rng.uniform(0.4, 1.0), length * rng.uniform(0.55, 0.8), depth + 1)
+                            )
         # a few fat lobules in any slide
         for _ in range(rng.integers(0, 3)):
             fx, fy = rng.uniform(0, W), rng.uniform(0, H)
             for _ in range(rng.integers(8, 30)):
                 r = rng.uniform(25, 45)
-                ellipse(fx + rng.normal(0, 90), fy + rng.normal(0, 90), r, r * rng.uniform(0.8, 1), rng.uniform(0, 3.15), FATCELL, irr=0.06)
+                ellipse(
+                    fx + rng.normal(0, 90),
+                    fy + rng.normal(0, 90),
+                    r,
+                    r * rng.uniform(0.8, 1),
+                    rng.uniform(0, 3.15),
+                    FATCELL,
+                    irr=0.06,
+                )
         e = np.array(ell, dtype=np.float64).reshape(-1, 12)
         e = e[np.argsort(e[:, 5], kind="stable")]
         return e, np.array(cap, dtype=np.float64).reshape(-1, 7)
@@ -193,8 +274,12 @@ class VirtualSlide:
         c = self.capsules
         if len(c):
             reach = c[:, 4] + c[:, 5]
-            keep = ((np.maximum(c[:, 0], c[:, 2]) + reach > x0) & (np.minimum(c[:, 0], c[:, 2]) - reach < x1)
-                    & (np.maximum(c[:, 1], c[:, 3]) + reach > y0) & (np.minimum(c[:, 1], c[:, 3]) - reach < y1))
+            keep = (
+                (np.maximum(c[:, 0], c[:, 2]) + reach > x0)
+                & (np.minimum(c[:, 0], c[:, 2]) - reach < x1)
+                & (np.maximum(c[:, 1], c[:, 3]) + reach > y0)
+                & (np.minimum(c[:, 1], c[:, 3]) - reach < y1)
+            )
             xs = x0 + np.arange(w) * step
             ys = (y0 + np.arange(h) * step)[:, None]
             for ax, ay, bx, by, core, band, kind in c[keep]:
@@ -217,8 +302,9 @@ class VirtualSlide:
         return out
 
     # ------------------------------------------------------------------ nuclei
-    def nuclei(self, x0: float, y0: float, x1: float, y1: float, regions: np.ndarray,
-               grid: tuple[float, float, float]) -> dict[str, np.ndarray]:
+    def nuclei(
+        self, x0: float, y0: float, x1: float, y1: float, regions: np.ndarray, grid: tuple[float, float, float]
+    ) -> dict[str, np.ndarray]:
         """Nuclei whose centres lie in [x0, x1) x [y0, y1): lattice sites thinned by tissue region."""
         s = self.spacing
         ix = np.arange(math.floor(x0 / s), math.ceil(x1 / s))
@@ -236,7 +322,14 @@ class VirtualSlide:
         site = s * s / 100.0  # sites per 100 um^2 -> probability
         density = np.zeros(8)
         density[[STROMA, EPI, LUMEN, MUCIN, FAT, TUMOR, MYO]] = [
-            p["stroma_density"], p["epi_density"], 0.01, 0.03, 0.0, p["epi_density"] * 1.1, 1.2]
+            p["stroma_density"],
+            p["epi_density"],
+            0.01,
+            0.03,
+            0.0,
+            p["epi_density"] * 1.1,
+            1.2,
+        ]
         prob = np.minimum(density[reg] * site, 0.92)
         tumor_like = np.isin(reg, (EPI, TUMOR))
         if self.style.layout == "rows":  # single-file rows of tumour cells running through the stroma
@@ -265,12 +358,23 @@ class VirtualSlide:
         r = np.where(myo, 3.5, r)
         aspect = np.where(myo, 2.5, aspect)
         k = keep & (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
-        return {"x": x[k], "y": y[k], "a": (r * np.sqrt(aspect))[k], "b": (r / np.sqrt(aspect))[k],
-                "angle": angle[k], "dark": dark[k]}
+        return {
+            "x": x[k],
+            "y": y[k],
+            "a": (r * np.sqrt(aspect))[k],
+            "b": (r / np.sqrt(aspect))[k],
+            "angle": angle[k],
+            "dark": dark[k],
+        }
 
     # ------------------------------------------------------------------ rendering
-    def render(self, field: tuple[float, float, float, float], out_size: tuple[int, int],
-               rng: np.random.Generator, supersample: int | None = None) -> np.ndarray:
+    def render(
+        self,
+        field: tuple[float, float, float, float],
+        out_size: tuple[int, int],
+        rng: np.random.Generator,
+        supersample: int | None = None,
+    ) -> np.ndarray:
         """Render the field (x, y, width, height in um) as an HxWx3 uint8 image of ``out_size`` = (W, H).
 
         Fields with pixels coarser than 2 um are supersampled 2x so that sub-pixel nuclei average out.
@@ -285,7 +389,7 @@ class VirtualSlide:
         gx0, gy0 = fx - mpx * step + step / 2, fy - mpx * step + step / 2
         reg = self.regions(gx0, gy0, step, (gh + 2 * mpx, gw + 2 * mpx))
         nuc = self.nuclei(fx - margin, fy - margin, fx + fw + margin, fy + fh + margin, reg, (gx0, gy0, step))
-        reg = reg[mpx:mpx + gh, mpx:mpx + gw]
+        reg = reg[mpx : mpx + gh, mpx : mpx + gw]
         # textures at output resolution (they vary slowly), then repeated onto the supersampled grid
         ostep = fw / W
         xs = fx + (np.arange(W) + 0.5) * ostep
@@ -304,8 +408,13 @@ class VirtualSlide:
         se = p["stroma_eosin"]
         E[reg == STROMA] = (se * (0.45 + 0.7 * fibres + 0.3 * patchy))[reg == STROMA]
         Hc[reg == STROMA] = 0.13
-        for region, e_val, h_val in ((EPI, 0.3, 0.22), (TUMOR, 0.26, 0.26), (MYO, 0.36, 0.16),
-                                     (LUMEN, 0.02, 0.01), (FAT, 0.0, 0.0)):
+        for region, e_val, h_val in (
+            (EPI, 0.3, 0.22),
+            (TUMOR, 0.26, 0.26),
+            (MYO, 0.36, 0.16),
+            (LUMEN, 0.02, 0.01),
+            (FAT, 0.0, 0.0),
+        ):
             m = reg == region
             E[m] = e_val * (0.85 + 0.3 * patchy[m])
             Hc[m] = h_val
@@ -325,8 +434,9 @@ class VirtualSlide:
         img += rng.normal(0, self.noise, img.shape)
         return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
-    def _stamp_nuclei(self, Hc: np.ndarray, E: np.ndarray, nuc: dict, fx: float, fy: float, step: float,
-                      rng: np.random.Generator) -> None:
+    def _stamp_nuclei(
+        self, Hc: np.ndarray, E: np.ndarray, nuc: dict, fx: float, fy: float, step: float, rng: np.random.Generator
+    ) -> None:
         """Add each nucleus as a soft-edged ellipse with chromatin texture to the hematoxylin map."""
         if not len(nuc["x"]):
             return

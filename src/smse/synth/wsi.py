@@ -29,10 +29,13 @@ CHUNK = 512  # level-0 pixels rendered at a time
 TIFF_TILE = 256
 
 
-def aperio_description(width: int, height: int, mpp: float | None, objective: float | None,
-                       extra: dict[str, str] | None = None) -> str:
+def aperio_description(
+    width: int, height: int, mpp: float | None, objective: float | None, extra: dict[str, str] | None = None
+) -> str:
     """An Aperio ImageDescription: OpenSlide and tiffslide read ``MPP`` and ``AppMag`` from it."""
-    fields = [f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({TIFF_TILE}x{TIFF_TILE}) RAW"]
+    fields = [
+        f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({TIFF_TILE}x{TIFF_TILE}) RAW"
+    ]
     if objective is not None:
         fields.append(f"AppMag = {objective:g}")
     if mpp is not None:
@@ -41,8 +44,15 @@ def aperio_description(width: int, height: int, mpp: float | None, objective: fl
     return "|".join(fields)
 
 
-def write_pyramid(path: str | os.PathLike, image: np.ndarray, mpp: float | None, objective: float | None = None,
-                  extra: dict[str, str] | None = None, factor: int = 4, min_side: int = 128) -> Path:
+def write_pyramid(
+    path: str | os.PathLike,
+    image: np.ndarray,
+    mpp: float | None,
+    objective: float | None = None,
+    extra: dict[str, str] | None = None,
+    factor: int = 4,
+    min_side: int = 128,
+) -> Path:
     """Write an HxWx3 uint8 image as a tiled, deflate-compressed pyramidal TIFF laid out like an Aperio SVS.
 
     Pages: level 0 (tiled), a thumbnail (stripped), then levels reduced ``factor`` times while their
@@ -60,12 +70,17 @@ def write_pyramid(path: str | os.PathLike, image: np.ndarray, mpp: float | None,
     kwargs = {"compression": "zlib", "photometric": "rgb", "metadata": None}
     header = f"Aperio Image Library v12.0.15 \r\n{w}x{h} -> "
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as tiff:
-        tiff.write(levels[0], tile=(TIFF_TILE, TIFF_TILE), description=aperio_description(w, h, mpp, objective, extra),
-                   **kwargs)
+        tiff.write(
+            levels[0],
+            tile=(TIFF_TILE, TIFF_TILE),
+            description=aperio_description(w, h, mpp, objective, extra),
+            **kwargs,
+        )
         tiff.write(np.asarray(thumb), description=f"{header}{thumb.width}x{thumb.height}", **kwargs)
         for level in levels[1:]:
-            tiff.write(level, tile=(TIFF_TILE, TIFF_TILE), description=f"{header}{level.shape[1]}x{level.shape[0]}",
-                       **kwargs)
+            tiff.write(
+                level, tile=(TIFF_TILE, TIFF_TILE), description=f"{header}{level.shape[1]}x{level.shape[0]}", **kwargs
+            )
     return Path(path)
 
 
@@ -124,8 +139,13 @@ class SynthSlide:
         return VirtualSlide(self.tumor_type, self.seed, size=(self.size[0] * self.mpp, self.size[1] * self.mpp))
 
 
-def plan_slides(n: int, seed: int = 0, size: tuple[int, int] = DEFAULT_SIZE, mpp: float = DEFAULT_MPP,
-                proportions: str | None = None) -> list[SynthSlide]:
+def plan_slides(
+    n: int,
+    seed: int = 0,
+    size: tuple[int, int] = DEFAULT_SIZE,
+    mpp: float = DEFAULT_MPP,
+    proportions: str | None = None,
+) -> list[SynthSlide]:
     """``n`` slides, one per patient, with 1-3 pieces of tissue each.
 
     Slides are benign and malignant in turn (where ``proportions`` allows both classes); within a
@@ -157,10 +177,18 @@ def plan_slides(n: int, seed: int = 0, size: tuple[int, int] = DEFAULT_SIZE, mpp
         blobs = []
         for _ in range(int(blob_rng.integers(1, 4))):
             a, b = w * blob_rng.uniform(0.18, 0.3), h * blob_rng.uniform(0.22, 0.36)
-            blobs.append((float(blob_rng.uniform(0.3 * w, 0.7 * w)), float(blob_rng.uniform(0.3 * h, 0.7 * h)),
-                          float(a), float(b), float(blob_rng.uniform(0, math.pi))))
-        out.append(SynthSlide(f"14-{numbers[i]}", tumor_type, CLASS_FOLDERS[cls], slide_seed, tuple(size), mpp,
-                              tuple(blobs)))
+            blobs.append(
+                (
+                    float(blob_rng.uniform(0.3 * w, 0.7 * w)),
+                    float(blob_rng.uniform(0.3 * h, 0.7 * h)),
+                    float(a),
+                    float(b),
+                    float(blob_rng.uniform(0, math.pi)),
+                )
+            )
+        out.append(
+            SynthSlide(f"14-{numbers[i]}", tumor_type, CLASS_FOLDERS[cls], slide_seed, tuple(size), mpp, tuple(blobs))
+        )
     return out
 
 
@@ -182,7 +210,7 @@ def render_slide(slide: SynthSlide) -> np.ndarray:
                 continue
             field = (x0 * slide.mpp, y0 * slide.mpp, cw * slide.mpp, ch * slide.mpp)
             tissue = virtual.render(field, (cw, ch), rng).astype(np.float32)
-            view = image[y0:y0 + ch, x0:x0 + cw]
+            view = image[y0 : y0 + ch, x0 : x0 + cw]
             view[:] = (alpha[..., None] * tissue + (1 - alpha[..., None]) * view + 0.5).astype(np.uint8)
     return image
 
@@ -193,8 +221,15 @@ def write_slide(slide: SynthSlide, folder: Path) -> Path:
     return write_pyramid(folder / f"{slide.name}.tiff", render_slide(slide), slide.mpp, slide.objective, extra)
 
 
-def generate_slides(out: str | os.PathLike, patients: int = 8, seed: int = 0, size: tuple[int, int] = DEFAULT_SIZE,
-                    mpp: float = DEFAULT_MPP, proportions: str | None = None, workers: int | None = None) -> Path:
+def generate_slides(
+    out: str | os.PathLike,
+    patients: int = 8,
+    seed: int = 0,
+    size: tuple[int, int] = DEFAULT_SIZE,
+    mpp: float = DEFAULT_MPP,
+    proportions: str | None = None,
+    workers: int | None = None,
+) -> Path:
     """Write ``patients`` synthetic slides under ``out/slides``, ``out/labels.csv`` and ``out/smse-synth-wsi.json``.
 
     ``labels.csv`` (slide, label, patient, tumor_type) is what ``smse tiles --labels`` reads; the
@@ -211,20 +246,36 @@ def generate_slides(out: str | os.PathLike, patients: int = 8, seed: int = 0, si
     else:
         for s in plan:
             write_slide(s, folder)
-    write_csv(root / "labels.csv", ["slide", "label", "patient", "tumor_type"],
-              ([s.name, s.label, s.name, s.tumor_type] for s in plan))
-    write_json(root / "smse-synth-wsi.json", {"generator": "smse synth --wsi", "seed": seed, "patients": patients,
-                                              "size": list(size), "mpp": mpp, "proportions": proportions or "breakhis",
-                                              "units": {"size": "pixels at level 0 (width, height)",
-                                                        "mpp": "micrometres per level-0 pixel",
-                                                        "blobs": "micrometres from the slide's top-left corner: "
-                                                                 "centre x, centre y, semi-axes a, b; angle in radians"},
-                                              "slides": [asdict(s) for s in plan]})
+    write_csv(
+        root / "labels.csv",
+        ["slide", "label", "patient", "tumor_type"],
+        ([s.name, s.label, s.name, s.tumor_type] for s in plan),
+    )
+    write_json(
+        root / "smse-synth-wsi.json",
+        {
+            "generator": "smse synth --wsi",
+            "seed": seed,
+            "patients": patients,
+            "size": list(size),
+            "mpp": mpp,
+            "proportions": proportions or "breakhis",
+            "units": {
+                "size": "pixels at level 0 (width, height)",
+                "mpp": "micrometres per level-0 pixel",
+                "blobs": "micrometres from the slide's top-left corner: "
+                "centre x, centre y, semi-axes a, b; angle in radians",
+            },
+            "slides": [asdict(s) for s in plan],
+        },
+    )
     return root
 
 
 def load_slides(root: str | os.PathLike) -> list[SynthSlide]:
     """The slides described by ``root/smse-synth-wsi.json`` (to check tiles against the known tissue)."""
     meta = json.loads((Path(root) / "smse-synth-wsi.json").read_text())
-    return [SynthSlide(**{**s, "size": tuple(s["size"]), "blobs": tuple(tuple(b) for b in s["blobs"])})
-            for s in meta["slides"]]
+    return [
+        SynthSlide(**{**s, "size": tuple(s["size"]), "blobs": tuple(tuple(b) for b in s["blobs"])})
+        for s in meta["slides"]
+    ]

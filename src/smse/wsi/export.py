@@ -7,10 +7,10 @@ import io
 import logging
 import os
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image
 
@@ -112,9 +112,16 @@ def _labels_for(paths: Sequence[Path], labels: dict[str, SlideLabel] | None) -> 
     return {p: labels.get(p.stem) or labels[p.name] for p in paths}
 
 
-def write_tiles(slides: Sequence[str | os.PathLike], out: str | os.PathLike, spec: TileSpec = TileSpec(),
-                labels: str | os.PathLike | dict[str, SlideLabel] | None = None, mpp: float | None = None,
-                backend: str | None = None, image_format: str = "jpg", progress: bool = True) -> TilingResult:
+def write_tiles(
+    slides: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    spec: TileSpec = TileSpec(),
+    labels: str | os.PathLike | dict[str, SlideLabel] | None = None,
+    mpp: float | None = None,
+    backend: str | None = None,
+    image_format: str = "jpg",
+    progress: bool = True,
+) -> TilingResult:
     """Cut every slide into concentric multi-magnification tiles under ``out``, and write the manifest.
 
     Layout: ``out/<slide>/<mag>X/<slide>_x<X>_y<Y>_<mag>X.<format>`` where (X, Y) is the location's
@@ -155,13 +162,22 @@ def write_tiles(slides: Sequence[str | os.PathLike], out: str | os.PathLike, spe
         for p in paths:
             with open_slide(p, backend, mpp) as slide:
                 plan = plan_tiles(slide, spec)
-                summary = {"slide": slide.name, **slide.describe(), "locations": len(plan), "grid_cells": plan.candidates,
-                           "sources": {mag_name(m): {"level": s.level, "scale": round(s.scale, 4)}
-                                       for m, s in plan.sources.items()}}
+                summary = {
+                    "slide": slide.name,
+                    **slide.describe(),
+                    "locations": len(plan),
+                    "grid_cells": plan.candidates,
+                    "sources": {
+                        mag_name(m): {"level": s.level, "scale": round(s.scale, 4)} for m, s in plan.sources.items()
+                    },
+                }
                 summaries.append(summary)
                 if not len(plan):
-                    log.warning("%s: no location with %.0f%% tissue at every magnification; no tiles",
-                                slide.path, 100 * spec.min_tissue)
+                    log.warning(
+                        "%s: no location with %.0f%% tissue at every magnification; no tiles",
+                        slide.path,
+                        100 * spec.min_tissue,
+                    )
                     continue
                 lab = label_of[p]
                 for mag in spec.magnifications:
@@ -175,15 +191,19 @@ def write_tiles(slides: Sequence[str | os.PathLike], out: str | os.PathLike, spe
         writer.close()
     if not rows:
         where = f"any of the {len(paths)} slides" if len(paths) > 1 else paths[0]
-        raise SlideError(f"no tissue found on {where} "
-                         f"(no location with {100 * spec.min_tissue:.0f}% tissue in every tile); "
-                         "check the slides or lower --min-tissue")
+        raise SlideError(
+            f"no tissue found on {where} "
+            f"(no location with {100 * spec.min_tissue:.0f}% tissue in every tile); "
+            "check the slides or lower --min-tissue"
+        )
     for summary in summaries:
         summary["labels"] = sorted({r[1] for r in rows if r[4] == summary["slide"]})
     manifest = out / "manifest.csv"
     write_csv(manifest, MANIFEST_COLUMNS, rows)
-    write_json(out / "tiles.json", {"tiling": {**spec.to_dict(), "format": image_format}, "tiles": len(rows),
-                                    "slides": summaries})
+    write_json(
+        out / "tiles.json",
+        {"tiling": {**spec.to_dict(), "format": image_format}, "tiles": len(rows), "slides": summaries},
+    )
     return TilingResult(manifest, len(rows), summaries)
 
 
@@ -202,11 +222,13 @@ def advice(result: TilingResult, spec: TileSpec) -> list[str]:
         fw, fh = spec.size[0] * mpp, spec.size[1] * mpp
         sizes = [(s["dimensions"][0] * s["mpp"], s["dimensions"][1] * s["mpp"]) for s in empty + few]
         sw, sh = min(w for w, _ in sizes), min(h for _, h in sizes)
-        out.append(f"{len(empty)} of {len(result.slides)} slides gave no tiles and {len(few)} fewer than {FEW_LOCATIONS} "
-                   f"locations: a {mag_name(spec.grid_magnification)} grid cell of {spec.size[0]}x{spec.size[1]} px covers "
-                   f"{fw:.0f}x{fh:.0f} um, and the smallest of these slides is {sw:.0f}x{sh:.0f} um; use smaller tiles "
-                   f"(--tile 192x128), a finer grid (--grid 100X), less tissue per tile (--min-tissue 0.3) or larger "
-                   "slides (smse synth --wsi --size 8000x6000)")
+        out.append(
+            f"{len(empty)} of {len(result.slides)} slides gave no tiles and {len(few)} fewer than {FEW_LOCATIONS} "
+            f"locations: a {mag_name(spec.grid_magnification)} grid cell of {spec.size[0]}x{spec.size[1]} px covers "
+            f"{fw:.0f}x{fh:.0f} um, and the smallest of these slides is {sw:.0f}x{sh:.0f} um; use smaller tiles "
+            f"(--tile 192x128), a finer grid (--grid 100X), less tissue per tile (--min-tissue 0.3) or larger "
+            "slides (smse synth --wsi --size 8000x6000)"
+        )
     labels = sorted({label for s in result.slides for label in s.get("labels", [])})
     if len(labels) == 1 and labels[0] != "unlabelled":
         out.append(f"every tile is {labels[0]!r}: smse train needs tiles of at least two classes")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -61,8 +62,9 @@ def _tiffslide() -> Backend:
     import tiffslide
 
     not_a_slide = (tifffile.TiffFileError, ValueError, KeyError, IndexError, NotImplementedError, OSError)
-    return Backend("tiffslide", tiffslide.TiffSlide, not_a_slide,
-                   lambda x, ds: math.ceil(x * ds))  # tiffslide truncates location / downsample
+    return Backend(
+        "tiffslide", tiffslide.TiffSlide, not_a_slide, lambda x, ds: math.ceil(x * ds)
+    )  # tiffslide truncates location / downsample
 
 
 #: backend name -> factory, in order of preference
@@ -162,11 +164,17 @@ class Slide:
             return (mpp_x + mpp_y) / 2, "metadata"
         if self.objective_power:
             mpp = MPP_TIMES_OBJECTIVE / self.objective_power
-            log.warning("%s: no microns per pixel in the metadata; taking %.3f from the %gx objective (10 / power)",
-                        self.path, mpp, self.objective_power)
+            log.warning(
+                "%s: no microns per pixel in the metadata; taking %.3f from the %gx objective (10 / power)",
+                self.path,
+                mpp,
+                self.objective_power,
+            )
             return mpp, "objective power"
-        raise SlideError(f"{self.path}: the slide's metadata gives neither microns per pixel nor objective power; "
-                         "give its resolution with --mpp (e.g. --mpp 0.25 for a scan with a 40x objective)")
+        raise SlideError(
+            f"{self.path}: the slide's metadata gives neither microns per pixel nor objective power; "
+            "give its resolution with --mpp (e.g. --mpp 0.25 for a scan with a 40x objective)"
+        )
 
     @property
     def level_count(self) -> int:
@@ -182,7 +190,7 @@ class Slide:
         return max(fine_enough, key=self.level_mpp) if fine_enough else 0
 
     def read_image(self, level: int, x: int, y: int, width: int, height: int) -> Image.Image:
-        """Pixels [x, x + width) x [y, y + height) of ``level`` (level coordinates) as an RGB image; outside is white."""
+        """Pixels [x, x + width) x [y, y + height) of ``level`` (level coordinates) as RGB; outside is white."""
         lw, lh = self.level_dimensions[level]
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, lw), min(y + height, lh)
         if (x0, y0, x1, y1) == (x, y, x + width, y + height):
@@ -217,8 +225,11 @@ class Slide:
             thumbnail pixel.
         """
         target = max(self.dimensions) / max_side
-        level = max((i for i in range(self.level_count) if self.level_downsamples[i] <= 2 * target),
-                    key=lambda i: self.level_downsamples[i], default=0)
+        level = max(
+            (i for i in range(self.level_count) if self.level_downsamples[i] <= 2 * target),
+            key=lambda i: self.level_downsamples[i],
+            default=0,
+        )
         factor = max(1, round(target / self.level_downsamples[level]))
         lw, lh = self.level_dimensions[level]
         rows = factor * max(1, BAND_PIXELS // (lw * factor))
@@ -230,15 +241,23 @@ class Slide:
 
     def describe(self) -> dict:
         """Size, levels and resolution, for logs and reports."""
-        return {"path": str(self.path), "backend": self.backend, "dimensions": list(self.dimensions),
-                "levels": [{"size": list(d), "downsample": round(ds, 4), "mpp": round(self.mpp * ds, 4)}
-                           for d, ds in zip(self.level_dimensions, self.level_downsamples)],
-                "mpp": round(self.mpp, 5), "mpp_source": self.mpp_source, "objective_power": self.objective_power}
+        return {
+            "path": str(self.path),
+            "backend": self.backend,
+            "dimensions": list(self.dimensions),
+            "levels": [
+                {"size": list(d), "downsample": round(ds, 4), "mpp": round(self.mpp * ds, 4)}
+                for d, ds in zip(self.level_dimensions, self.level_downsamples)
+            ],
+            "mpp": round(self.mpp, 5),
+            "mpp_source": self.mpp_source,
+            "objective_power": self.objective_power,
+        }
 
     def close(self) -> None:
         self._handle.close()
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -34,8 +34,12 @@ def tiling_of_run(model: Model) -> TileSpec:
     if root.suffix.lower() != ".csv" or not meta.is_file():
         return TileSpec()
     tiling = json.loads(meta.read_text())["tiling"]
-    return TileSpec(magnifications=tuple(tiling["magnifications"]), size=tuple(tiling["size"]), grid=tiling["grid"],
-                    min_tissue=tiling["min_tissue"])
+    return TileSpec(
+        magnifications=tuple(tiling["magnifications"]),
+        size=tuple(tiling["size"]),
+        grid=tiling["grid"],
+        min_tissue=tiling["min_tissue"],
+    )
 
 
 def _positive_class(model: Model, positive: str | None) -> str:
@@ -46,7 +50,9 @@ def _positive_class(model: Model, positive: str | None) -> str:
     return positive
 
 
-def classify_tiles(model: Model, plan: TilePlan, batch_size: int = 32, progress: bool = False) -> tuple[list, np.ndarray]:
+def classify_tiles(
+    model: Model, plan: TilePlan, batch_size: int = 32, progress: bool = False
+) -> tuple[list, np.ndarray]:
     """Every tile of ``plan`` classified, a batch at a time: [(x, y, magnification)] and probabilities [N, C]."""
     keys: list[tuple[int, int, int]] = []
     probs: list[np.ndarray] = []
@@ -122,38 +128,86 @@ def _page(result: dict, plan: TilePlan, location_prob: np.ndarray, heat: Path) -
     """The HTML page: score, heat map, the most suspicious locations at every magnification, slide facts."""
     slide = result["slide_info"]
     pos = result["positive"]
-    kpis = [(f"mean P({pos})", f"{result['mean_probability']:.3f}"),
-            (f"tiles with P({pos}) >= {result['threshold']:g}", f"{100 * result['share_above_threshold']:.1f}%"),
-            ("slide prediction (mean probabilities)", result["predicted"]),
-            ("tiles / locations", f"{result['tiles']} / {result['locations']}")]
+    kpis = [
+        (f"mean P({pos})", f"{result['mean_probability']:.3f}"),
+        (f"tiles with P({pos}) >= {result['threshold']:g}", f"{100 * result['share_above_threshold']:.1f}%"),
+        ("slide prediction (mean probabilities)", result["predicted"]),
+        ("tiles / locations", f"{result['tiles']} / {result['locations']}"),
+    ]
     mags = list(plan.sources)
     by_mag = {m: result["per_magnification"][mag_name(m)] for m in mags}
-    per_mag = [[mag_name(m), f"{by_mag[m]['mean_probability']:.3f}", f"{100 * by_mag[m]['share_above_threshold']:.1f}%",
-                plan.sources[m].level, f"{plan.sources[m].scale:.3g}"] for m in mags]
-    top = [{"centre": f"({int(plan.locations[i][0])}, {int(plan.locations[i][1])})", "p": f"{location_prob[i]:.3f}",
-            "tiles": [{"uri": _png(tile, 180), "alt": f"{mag_name(m)} tile"}
-                      for m, tile in plan.cut(tuple(int(v) for v in plan.locations[i])).items()]}
-           for i in np.argsort(-location_prob, kind="stable")[:TOP_LOCATIONS]]
+    per_mag = [
+        [
+            mag_name(m),
+            f"{by_mag[m]['mean_probability']:.3f}",
+            f"{100 * by_mag[m]['share_above_threshold']:.1f}%",
+            plan.sources[m].level,
+            f"{plan.sources[m].scale:.3g}",
+        ]
+        for m in mags
+    ]
+    top = [
+        {
+            "centre": f"({int(plan.locations[i][0])}, {int(plan.locations[i][1])})",
+            "p": f"{location_prob[i]:.3f}",
+            "tiles": [
+                {"uri": _png(tile, 180), "alt": f"{mag_name(m)} tile"}
+                for m, tile in plan.cut(tuple(int(v) for v in plan.locations[i])).items()
+            ],
+        }
+        for i in np.argsort(-location_prob, kind="stable")[:TOP_LOCATIONS]
+    ]
     levels = ", ".join(f"{lv['size'][0]}x{lv['size'][1]} ({lv['mpp']:g} um/px)" for lv in slide["levels"])
-    facts = [("file", slide["path"]), ("reader", slide["backend"]),
-             ("level 0", f"{slide['dimensions'][0]}x{slide['dimensions'][1]} px at {slide['mpp']:g} um/px "
-                         f"(from {slide['mpp_source']})"),
-             ("objective power", f"{slide['objective_power']:g}x" if slide["objective_power"] else "not recorded"),
-             ("levels", levels), ("model", f"{result['run']} (classes {', '.join(result['classes'])})"),
-             ("tiling", f"{plan.spec.size[0]}x{plan.spec.size[1]} px tiles at {', '.join(mag_name(m) for m in mags)}; "
-                        f"one location per {mag_name(plan.spec.grid_magnification)} field with at least "
-                        f"{100 * plan.spec.min_tissue:.0f}% tissue in every tile")]
-    return render("slide.html.j2", title=f"smse slide: {result['slide']}", heading=f"smse slide: {result['slide']}",
-                  subtitle=f"{result['locations']} tissue locations, {result['tiles']} tiles, classified by {result['run']}",
-                  kpis=kpis, tiles=result["tiles"], heatmap=png_uri(heat.read_bytes()), positive=pos,
-                  threshold=f"{result['threshold']:g}", per_magnification=per_mag, top=top,
-                  magnifications=[mag_name(m) for m in mags], facts=facts)
+    facts = [
+        ("file", slide["path"]),
+        ("reader", slide["backend"]),
+        (
+            "level 0",
+            f"{slide['dimensions'][0]}x{slide['dimensions'][1]} px at {slide['mpp']:g} um/px "
+            f"(from {slide['mpp_source']})",
+        ),
+        ("objective power", f"{slide['objective_power']:g}x" if slide["objective_power"] else "not recorded"),
+        ("levels", levels),
+        ("model", f"{result['run']} (classes {', '.join(result['classes'])})"),
+        (
+            "tiling",
+            f"{plan.spec.size[0]}x{plan.spec.size[1]} px tiles at {', '.join(mag_name(m) for m in mags)}; "
+            f"one location per {mag_name(plan.spec.grid_magnification)} field with at least "
+            f"{100 * plan.spec.min_tissue:.0f}% tissue in every tile",
+        ),
+    ]
+    return render(
+        "slide.html.j2",
+        title=f"smse slide: {result['slide']}",
+        heading=f"smse slide: {result['slide']}",
+        subtitle=f"{result['locations']} tissue locations, {result['tiles']} tiles, classified by {result['run']}",
+        kpis=kpis,
+        tiles=result["tiles"],
+        heatmap=png_uri(heat.read_bytes()),
+        positive=pos,
+        threshold=f"{result['threshold']:g}",
+        per_magnification=per_mag,
+        top=top,
+        magnifications=[mag_name(m) for m in mags],
+        facts=facts,
+    )
 
 
-def predict_slide(run: str | os.PathLike, slide_path: str | os.PathLike, out: str | os.PathLike | None = None,
-                  spec: TileSpec | None = None, overrides: dict | None = None, threshold: float = 0.5,
-                  positive: str | None = None, mpp: float | None = None, backend: str | None = None,
-                  batch_size: int = 32, which: str = "best", device: str = "auto", progress: bool = True) -> dict:
+def predict_slide(
+    run: str | os.PathLike,
+    slide_path: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    spec: TileSpec | None = None,
+    overrides: dict | None = None,
+    threshold: float = 0.5,
+    positive: str | None = None,
+    mpp: float | None = None,
+    backend: str | None = None,
+    batch_size: int = 32,
+    which: str = "best",
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
     """Tile a slide, classify every tile, and write ``tiles.csv``, ``score.json``, ``heatmap.png`` and ``report.html``.
 
     Args:
@@ -179,28 +233,46 @@ def predict_slide(run: str | os.PathLike, slide_path: str | os.PathLike, out: st
         out = writable_folder(out if out is not None else f"{slide.name}-prediction", "--out")
         plan = plan_tiles(slide, spec)
         if not len(plan):
-            raise SlideError(f"{slide.path}: no tissue found (no location with {100 * spec.min_tissue:.0f}% tissue "
-                             "in every tile); check the slide or lower --min-tissue")
+            raise SlideError(
+                f"{slide.path}: no tissue found (no location with {100 * spec.min_tissue:.0f}% tissue "
+                "in every tile); check the slide or lower --min-tissue"
+            )
         keys, probs = classify_tiles(model, plan, batch_size, progress)
         col = model.classes.index(positive)
         p_pos = probs[:, col]
         mags = np.array([k[2] for k in keys])
         location_prob = p_pos.reshape(len(plan), len(plan.sources)).mean(axis=1)
         result = {
-            "slide": slide.name, "run": str(run), "classes": list(model.classes), "positive": positive,
-            "threshold": threshold, "mean_probability": float(p_pos.mean()),
+            "slide": slide.name,
+            "run": str(run),
+            "classes": list(model.classes),
+            "positive": positive,
+            "threshold": threshold,
+            "mean_probability": float(p_pos.mean()),
             "share_above_threshold": float((p_pos >= threshold).mean()),
             "predicted": model.classes[int(probs.mean(axis=0).argmax())],
             "mean_probabilities": {c: float(v) for c, v in zip(model.classes, probs.mean(axis=0))},
-            "per_magnification": {mag_name(m): {"mean_probability": float(p_pos[mags == m].mean()),
-                                                "share_above_threshold": float((p_pos[mags == m] >= threshold).mean())}
-                                  for m in plan.sources},
-            "tiles": len(keys), "locations": len(plan), "tiling": spec.to_dict(), "slide_info": slide.describe(),
+            "per_magnification": {
+                mag_name(m): {
+                    "mean_probability": float(p_pos[mags == m].mean()),
+                    "share_above_threshold": float((p_pos[mags == m] >= threshold).mean()),
+                }
+                for m in plan.sources
+            },
+            "tiles": len(keys),
+            "locations": len(plan),
+            "tiling": spec.to_dict(),
+            "slide_info": slide.describe(),
         }
-        write_csv(out / "tiles.csv", ["slide", "x", "y", "magnification", *(f"p_{c}" for c in model.classes)],
-                  ([slide.name, x, y, m, *(f"{v:.6f}" for v in row)] for (x, y, m), row in zip(keys, probs)))
-        title = (f"{slide.name}: mean P({positive}) {result['mean_probability']:.3f}, "
-                 f"{100 * result['share_above_threshold']:.0f}% of {len(keys)} tiles >= {threshold:g}")
+        write_csv(
+            out / "tiles.csv",
+            ["slide", "x", "y", "magnification", *(f"p_{c}" for c in model.classes)],
+            ([slide.name, x, y, m, *(f"{v:.6f}" for v in row)] for (x, y, m), row in zip(keys, probs)),
+        )
+        title = (
+            f"{slide.name}: mean P({positive}) {result['mean_probability']:.3f}, "
+            f"{100 * result['share_above_threshold']:.0f}% of {len(keys)} tiles >= {threshold:g}"
+        )
         heat = heat_map(plan, location_prob, positive, title, out / "heatmap.png")
         write_text(out / "report.html", _page(result, plan, location_prob, heat))
     result["files"] = {name: str(out / name) for name in ("tiles.csv", "heatmap.png", "report.html", "score.json")}

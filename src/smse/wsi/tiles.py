@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -63,8 +63,14 @@ class TileSpec:
         return self.grid or min(self.magnifications)
 
     def to_dict(self) -> dict:
-        return {"magnifications": list(self.magnifications), "size": list(self.size), "grid": self.grid_magnification,
-                "min_tissue": self.min_tissue, "max_locations": self.max_locations, "seed": self.seed}
+        return {
+            "magnifications": list(self.magnifications),
+            "size": list(self.size),
+            "grid": self.grid_magnification,
+            "min_tissue": self.min_tissue,
+            "max_locations": self.max_locations,
+            "seed": self.seed,
+        }
 
 
 def parse_magnifications(text: str) -> tuple[int, ...]:
@@ -103,13 +109,21 @@ def sources(slide: Slide, spec: TileSpec) -> dict[int, Source]:
         level = slide.best_level(mpp)
         out[mag] = Source(mag, mpp, level, mpp / slide.level_mpp(level), (w * mpp / slide.mpp, h * mpp / slide.mpp))
         if out[mag].scale < 1.0 - 0.05:  # finer than the scan: pixels are invented, not seen
-            log.warning("%s: %dX tiles (%.3g um/px) are enlarged %.2gx from the scan's finest %.3g um/px; they hold no "
-                        "more detail than the scan", slide.name, mag, mpp, 1 / out[mag].scale, slide.mpp)
+            log.warning(
+                "%s: %dX tiles (%.3g um/px) are enlarged %.2gx from the scan's finest %.3g um/px; they hold no "
+                "more detail than the scan",
+                slide.name,
+                mag,
+                mpp,
+                1 / out[mag].scale,
+                slide.mpp,
+            )
     return out
 
 
-def window(slide: Slide, source: Source, centre: tuple[float, float],
-           size: tuple[int, int]) -> tuple[tuple[int, int, int, int], tuple[float, float, float, float] | None]:
+def window(
+    slide: Slide, source: Source, centre: tuple[float, float], size: tuple[int, int]
+) -> tuple[tuple[int, int, int, int], tuple[float, float, float, float] | None]:
     """Where the tile of ``source`` centred on the level-0 point ``centre`` is read from.
 
     Returns the region (x, y, width, height) of ``source.level`` to read, and the sub-pixel box
@@ -143,7 +157,13 @@ def resample(image: Image.Image, box: tuple[float, float, float, float] | None, 
     if box is None:
         return image
     k = (box[2] - box[0]) / size[0]
-    if k >= 2 and _integral(k) and _integral((box[3] - box[1]) / size[1] - k) and _integral(box[0]) and _integral(box[1]):
+    if (
+        k >= 2
+        and _integral(k)
+        and _integral((box[3] - box[1]) / size[1] - k)
+        and _integral(box[0])
+        and _integral(box[1])
+    ):
         x0, y0, k = round(box[0]), round(box[1]), round(k)
         return image.reduce(k, box=(x0, y0, x0 + k * size[0], y0 + k * size[1]))
     return image.resize(size, Image.Resampling.BILINEAR, box=box)
@@ -191,7 +211,9 @@ class TilePlan:
 
     def cut(self, centre: tuple[float, float]) -> dict[int, np.ndarray]:
         """The tiles of every magnification at ``centre``, as HxWx3 uint8 arrays."""
-        return {mag: np.asarray(resample(region, box, self.spec.size)) for mag, (region, box) in self.read(centre).items()}
+        return {
+            mag: np.asarray(resample(region, box, self.spec.size)) for mag, (region, box) in self.read(centre).items()
+        }
 
     def read(self, centre: tuple[float, float]) -> dict[int, tuple[Image.Image, tuple | None]]:
         """The regions the tiles at ``centre`` are cut from, with their boxes: ``resample`` finishes each tile.
@@ -213,8 +235,9 @@ class TilePlan:
 
     def centres(self, progress: bool = False) -> Iterator[tuple[int, int]]:
         """The locations' level-0 centres, with a progress bar when asked."""
-        for x, y in report_progress(self.locations, desc=f"tiling {self.slide.name}", unit="locations",
-                                    enabled=progress):
+        for x, y in report_progress(
+            self.locations, desc=f"tiling {self.slide.name}", unit="locations", enabled=progress
+        ):
             yield int(x), int(y)
 
     def tiles(self, progress: bool = False) -> Iterator[tuple[tuple[int, int], dict[int, np.ndarray]]]:
@@ -250,5 +273,6 @@ def plan_tiles(slide: Slide, spec: TileSpec, thumbnail_side: int = 1024) -> Tile
     if spec.max_locations is not None and len(keep) > spec.max_locations:
         rng = np.random.default_rng(spec.seed)
         keep = np.sort(rng.choice(keep, spec.max_locations, replace=False))
-    return TilePlan(slide, spec, src, centres[keep].reshape(-1, 2), fraction[keep], tissue, thumbnail, (cw, ch),
-                    len(centres))
+    return TilePlan(
+        slide, spec, src, centres[keep].reshape(-1, 2), fraction[keep], tissue, thumbnail, (cw, ch), len(centres)
+    )

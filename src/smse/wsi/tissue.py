@@ -33,7 +33,7 @@ def otsu_threshold(values: np.ndarray) -> float:
 
 
 def _disk(radius: int) -> np.ndarray:
-    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return xx * xx + yy * yy <= radius * radius
 
 
@@ -75,5 +75,5 @@ class TissueMap:
         c0, c1, r0, r1 = to(x0, w), to(x1, w), to(y0, h), to(y1, h)
         s = self._integral
         inside = s[r1, c1] - s[r0, c1] - s[r1, c0] + s[r0, c0]
-        area = np.maximum((np.asarray(x1, float) - x0) * (np.asarray(y1, float) - y0) / self.scale ** 2, 1e-9)
+        area = np.maximum((np.asarray(x1, float) - x0) * (np.asarray(y1, float) - y0) / self.scale**2, 1e-9)
         return np.clip(inside / area, 0.0, 1.0)
