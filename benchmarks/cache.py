@@ -5,6 +5,7 @@ Run: python benchmarks/cache.py   (uses ../shared/data/breakhis-sample when pres
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
@@ -19,11 +20,14 @@ from smse.data.images import ImageCache, load_resized  # noqa: E402
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=None, help="time only the first N images")
+    args = parser.parse_args()
     files = (
         list(iter_image_files(SAMPLE))
         if SAMPLE.exists()
         else list(iter_image_files(synthetic_set(8, 4, size=(700, 460))))
-    )
+    )[: args.limit]
     size = (224, 336)
     cache_root = Path(tempfile.mkdtemp())
     cache = ImageCache(cache_root, size)

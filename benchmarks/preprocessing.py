@@ -14,6 +14,7 @@ Run: python benchmarks/preprocessing.py
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from datetime import date
@@ -77,6 +78,7 @@ def features(model, records, size, scaling, cache_dir: Path) -> np.ndarray:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     if not (SAMPLE / "BreaKHis_v1").is_dir():
         sys.exit(f"the real sample is not at {SAMPLE}")
     cache_dir = OUT / "cache"

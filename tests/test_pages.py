@@ -5,10 +5,20 @@ import pytest
 
 from smse.report.pages import png_uri, render
 
-SLIDE = dict(title="t", heading="h", subtitle="s", kpis=[("k", "v")], tiles=3, heatmap=png_uri(b"\x89PNG"),
-             positive="malignant", threshold="0.5", per_magnification=[["40X", "0.5", "10%", 0, "1"]],
-             top=[{"centre": "(1, 2)", "p": "0.9", "tiles": [{"uri": None, "alt": "40X tile"}]}],
-             magnifications=["40X"], facts=[("file", "a.svs")])
+SLIDE = dict(
+    title="t",
+    heading="h",
+    subtitle="s",
+    kpis=[("k", "v")],
+    tiles=3,
+    heatmap=png_uri(b"\x89PNG"),
+    positive="malignant",
+    threshold="0.5",
+    per_magnification=[["40X", "0.5", "10%", 0, "1"]],
+    top=[{"centre": "(1, 2)", "p": "0.9", "tiles": [{"uri": None, "alt": "40X tile"}]}],
+    magnifications=["40X"],
+    facts=[("file", "a.svs")],
+)
 
 
 def test_a_value_that_looks_like_markup_is_escaped():

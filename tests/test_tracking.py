@@ -16,8 +16,9 @@ def tracked_run(synth_data, tmp_path_factory):
     pytest.importorskip("mlflow", reason="MLflow not installed (pip install 'smse[mlflow]')")
     base = tmp_path_factory.mktemp("tracked")
     uri = f"sqlite:///{base / 'mlflow.db'}"
-    cfg = tiny_config(synth_data, base / "run", "log.tensorboard=true", f"log.mlflow={uri}",
-                      "data.split.val_fraction=0.2")
+    cfg = tiny_config(
+        synth_data, base / "run", "log.tensorboard=true", f"log.mlflow={uri}", "data.split.val_fraction=0.2"
+    )
     run, metrics = run_pipeline(cfg, report=False, progress=False)
     return run, metrics, uri
 
@@ -62,8 +63,12 @@ def test_mlflow_holds_the_params_every_epoch_the_test_metrics_and_the_checkpoint
     assert found.data.params["model.backbone"] == "paper-cnn" and found.info.status == "FINISHED"
     history = files.read_history()
     steps = client.get_metric_history(ids["mlflow_run"], "loss_total")
-    assert sorted((m.step, round(m.value, 5)) for m in steps) == [(r["epoch"], round(r["loss_total"], 5)) for r in history]
-    assert found.data.metrics["test/head/all/patient_accuracy"] == pytest.approx(metrics["head"]["all"]["patient_accuracy"])
+    assert sorted((m.step, round(m.value, 5)) for m in steps) == [
+        (r["epoch"], round(r["loss_total"], 5)) for r in history
+    ]
+    assert found.data.metrics["test/head/all/patient_accuracy"] == pytest.approx(
+        metrics["head"]["all"]["patient_accuracy"]
+    )
     assert [a.path for a in client.list_artifacts(ids["mlflow_run"], "checkpoints")] == ["checkpoints/best.safetensors"]
 
     # a second evaluation logs to the same MLflow run

