@@ -257,7 +257,7 @@ class ReferenceIndex:
     def __init__(self, embeddings: np.ndarray, backend: str = "torch", **metadata: np.ndarray):
         self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         n = len(self.embeddings)
-        self.metadata = {}
+        self.metadata: dict[str, np.ndarray] = {}
         for name in self.FIELDS:
             values = metadata.get(name)
             default = np.zeros(n, np.int64) if name == "magnifications" else np.full(n, "", dtype=object)
@@ -332,7 +332,7 @@ class ReferenceIndex:
             kth = dist[:, min(OOD_K, dist.shape[1]) - 1] if dist.shape[1] else np.zeros(len(queries))
             ood = kth > threshold if dist.shape[1] and threshold is not None else np.zeros(len(queries), bool)
             dist, idx = dist[:, :k], idx[:, :k]
-        return Hits(dist, idx, *(self.metadata[name][idx] for name in self.FIELDS), out_of_distribution=ood)
+        return Hits(dist, idx, **{name: self.metadata[name][idx] for name in self.FIELDS}, out_of_distribution=ood)
 
 
 def build_reference(run: str | os.PathLike, model: Model | None = None, which: str = "best") -> Path:

@@ -45,7 +45,7 @@ def patient_folds(
 
 
 def out_of_fold(
-    probe, features: np.ndarray, y: np.ndarray, patients: Sequence[str], plan: list[list[set[str]]]
+    probe, features: np.ndarray, y: np.ndarray, patients: Sequence[str] | np.ndarray, plan: list[list[set[str]]]
 ) -> list[np.ndarray]:
     """Out-of-fold probabilities of class 1 per repeat of ``plan``: each fold's probe is fit on every
     patient outside the fold (``probe``: ``linear_probe``, ``knn_probe``, ``tuned_linear_probe`` or one of their
@@ -72,7 +72,7 @@ def linear_probe(
     y_train: np.ndarray,
     x_test: np.ndarray,
     c: float = PROBE_C,
-    groups: Sequence[str] | None = None,
+    groups: Sequence[str] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Class probabilities of a logistic regression on standardised features (columns: sorted classes);
     ``groups`` (the training patients) is the probes' common signature, unused here."""
@@ -86,7 +86,11 @@ def linear_probe(
 
 
 def knn_probe(
-    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: int = 5, groups: Sequence[str] | None = None
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    k: int = 5,
+    groups: Sequence[str] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Class probabilities of a cosine k-nearest-neighbour vote on standardised features (``groups`` unused)."""
     from sklearn.neighbors import KNeighborsClassifier
@@ -100,7 +104,7 @@ def knn_probe(
 def choose_probe_c(
     x: np.ndarray,
     y: np.ndarray,
-    groups: Sequence[str],
+    groups: Sequence[str] | np.ndarray,
     grid: Sequence[float] = PROBE_C_GRID,
     folds: int = 4,
     seed: int = 0,
@@ -140,7 +144,7 @@ def tuned_linear_probe(
     x_train: np.ndarray,
     y_train: np.ndarray,
     x_test: np.ndarray,
-    groups: Sequence[str],
+    groups: Sequence[str] | np.ndarray,
     grid: Sequence[float] = PROBE_C_GRID,
 ) -> np.ndarray:
     """``linear_probe`` with C chosen by patient-grouped cross-validation on the training patients only

@@ -66,14 +66,16 @@ def build_model(cfg: Config, num_classes: int, pretrained: bool | None = None) -
         m.checkpoint_path if pretrained is not False else None,
     )
     size = tuple(cfg.data.image_size)
-    if backbone.fixed_input_size and size != backbone.input_size:
+    native = backbone.input_size
+    if backbone.fixed_input_size and size != native:
+        if native is None:
+            raise ConfigError(f"model.backbone: {m.backbone} takes a fixed input size only, but does not say which")
         raise ConfigError(
-            f"data.image_size: {m.backbone} takes {backbone.input_size[0]}x{backbone.input_size[1]} "
-            f"images only, not {size[0]}x{size[1]}; set data.image_size=[{backbone.input_size[0]}, "
-            f"{backbone.input_size[1]}]"
+            f"data.image_size: {m.backbone} takes {native[0]}x{native[1]} images only, not {size[0]}x{size[1]}; "
+            f"set data.image_size=[{native[0]}, {native[1]}]"
         )
-    if backbone.input_size and size != backbone.input_size:
-        log.info("%s: native input %s, images resized to %s", m.backbone, backbone.input_size, size)
+    if native and size != native:
+        log.info("%s: native input %s, images resized to %s", m.backbone, native, size)
     heads = Heads(
         backbone.num_features,
         m.embedding_dim,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Protocol, cast
 
 import typer
 
@@ -234,7 +235,8 @@ def demo(
     from smse.pipeline import run_pipeline
 
     run, result = run_pipeline(_config("demo", overrides))
-    _print_results(run, result)
+    if result is not None:  # None on the other processes of a distributed run: only the main one evaluates
+        _print_results(run, result)
     typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s")
     typer.echo(f"data: {data}\nrun: {run} (best.safetensors, history.json, eval/)")
 
@@ -478,6 +480,16 @@ def predict_slide(
         typer.echo(f"{name}: {path}")
 
 
+class _UsageError(Protocol):
+    """What main() uses of a click usage error (click's own, or typer's copy of click's: no common base class)."""
+
+    exit_code: int
+
+    def format_message(self) -> str: ...
+
+    def show(self) -> None: ...
+
+
 def main() -> None:
     """Entry point: project and usage errors become one ``error:`` line and exit code 2; Ctrl-C exits with 130."""
     try:
@@ -490,13 +502,14 @@ def main() -> None:
     except Exception as exc:
         if not hasattr(exc, "format_message"):  # not one of click's (or typer's copy of click's) usage errors
             raise
+        usage = cast(_UsageError, exc)
         if type(exc).__name__ == "NoArgsIsHelpError":  # a bare command group: its help is the answer
-            exc.show()
+            usage.show()
         else:
             ctx = getattr(exc, "ctx", None)
             see = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
-            typer.echo(f"error: {exc.format_message()}{see}", err=True)
-        sys.exit(exc.exit_code)
+            typer.echo(f"error: {usage.format_message()}{see}", err=True)
+        sys.exit(usage.exit_code)
     if code == 130:  # typer turns Ctrl-C outside training into this return value
         typer.echo("error: interrupted", err=True)
     sys.exit(code if isinstance(code, int) else 0)

@@ -210,7 +210,7 @@ def _choices(cls: type | None = None, prefix: str = "") -> dict[str, tuple[str, 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             out.update(_choices(hint, f"{prefix}{f.name}."))
         elif typing.get_origin(hint) is Literal:
             out[f"{prefix}{f.name}"] = typing.get_args(hint)
@@ -283,7 +283,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
         if f.name not in data:
             continue
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[f.name] = _build(hint, data[f.name] or {}, f"{prefix}{f.name}.")
         else:
             kwargs[f.name] = _convert(data[f.name], hint, f"{prefix}{f.name}")
@@ -296,9 +296,9 @@ def validate(cfg: Config) -> Config:
     for name, allowed in CHOICES.items():  # also for values set in Python after loading
         if flat[name] not in allowed:
             raise ConfigError(f"{name}: {flat[name]!r} is not one of {', '.join(allowed)}")
-    for name, allowed, value in _ranged_fields(cfg):
-        if value is not None and value not in allowed:
-            raise ConfigError(f"{name}: must be {allowed}, got {value!r}")
+    for name, bounds, value in _ranged_fields(cfg):
+        if value is not None and value not in bounds:
+            raise ConfigError(f"{name}: must be {bounds}, got {value!r}")
     if len(cfg.data.image_size) != 2 or not all(16 <= v <= 8192 for v in cfg.data.image_size):
         raise ConfigError(f"data.image_size: expected [height, width] of 16 to 8192 px, got {cfg.data.image_size}")
     if cfg.data.split.method == "fold-file" and not cfg.data.split.fold_file:

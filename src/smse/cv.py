@@ -7,6 +7,7 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,8 @@ def cross_validate(cfg: Config, folds: int = 5, progress: bool = True) -> dict:
         c.out = str(base / f"fold{k}")
         s = c.data.split
         if s.method == "fold-file":
+            if s.fold_file is None:  # validate() refuses this; a Config built in Python may not have been validated
+                raise ConfigError("data.split.fold_file: required when data.split.method is fold-file")
             s.fold_file = s.fold_file.replace("{fold}", str(k))
             s.fold = k
         else:
@@ -57,7 +60,7 @@ def cross_validate(cfg: Config, folds: int = 5, progress: bool = True) -> dict:
     if len(probes) == folds:
         rows["baseline: logistic regression on the frozen features (C tuned per fold)"] = probes
     table, data = mean_std_table(rows)
-    summary = {"folds": folds, "split": cfg.data.split.method, "table": data}
+    summary: dict[str, Any] = {"folds": folds, "split": cfg.data.split.method, "table": data}
     write_json(base / "cv.json", summary)
     write_text(base / "cv.md", table + "\n")
     summary["markdown"] = table
@@ -81,11 +84,14 @@ def check_folds(cfg: Config, folds: int) -> None:
             f"data.split.method: {cfg.data.root} fixes one split in its split column, so all {folds} "
             "folds would score the same split; set data.split.method=seeded, or use --folds 1"
         )
-    if method == "fold-file" and "{fold}" not in s.fold_file and Path(s.fold_file).suffix.lower() != ".csv":
-        raise ConfigError(
-            f"data.split.fold_file: {s.fold_file} holds one split, so all {folds} folds would score it; "
-            "write the path with {fold} (e.g. /data/dsfold{fold}.txt), or use --folds 1"
-        )
+    if method == "fold-file":
+        if s.fold_file is None:
+            raise ConfigError("data.split.fold_file: required when data.split.method is fold-file")
+        if "{fold}" not in s.fold_file and Path(s.fold_file).suffix.lower() != ".csv":
+            raise ConfigError(
+                f"data.split.fold_file: {s.fold_file} holds one split, so all {folds} folds would score it; "
+                "write the path with {fold} (e.g. /data/dsfold{fold}.txt), or use --folds 1"
+            )
 
 
 def fold_split(records: Sequence[Record], test_patients: set[str], cfg: Config) -> list[Record]:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -244,7 +245,7 @@ def _holding(trainable: nn.Module, state: dict):
         trainable.load_state_dict(live)
 
 
-def _rewrite_kept(done: Progress, trainable: nn.Module, change: Callable[[], None]) -> None:
+def _rewrite_kept(done: Progress, trainable: nn.Module, change: Callable[[], object]) -> None:
     """Apply ``change`` (which edits the live model) to the kept best and last weights, and have them written again."""
     for name in ("best_state", "last_state"):
         if getattr(done, name) is not None:
@@ -341,9 +342,16 @@ def trainable_module(prep: Prepared, train_idx: np.ndarray) -> nn.Module:
     if prep.cfg.model.freeze_backbone:
         prep.model.backbone.requires_grad_(False)
         if prep.cfg.model.standardize:
-            prep.model.heads.standardize_from(prep.features[train_idx])
+            prep.model.heads.standardize_from(_cached_features(prep)[train_idx])
         return prep.model.heads
     return prep.model
+
+
+def _cached_features(prep: Prepared) -> torch.Tensor:
+    """The backbone features of frozen mode, which ``prepare`` computes."""
+    if prep.features is None:
+        raise RuntimeError("model.freeze_backbone: no cached features; prepare() computes them in frozen mode")
+    return prep.features
 
 
 def build_optimizer(cfg: Config, trainable: nn.Module, device: torch.device):
@@ -437,7 +445,11 @@ def train_epoch(
         if cfg.model.freeze_backbone
         else iter(
             DataLoader(
-                prep.dataset, batch_sampler=mine_of, num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda"
+                prep.dataset,
+                # index arrays work as batches as well as lists do; torch's stubs ask for lists
+                batch_sampler=cast("list[list[int]]", mine_of),
+                num_workers=cfg.train.num_workers,
+                pin_memory=device.type == "cuda",
             )
         )
     )
@@ -450,7 +462,7 @@ def train_epoch(
     for step, batch in enumerate(bar):
         mine = mine_of[step]
         inputs = (
-            prep.features[mine, view_of[mine]].to(device)
+            _cached_features(prep)[mine, view_of[mine]].to(device)
             if images is None
             else next(images)[0].to(device, non_blocking=True)
         )

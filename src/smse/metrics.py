@@ -15,13 +15,15 @@ import numpy as np
 from smse.data.records import mag_name
 
 
-def image_accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+def image_accuracy(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray) -> float:
     """Correct images / all images."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     return float((y_true == y_pred).mean()) if len(y_true) else float("nan")
 
 
-def patient_scores(y_true: Sequence[int], y_pred: Sequence[int], patients: Sequence[str]) -> dict[str, float]:
+def patient_scores(
+    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, patients: Sequence[str] | np.ndarray
+) -> dict[str, float]:
     """Patient score = correct images of the patient / images of the patient."""
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for t, p, pid in zip(y_true, y_pred, patients):
@@ -30,13 +32,17 @@ def patient_scores(y_true: Sequence[int], y_pred: Sequence[int], patients: Seque
     return {pid: c / n for pid, (c, n) in sorted(hits.items())}
 
 
-def patient_accuracy(y_true: Sequence[int], y_pred: Sequence[int], patients: Sequence[str]) -> float:
+def patient_accuracy(
+    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, patients: Sequence[str] | np.ndarray
+) -> float:
     """Patient recognition rate: the mean of the patient scores."""
     scores = patient_scores(y_true, y_pred, patients)
     return float(np.mean(list(scores.values()))) if scores else float("nan")
 
 
-def patient_diagnosis_accuracy(y_true: Sequence[int], y_pred: Sequence[int], patients: Sequence[str]) -> float:
+def patient_diagnosis_accuracy(
+    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, patients: Sequence[str] | np.ndarray
+) -> float:
     """One vote per patient: the patient's majority prediction against the patient's majority label."""
     votes: dict[str, list] = defaultdict(lambda: [defaultdict(int), defaultdict(int)])
     for t, p, pid in zip(y_true, y_pred, patients):
@@ -46,7 +52,9 @@ def patient_diagnosis_accuracy(y_true: Sequence[int], y_pred: Sequence[int], pat
     return float(np.mean(right)) if right else float("nan")
 
 
-def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
+def confusion_matrix(
+    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, n_classes: int
+) -> np.ndarray:
     """Rows: true class; columns: predicted class."""
     from sklearn.metrics import confusion_matrix as sk_confusion
 
@@ -59,7 +67,7 @@ def per_class_recall(cm: np.ndarray) -> np.ndarray:
         return np.diag(cm) / cm.sum(axis=1)
 
 
-def balanced_accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+def balanced_accuracy(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray) -> float:
     """Mean recall over the classes present in ``y_true``."""
     from sklearn.metrics import balanced_accuracy_score
 
@@ -70,7 +78,7 @@ def balanced_accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
         return float(balanced_accuracy_score(y_true, y_pred))
 
 
-def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+def macro_f1(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray) -> float:
     """Unweighted mean F1 over the classes that occur in ``y_true`` or ``y_pred``."""
     from sklearn.metrics import f1_score
 
@@ -79,7 +87,7 @@ def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
-def roc_auc(y_true: Sequence[int], scores: Sequence[float]) -> float:
+def roc_auc(y_true: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
     """Binary ROC-AUC (NaN where only one class is present)."""
     from sklearn.metrics import roc_auc_score
 
@@ -89,7 +97,7 @@ def roc_auc(y_true: Sequence[int], scores: Sequence[float]) -> float:
     return float(roc_auc_score(y, np.asarray(scores, dtype=float)))
 
 
-def expected_calibration_error(y_true: Sequence[int], probs: np.ndarray, bins: int = 15) -> float:
+def expected_calibration_error(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
     """ECE: bin by confidence (max probability), weight |accuracy - confidence| by bin size."""
     probs = np.asarray(probs, dtype=float)
     if len(probs) == 0:
@@ -128,9 +136,9 @@ def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> t
 
 
 def accuracy_intervals(
-    y_true: Sequence[int],
-    y_pred: Sequence[int],
-    patients: Sequence[str],
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    patients: Sequence[str] | np.ndarray,
     draws: int = BOOTSTRAP_DRAWS,
     confidence: float = CONFIDENCE,
     seed: int = 0,
@@ -161,7 +169,9 @@ def accuracy_intervals(
     }
 
 
-def classification_metrics(y_true: Sequence[int], probs: np.ndarray, patients: Sequence[str], n_classes: int) -> dict:
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, patients: Sequence[str] | np.ndarray, n_classes: int
+) -> dict:
     """Every classification metric on one set of images."""
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=float)
@@ -187,7 +197,11 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, patients: S
 
 
 def by_magnification(
-    y_true: Sequence[int], probs: np.ndarray, patients: Sequence[str], mags: Sequence[int], n_classes: int
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    patients: Sequence[str] | np.ndarray,
+    mags: Sequence[int] | np.ndarray,
+    n_classes: int,
 ) -> dict[str, dict]:
     """``classification_metrics`` for each magnification and for all of them pooled (key ``all``)."""
     y_true, probs = np.asarray(y_true), np.asarray(probs)

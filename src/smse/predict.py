@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,7 +63,7 @@ def predict(
         chunk = files[start : start + batch_size]
         images, ok = [], []
         for f in chunk:
-            row = {"path": str(f), "magnification": _magnification_of(f), "error": ""}
+            row: dict[str, Any] = {"path": str(f), "magnification": _magnification_of(f), "error": ""}
             try:
                 images.append(model.transform(f))
                 ok.append(row)
@@ -73,10 +74,13 @@ def predict(
             continue
         emb, probs = model.infer(torch.stack(images), batch_size)
         hits = index.search(emb, k)
+        ood = hits.out_of_distribution
+        if ood is None:  # search() flags outliers by default; None would mean it was told not to
+            raise RuntimeError("ReferenceIndex.search returned no out_of_distribution flags")
         label_of = hits.labels if class_map.task == "binary" else hits.tumor_types
         for q, (row, p) in enumerate(zip(ok, probs)):
             row["predicted"] = class_map.names[int(p.argmax())]
-            row["out_of_distribution"] = int(hits.out_of_distribution[q])
+            row["out_of_distribution"] = int(ood[q])
             row.update({f"p_{c}": float(v) for c, v in zip(class_map.names, p)})
             for r in range(hits.indices.shape[1]):
                 row[f"nn{r + 1}_path"] = str(hits.paths[q, r])

@@ -71,7 +71,8 @@ def prepare(
     else:
         class_map = ClassMap.from_records(data.records, cfg.data.task)
         model, weights = build_model(cfg, len(class_map))
-    size = tuple(cfg.data.image_size)
+    height, width = cfg.data.image_size  # validate() checks it is [height, width]
+    size = (height, width)
     cache = ImageCache(cache_dir_of(cfg.data), size, model.interpolation)
     dataset = RecordDataset(data.records, class_map, size, cache, augment=not cfg.model.freeze_backbone, seed=cfg.seed)
     prepared = Prepared(
@@ -99,7 +100,7 @@ def prepare(
 
 @torch.no_grad()
 def embed(
-    prep: Prepared, indices: Sequence[int], batch_size: int = 256, progress: bool = False
+    prep: Prepared, indices: Sequence[int] | np.ndarray, batch_size: int = 256, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and class probabilities of the plain view of ``indices`` (from cached features in frozen mode;
     ``progress``: report the way where images go through the backbone)."""

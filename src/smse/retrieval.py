@@ -47,18 +47,24 @@ def search(
     r = torch.from_numpy(refs)
     r_sq = (r * r).sum(1)
     chunk = chunk or max(1, min(1024, int(64e6 // len(refs))))  # at most ~256 MB of distances at a time
-    ds, ids = [], []
+    ds: list[torch.Tensor] = []
+    ids: list[torch.Tensor] = []
     for start in range(0, len(queries), chunk):
         q = torch.from_numpy(queries[start : start + chunk])
         d2 = (q * q).sum(1, keepdim=True) + r_sq[None, :] - 2.0 * q @ r.T
-        d, i = torch.topk(d2.clamp_min_(0), k, dim=1, largest=False, sorted=True)
-        ds.append(d)
-        ids.append(i)
+        top = torch.topk(d2.clamp_min_(0), k, dim=1, largest=False, sorted=True)
+        ds.append(top.values)
+        ids.append(top.indices)
     return torch.cat(ds).numpy(), torch.cat(ids).numpy().astype(np.int64)
 
 
 def knn_predict(
-    queries: np.ndarray, refs: np.ndarray, ref_labels: Sequence[int], n_classes: int, k: int = 5, backend: str = "torch"
+    queries: np.ndarray,
+    refs: np.ndarray,
+    ref_labels: Sequence[int] | np.ndarray,
+    n_classes: int,
+    k: int = 5,
+    backend: str = "torch",
 ) -> np.ndarray:
     """Class probabilities from the labels of the k nearest references (votes / k)."""
     _, idx = search(queries, refs, k, backend)

@@ -254,7 +254,7 @@ def save_embeddings(path: str | Path, emb: np.ndarray, records, class_map, probs
             np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as its bool flag
 
 
-def load_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every array of a ``save_embeddings`` file, read once (an ``NpzFile`` re-reads on every access)."""
     with np.load(path) as npz:
         return {k: npz[k] for k in npz.files}

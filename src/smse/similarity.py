@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from smse.retrieval import average_precision_at_r, ranked_scores, search, summarize_scores
 
@@ -37,13 +38,13 @@ GUIDE_SAMPLE = 2000
 
 def type_retrieval_per_query(
     q_emb: np.ndarray,
-    q_types: Sequence[str],
-    q_labels: Sequence[str],
-    q_patients: Sequence[str],
+    q_types: Sequence[str] | np.ndarray,
+    q_labels: Sequence[str] | np.ndarray,
+    q_patients: Sequence[str] | np.ndarray,
     g_emb: np.ndarray,
-    g_types: Sequence[str],
-    g_labels: Sequence[str],
-    g_patients: Sequence[str],
+    g_types: Sequence[str] | np.ndarray,
+    g_labels: Sequence[str] | np.ndarray,
+    g_patients: Sequence[str] | np.ndarray,
     k: int = 5,
     backend: str = "torch",
 ) -> dict[str, dict[str, np.ndarray]]:
@@ -69,13 +70,13 @@ def type_retrieval_per_query(
 
 def type_retrieval(
     q_emb: np.ndarray,
-    q_types: Sequence[str],
-    q_labels: Sequence[str],
-    q_patients: Sequence[str],
+    q_types: Sequence[str] | np.ndarray,
+    q_labels: Sequence[str] | np.ndarray,
+    q_patients: Sequence[str] | np.ndarray,
     g_emb: np.ndarray,
-    g_types: Sequence[str],
-    g_labels: Sequence[str],
-    g_patients: Sequence[str],
+    g_types: Sequence[str] | np.ndarray,
+    g_labels: Sequence[str] | np.ndarray,
+    g_patients: Sequence[str] | np.ndarray,
     k: int = 5,
     backend: str = "torch",
 ) -> dict[str, dict[str, float]]:
@@ -95,7 +96,11 @@ def type_retrieval(
 
 
 def same_patient_retrieval(
-    emb: np.ndarray, patients: Sequence[str], mags: Sequence[int], k: int = 5, backend: str = "torch"
+    emb: np.ndarray,
+    patients: Sequence[str] | np.ndarray,
+    mags: Sequence[int] | np.ndarray,
+    k: int = 5,
+    backend: str = "torch",
 ) -> dict[str, float]:
     """Each image against the images at *other* magnifications (every patient): is its own patient found?
 
@@ -177,15 +182,15 @@ def embedding_spread(emb: np.ndarray) -> dict:
     }
 
 
-def _sample(n: int, size: int, seed: int) -> np.ndarray:
+def _sample(n: int, size: int, seed: int) -> npt.NDArray[np.intp]:
     return np.arange(n) if n <= size else np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
 
 
 def distance_guide(
     emb: np.ndarray,
-    labels: Sequence[str],
-    types: Sequence[str],
-    patients: Sequence[str],
+    labels: Sequence[str] | np.ndarray,
+    types: Sequence[str] | np.ndarray,
+    patients: Sequence[str] | np.ndarray,
     seed: int = 0,
     sample: int = GUIDE_SAMPLE,
 ) -> dict:

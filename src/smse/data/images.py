@@ -52,7 +52,8 @@ def decode_image(data: bytes, path: str, max_pixels: int | None = None) -> tuple
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 mode = image.mode
-                _check_pixels(path, *image.size, max_pixels)
+                width, height = image.size
+                _check_pixels(path, width, height, max_pixels)
                 image.load()
                 rgb = to_rgb8(image)
                 rgb.load()

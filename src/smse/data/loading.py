@@ -20,7 +20,7 @@ from smse.data.splits import (
     read_fold_file,
     seeded_split,
 )
-from smse.errors import DataError, ImageError
+from smse.errors import ConfigError, DataError, ImageError
 from smse.io import writable_folder
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,8 @@ def assign_split(records: list[Record], cfg: DataConfig) -> list[Record]:
     if method == "seeded":
         return seeded_split(records, s.test_fraction, s.val_fraction, s.seed, cfg.task)
     if method == "fold-file":
+        if s.fold_file is None:  # validate() refuses this; a DataConfig built in Python may not have been validated
+            raise ConfigError("data.split.fold_file: required when data.split.method is fold-file")
         mapped = apply_fold_file(records, read_fold_file(s.fold_file, s.fold))
         if not mapped:
             raise DataError(f"{s.fold_file}: lists none of the {len(records)} images found under {cfg.root}")

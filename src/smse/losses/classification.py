@@ -26,6 +26,8 @@ def class_balance(counts: Sequence[int]) -> torch.Tensor:
 class ClassificationLoss(nn.Module):
     """Shared plumbing: per-class weights as a buffer, per-sample losses, mean over the batch."""
 
+    beta: torch.Tensor  # a buffer, registered in __init__; declared so that type checkers know it is a Tensor
+
     def __init__(self, beta: torch.Tensor | None = None, alpha: float = 1.0, gamma: float = 0.0):
         super().__init__()
         self.register_buffer("beta", beta if beta is not None else torch.empty(0), persistent=False)

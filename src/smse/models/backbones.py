@@ -7,16 +7,21 @@ size, and a checkpoint stores both, so a model is always fed the way its weights
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from smse.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from timm.models.efficientnet import EfficientNet
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +158,15 @@ def _timm_data_config(model: nn.Module) -> tuple[Preprocessing, tuple[int, int],
 
     cfg = resolve_model_data_config(model)
     pretrained_cfg = getattr(model, "pretrained_cfg", {}) or {}
-    size = tuple(int(v) for v in cfg["input_size"][1:])
+    _, height, width = cfg["input_size"]  # (channels, height, width)
+    size = (int(height), int(width))
     prep = Preprocessing(
         tuple(cfg["mean"]),
-        tuple(cfg["std"]),  # type: ignore[arg-type]
+        tuple(cfg["std"]),
         str(cfg.get("interpolation") or "bilinear"),
         float(cfg.get("crop_pct") or 1.0),
     )
-    return prep, size, bool(pretrained_cfg.get("fixed_input_size", False))  # type: ignore[return-value]
+    return prep, size, bool(pretrained_cfg.get("fixed_input_size", False))
 
 
 def lite_names(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -180,7 +186,8 @@ def lite_names(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
         "_bn2": "bn3",
     }
     separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    place = [(stage, i) for stage, blocks in enumerate(model.blocks) for i in range(len(blocks))]
+    stages = cast("Iterable[nn.Sequential]", model.blocks)  # timm's EfficientNet: a Sequential of stages
+    place = [(stage, i) for stage, blocks in enumerate(stages) for i in range(len(blocks))]
     with_expansion = {int(k.split(".")[1]) for k in source if k.startswith("_blocks.") and "._expand_conv." in k}
     out = {}
     for key, tensor in source.items():
@@ -213,7 +220,10 @@ def efficientnet_lite(variant: int, pretrained: bool, checkpoint_path: str | Non
     """EfficientNet-Lite0/1/2 (timm ``tf_efficientnet_liteN``); ``pretrained`` loads the offline ImageNet weights."""
     import timm
 
-    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=1000)
+    # create_model is typed as returning nn.Module, whose __getattr__ hides EfficientNet's own attributes
+    model = cast(
+        "EfficientNet", timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=1000)
+    )
     weights = "random"
     if checkpoint_path:
         load_local_checkpoint(model, checkpoint_path)
@@ -237,9 +247,7 @@ def efficientnet_lite(variant: int, pretrained: bool, checkpoint_path: str | Non
 
 
 for _v in LITE_WEIGHTS:
-    register_backbone(f"efficientnet_lite{_v}", f"tf_efficientnet_lite{_v}")(
-        lambda pretrained, checkpoint_path, _v=_v: efficientnet_lite(_v, pretrained, checkpoint_path)
-    )
+    register_backbone(f"efficientnet_lite{_v}", f"tf_efficientnet_lite{_v}")(functools.partial(efficientnet_lite, _v))
 
 
 class PaperCNN(nn.Module):
@@ -315,7 +323,8 @@ def _timm_backbone(name: str, pretrained: bool, checkpoint_path: str | None) -> 
         weights = f"timm:{name}"
     prep, size, fixed = _timm_data_config(model)
     fixed = fixed and not getattr(model, "dynamic_img_size", False)
-    return Backbone(model, model.num_features, prep, weights, size, fixed)
+    num_features = cast(int, model.num_features)  # every timm model has it; nn.Module's stubs say Tensor | Module
+    return Backbone(model, num_features, prep, weights, size, fixed)
 
 
 def create_backbone(name: str, pretrained: bool = True, checkpoint_path: str | None = None) -> Backbone:

@@ -31,6 +31,13 @@ class Heads(nn.Module):
     reference). In eval mode the logits are divided by ``temperature`` (1 until ``calibrate`` fits it).
     """
 
+    # buffers, registered in __init__; declared so that type checkers know they are Tensors
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+    ref_embeddings: torch.Tensor
+    ref_targets: torch.Tensor
+    temperature: torch.Tensor
+
     def __init__(
         self,
         num_features: int,
@@ -115,6 +122,9 @@ class Heads(nn.Module):
 
 class Embedder(nn.Module):
     """Images in [0, 1] -> (embedding, logits). Preprocessing lives inside, so checkpoints carry it."""
+
+    mean: torch.Tensor  # buffers, registered in __init__; declared so that type checkers know they are Tensors
+    std: torch.Tensor
 
     def __init__(self, backbone: nn.Module, heads: Heads, preprocessing: Preprocessing):
         super().__init__()

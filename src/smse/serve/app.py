@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Mapping
 from importlib.resources import files
 from pathlib import Path
 
@@ -38,7 +39,7 @@ class ApiError(HTTPException):
         self.code = code
 
 
-def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "code": code}, status, headers=headers)
 
 
@@ -198,7 +199,10 @@ def create_app(
             server through DNS rebinding.
         limits: files per request, bytes per file and per request, pixels per image, largest k.
     """
-    service = service or Service.from_run(run, reference, limits, device)
+    if service is None:
+        if run is None:
+            raise TypeError("create_app: give the run to serve, or a ready service")
+        service = Service.from_run(run, reference, limits, device)
     limits = service.limits
     app = FastAPI(
         title="smse",

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -212,7 +213,11 @@ class Service:
                 mag, source = (
                     (up.magnification, "given") if up.magnification else (magnification_from_name(up.name), "name")
                 )
-                item = {"name": up.name, "magnification": mag, "magnification_source": source if mag else None}
+                item: dict[str, Any] = {
+                    "name": up.name,
+                    "magnification": mag,
+                    "magnification_source": source if mag else None,
+                }
                 try:
                     tensors.append(self._decode(up))
                 except ImageError as exc:
@@ -224,6 +229,9 @@ class Service:
             emb, probs = self.model.infer(torch.stack(tensors))
         ok = [item for item in items if "error" not in item]
         overall = self.index.search(emb, k)
+        ood = overall.out_of_distribution
+        if ood is None:  # search() flags outliers by default; None would mean it was told not to
+            raise RuntimeError("ReferenceIndex.search returned no out_of_distribution flags")
         # (the flag is the whole reference set's, above: the magnification groups need no guide of their own)
         per_mag = [(mag, rows, sub.search(emb, k, flag_outliers=False)) for mag, rows, sub in self.groups]
         coords = self.map.transform(emb)
@@ -235,7 +243,7 @@ class Service:
                     "predicted": names[int(probs[q].argmax())],
                     "probabilities": {c: float(p) for c, p in zip(names, probs[q])},
                     "map": [float(coords[q, 0]), float(coords[q, 1])],
-                    "out_of_distribution": bool(overall.out_of_distribution[q]),
+                    "out_of_distribution": bool(ood[q]),
                     "neighbours": self._neighbours(overall, q, None, top),
                     "by_magnification": [
                         {"magnification": mag, "neighbours": self._neighbours(hits, q, rows, top)}

@@ -95,7 +95,7 @@ def plan_patients(n: int, seed: int, proportions: str | None = None) -> list[Syn
     counts = allocate(n, parse_proportions(proportions))
     seeds = np.random.SeedSequence(seed).spawn(n)
     used: set[str] = set()
-    patients = []
+    patients: list[SynthPatient] = []
     for t in TYPES:
         for _ in range(counts[t]):
             while True:

@@ -309,8 +309,8 @@ class VirtualSlide:
         s = self.spacing
         ix = np.arange(math.floor(x0 / s), math.ceil(x1 / s))
         iy = np.arange(math.floor(y0 / s), math.ceil(y1 / s))
-        IX, IY = np.meshgrid(ix, iy)
-        IX, IY = IX.ravel(), IY.ravel()
+        grid_x, grid_y = np.meshgrid(ix, iy)
+        IX, IY = grid_x.ravel(), grid_y.ravel()
         h = lambda k: _hash01(IX, IY, self.seed * 31 + k)  # noqa: E731
         x = (IX + 0.5 + (h(1) - 0.5) * 0.8) * s
         y = (IY + 0.5 + (h(2) - 0.5) * 0.8) * s

@@ -187,7 +187,9 @@ def plan_slides(
                 )
             )
         out.append(
-            SynthSlide(f"14-{numbers[i]}", tumor_type, CLASS_FOLDERS[cls], slide_seed, tuple(size), mpp, tuple(blobs))
+            SynthSlide(
+                f"14-{numbers[i]}", tumor_type, CLASS_FOLDERS[cls], slide_seed, (size[0], size[1]), mpp, tuple(blobs)
+            )
         )
     return out
 
@@ -236,7 +238,7 @@ def generate_slides(
     JSON keeps every slide's tissue outline. The output depends only on the arguments.
     """
     root = Path(out)
-    plan = plan_slides(patients, seed, tuple(size), mpp, proportions)
+    plan = plan_slides(patients, seed, (size[0], size[1]), mpp, proportions)
     folder = root / "slides"
     folder.mkdir(parents=True, exist_ok=True)
     workers = workers or min(len(plan), os.cpu_count() or 1)

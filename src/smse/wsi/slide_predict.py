@@ -7,6 +7,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -152,7 +153,7 @@ def _page(result: dict, plan: TilePlan, location_prob: np.ndarray, heat: Path) -
             "p": f"{location_prob[i]:.3f}",
             "tiles": [
                 {"uri": _png(tile, 180), "alt": f"{mag_name(m)} tile"}
-                for m, tile in plan.cut(tuple(int(v) for v in plan.locations[i])).items()
+                for m, tile in plan.cut((int(plan.locations[i][0]), int(plan.locations[i][1]))).items()
             ],
         }
         for i in np.argsort(-location_prob, kind="stable")[:TOP_LOCATIONS]
@@ -242,7 +243,7 @@ def predict_slide(
         p_pos = probs[:, col]
         mags = np.array([k[2] for k in keys])
         location_prob = p_pos.reshape(len(plan), len(plan.sources)).mean(axis=1)
-        result = {
+        result: dict[str, Any] = {
             "slide": slide.name,
             "run": str(run),
             "classes": list(model.classes),
