@@ -45,3 +45,17 @@ def test_a_benchmark_parses_its_arguments(script, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout and "--help" in done.stdout
+
+
+def test_benchmarks_use_only_the_stated_surface():
+    """Catches: a benchmark importing an internal (a name outside its module's ``__all__``), which a refactor may
+    rename without a word."""
+    import ast
+
+    outside = []
+    for script in [*SCRIPTS, BENCHMARKS / "_common.py"]:
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "smse":
+                stated = set(importlib.import_module(node.module).__all__)
+                outside += [f"{script.name}: {node.module}.{a.name}" for a in node.names if a.name not in stated]
+    assert not outside, outside

@@ -345,3 +345,15 @@ def build_reference(run: str | os.PathLike, model: Model | None = None, which: s
     log.info("embedding %d reference images of %s", len(records), run)
     emb = model.embed([r.path for r in records])
     return files.write_reference(emb, records, model.class_map)
+
+
+__all__ = [
+    "ImageLike",
+    "Run",
+    "train",
+    "Model",
+    "load_model",
+    "Hits",
+    "ReferenceIndex",
+    "build_reference",
+]

@@ -150,3 +150,14 @@ def tuned_linear_probe(
     """``linear_probe`` with C chosen by patient-grouped cross-validation on the training patients only
     (``choose_probe_c``): the tuned probe a trained head has to beat."""
     return linear_probe(x_train, y_train, x_test, choose_probe_c(x_train, y_train, groups, grid))
+
+
+__all__ = [
+    "PROBE_C",
+    "patient_folds",
+    "out_of_fold",
+    "linear_probe",
+    "knn_probe",
+    "choose_probe_c",
+    "tuned_linear_probe",
+]

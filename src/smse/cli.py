@@ -517,3 +517,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+__all__ = [
+    "app",
+    "main",
+]

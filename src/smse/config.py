@@ -398,3 +398,24 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 CHOICES = _choices()
+
+
+__all__ = [
+    "SplitConfig",
+    "DataConfig",
+    "ModelConfig",
+    "LossConfig",
+    "SamplerConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "LogConfig",
+    "Config",
+    "validate",
+    "from_dict",
+    "to_dict",
+    "to_flat",
+    "packaged_configs",
+    "load_config",
+    "save_config",
+    "CHOICES",
+]

@@ -153,3 +153,11 @@ def heads_out_of_fold(
         if embeddings is not None:
             embeddings.append(folds)
     return out
+
+
+__all__ = [
+    "cross_validate",
+    "check_folds",
+    "FoldEmbeddings",
+    "heads_out_of_fold",
+]

@@ -75,19 +75,19 @@ def train(
     """
     dist = Dist.from_env()
     run = Path(cfg.out)
-    state = load_resume_state(cfg, run, dist)
+    state = _load_resume_state(cfg, run, dist)
     dist.init(resolve_device(cfg.train.device, dist.local_rank))
     data = data or load_data(cfg.data)
     check_resume_data(state, data.records, run)  # before any features are computed for data it would refuse
     seed_everything(cfg.seed, cfg.train.deterministic)
     prep = prepare(cfg, dist, progress and dist.main, data)
     if dist.main:
-        write_run_files(run, prep)
+        _write_run_files(run, prep)
     train_idx, val_idx = training_indices(prep)
-    objective, sampler = build_objective(prep, train_idx), build_sampler(cfg, prep, train_idx, dist)
-    trainable = trainable_module(prep, train_idx)
-    optimizer, scheduler, scaler = build_optimizer(cfg, trainable, prep.device)
-    done = restore(state, trainable, optimizer, scheduler, scaler, run)
+    objective, sampler = build_objective(prep, train_idx), _build_sampler(cfg, prep, train_idx, dist)
+    trainable = _trainable_module(prep, train_idx)
+    optimizer, scheduler, scaler = _build_optimizer(cfg, trainable, prep.device)
+    done = _restore(state, trainable, optimizer, scheduler, scaler, run)
     if state is not None and dist.main:
         log.info("resuming %s after epoch %d", run, done.epoch)
     net: nn.Module = trainable
@@ -100,7 +100,7 @@ def train(
     with threads, tracked(cfg, run) if dist.main else contextlib.nullcontext() as tracker:
         try:
             for epoch in range(done.epoch, cfg.train.epochs):
-                row = train_epoch(
+                row = _train_epoch(
                     prep,
                     net,
                     objective,
@@ -116,15 +116,15 @@ def train(
                 scheduler.step()
                 check_finite_weights(trainable, epoch + 1, run)
                 if len(val_idx):  # the k-NN classifier validates against this epoch's embeddings
-                    refresh_references(prep, train_idx)
+                    _refresh_references(prep, train_idx)
                 row["lr"] = optimizer.param_groups[0]["lr"]
                 if len(val_idx) and dist.main:  # validation and saving are the main process's job
-                    row.update(validate(prep, val_idx))
-                record_epoch(done, row, trainable)
+                    row.update(_validate(prep, val_idx))
+                _record_epoch(done, row, trainable)
                 if tracker is not None:
                     tracker.epoch(row)
                 if dist.main:
-                    save_progress(run, prep, done, trainable, optimizer, scheduler, scaler)
+                    _save_progress(run, prep, done, trainable, optimizer, scheduler, scaler)
                     log.info(
                         "epoch %d/%d (%.1f s): %s",
                         epoch + 1,
@@ -134,11 +134,11 @@ def train(
                     )
                 dist.barrier()
             if dist.main:
-                done.calibration = calibrate(prep, done, trainable, val_idx)
-                final_references(prep, done, trainable, np.sort(np.concatenate([train_idx, val_idx])))
+                done.calibration = _calibrate(prep, done, trainable, val_idx)
+                _final_references(prep, done, trainable, np.sort(np.concatenate([train_idx, val_idx])))
         finally:  # also on divergence, an interrupt or a crash: the last completed epoch reaches the checkpoints
             if dist.main:
-                write_checkpoints(run, prep, done, trainable)
+                _write_checkpoints(run, prep, done, trainable)
         if tracker is not None:
             tracker.checkpoint(RunFiles(run).checkpoint("best"))
     if dist.main:
@@ -156,7 +156,7 @@ def train(
     return run
 
 
-def resume_key(cfg: Config) -> dict:
+def _resume_key(cfg: Config) -> dict:
     """The config a resumed run must share (more epochs, another device or worker count are fine)."""
     d = to_dict(cfg)
     for k in ("epochs", "device", "num_workers"):
@@ -165,7 +165,7 @@ def resume_key(cfg: Config) -> dict:
     return d
 
 
-def load_resume_state(cfg: Config, run: Path, dist: Dist) -> dict | None:
+def _load_resume_state(cfg: Config, run: Path, dist: Dist) -> dict | None:
     """The saved state of an unfinished run in ``run``, after checking that it is the same run."""
     if cfg.sampler.batch_size % dist.world:
         raise ConfigError(
@@ -175,14 +175,14 @@ def load_resume_state(cfg: Config, run: Path, dist: Dist) -> dict | None:
     state = RunFiles(run).read_state()
     if state is None:
         return None
-    if state["config"] != resume_key(cfg):
+    if state["config"] != _resume_key(cfg):
         raise ConfigError(
             f"{path}: this run folder holds a run with another config; use another out folder or delete it"
         )
     return state
 
 
-def write_run_files(run: Path, prep: Prepared) -> None:
+def _write_run_files(run: Path, prep: Prepared) -> None:
     """Config, versions, the split of every image, and what loading found, before the first step."""
     run.mkdir(parents=True, exist_ok=True)
     files = RunFiles(run)
@@ -200,11 +200,11 @@ def write_run_files(run: Path, prep: Prepared) -> None:
     )
 
 
-def calibrate(prep: Prepared, done: Progress, trainable: nn.Module, val_idx: np.ndarray) -> dict | None:
+def _calibrate(prep: Prepared, done: Progress, trainable: nn.Module, val_idx: np.ndarray) -> dict | None:
     """Temperature scaling on the validation patients: fit T on the best epoch's validation logits and store it
     in the kept best and last weights (``Heads.temperature``). None where there are no validation images.
 
-    Runs before ``final_references``: the validation images are not yet among a k-NN model's references.
+    Runs before ``_final_references``: the validation images are not yet among a k-NN model's references.
     """
     from smse.calibration import fit_temperature, rescale
     from smse.metrics import expected_calibration_error
@@ -224,14 +224,14 @@ def calibrate(prep: Prepared, done: Progress, trainable: nn.Module, val_idx: np.
     }
 
 
-def final_references(prep: Prepared, done: Progress, trainable: nn.Module, indices: np.ndarray) -> None:
+def _final_references(prep: Prepared, done: Progress, trainable: nn.Module, indices: np.ndarray) -> None:
     """With ``model.classifier=knn``, a finished run's references are every training *and validation* image.
 
     Validation patients stay out of the references while they choose the best epoch; once it is chosen,
     they are part of the archive a new image is compared with. Updates the kept best and last weights.
     """
     if prep.cfg.model.classifier == "knn":
-        _rewrite_kept(done, trainable, lambda: refresh_references(prep, indices))
+        _rewrite_kept(done, trainable, lambda: _refresh_references(prep, indices))
 
 
 @contextlib.contextmanager
@@ -262,21 +262,21 @@ def training_indices(prep: Prepared) -> tuple[np.ndarray, np.ndarray]:
     train_idx, val_idx = prep.indices("train", single), prep.indices("val", single)
     if len(train_idx) == 0:
         raise ConfigError("data: the split left no training images" + (f" at {single}X" if single else ""))
-    counts = class_counts(prep, train_idx)
+    counts = _class_counts(prep, train_idx)
     if (counts == 0).any():
         missing = [prep.class_map.names[i] for i in np.flatnonzero(counts == 0)]
         raise ConfigError(f"data: no training image of class(es) {missing}; use more patients or another split")
     return train_idx, val_idx
 
 
-def class_counts(prep: Prepared, indices: np.ndarray) -> np.ndarray:
+def _class_counts(prep: Prepared, indices: np.ndarray) -> np.ndarray:
     return np.bincount(np.asarray(prep.dataset.targets)[indices], minlength=len(prep.class_map))
 
 
 def build_objective(prep: Prepared, train_idx: np.ndarray) -> Objective:
     """Classification loss (class balance from the training images) + metric loss + neighbourhood term, weighted."""
     cfg, L = prep.cfg, prep.cfg.loss
-    counts = class_counts(prep, train_idx).tolist()
+    counts = _class_counts(prep, train_idx).tolist()
     return Objective(
         make_classification_loss(L.classification, counts, L.alpha, L.gamma, L.balance, L.ohem_keep),
         make_metric_loss(
@@ -295,7 +295,7 @@ def build_objective(prep: Prepared, train_idx: np.ndarray) -> Objective:
 
 
 @torch.no_grad()
-def refresh_references(prep: Prepared, train_idx: np.ndarray) -> None:
+def _refresh_references(prep: Prepared, train_idx: np.ndarray) -> None:
     """With ``model.classifier=knn``: the training images' embeddings under the current weights become the
     classifier's references (every process sets them: DDP keeps buffers equal across processes)."""
     if prep.cfg.model.classifier != "knn":
@@ -305,7 +305,7 @@ def refresh_references(prep: Prepared, train_idx: np.ndarray) -> None:
     prep.model.heads.set_references(torch.from_numpy(emb), targets)
 
 
-def build_sampler(cfg: Config, prep: Prepared, train_idx: np.ndarray, dist: Dist):
+def _build_sampler(cfg: Config, prep: Prepared, train_idx: np.ndarray, dist: Dist):
     """Paper mode: offline tuples from the pooled set; otherwise magnification-balanced batches."""
     targets = np.asarray(prep.dataset.targets)[train_idx].tolist()
     if cfg.sampler.mode == "pooled" and cfg.loss.metric != "none":
@@ -333,7 +333,7 @@ def build_sampler(cfg: Config, prep: Prepared, train_idx: np.ndarray, dist: Dist
     )
 
 
-def trainable_module(prep: Prepared, train_idx: np.ndarray) -> nn.Module:
+def _trainable_module(prep: Prepared, train_idx: np.ndarray) -> nn.Module:
     """The heads (frozen backbone) or the whole network (fine-tuning).
 
     Frozen mode with ``model.standardize``: the heads first standardise features by the mean and
@@ -354,20 +354,20 @@ def _cached_features(prep: Prepared) -> torch.Tensor:
     return prep.features
 
 
-def build_optimizer(cfg: Config, trainable: nn.Module, device: torch.device):
+def _build_optimizer(cfg: Config, trainable: nn.Module, device: torch.device):
     """Adam, a step schedule, and a gradient scaler (active for float16 autocast on CUDA only)."""
     optimizer = torch.optim.Adam(trainable.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.train.step_size, cfg.train.lr_gamma)
-    scaler = torch.amp.GradScaler("cuda", enabled=_amp(device, use_amp(cfg))[1] == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=_amp(device, _use_amp(cfg))[1] == torch.float16)
     return optimizer, scheduler, scaler
 
 
-def use_amp(cfg: Config) -> bool:
+def _use_amp(cfg: Config) -> bool:
     """Mixed precision for fine-tuning on CUDA; frozen-feature heads train in float32."""
     return cfg.train.amp and not cfg.model.freeze_backbone
 
 
-def restore(state: dict | None, trainable: nn.Module, optimizer, scheduler, scaler, run: Path) -> Progress:
+def _restore(state: dict | None, trainable: nn.Module, optimizer, scheduler, scaler, run: Path) -> Progress:
     """Load a saved state into the training objects; a fresh Progress when there is none."""
     if state is None:
         return Progress()
@@ -417,7 +417,7 @@ def _gather(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     return torch.cat(all_gather(t))
 
 
-def train_epoch(
+def _train_epoch(
     prep: Prepared,
     net: nn.Module,
     objective: Objective,
@@ -436,7 +436,7 @@ def train_epoch(
     view_of = np.random.default_rng([cfg.seed, epoch, 5]).integers(0, cfg.model.views, len(prep.records))
     prep.dataset.epoch = epoch
     net.train()
-    amp_ctx, _ = _amp(device, use_amp(cfg))
+    amp_ctx, _ = _amp(device, _use_amp(cfg))
     batches = [Batch(train_idx[b.indices], b.tuples, b.classify) for b in sampler.epoch(epoch)]
     per = len(batches[0]) // dist.world
     mine_of = [b.indices[dist.rank * per : (dist.rank + 1) * per] for b in batches]  # this process's share
@@ -508,7 +508,7 @@ def train_epoch(
     }
 
 
-def validate(prep: Prepared, val_idx: np.ndarray) -> dict:
+def _validate(prep: Prepared, val_idx: np.ndarray) -> dict:
     """Image- and patient-level accuracy of the validation patients (never test patients)."""
     _, probs = embed(prep, val_idx)
     pred = probs.argmax(1)
@@ -520,7 +520,7 @@ def validate(prep: Prepared, val_idx: np.ndarray) -> dict:
     }
 
 
-def record_epoch(done: Progress, row: dict, trainable: nn.Module) -> None:
+def _record_epoch(done: Progress, row: dict, trainable: nn.Module) -> None:
     """Append the epoch's row; keep the weights when validation improved (or, without validation, the latest)."""
     done.epoch = row["epoch"]
     done.history.append(row)
@@ -530,14 +530,14 @@ def record_epoch(done: Progress, row: dict, trainable: nn.Module) -> None:
         done.best, done.best_epoch, done.best_row, done.best_state = score, row["epoch"], row, done.last_state
 
 
-def save_progress(
+def _save_progress(
     run: Path, prep: Prepared, done: Progress, trainable: nn.Module, optimizer, scheduler, scaler
 ) -> None:
     """state.pt (the resume point) and history every epoch; the checkpoints at most every CHECKPOINT_EVERY_S."""
     files = RunFiles(run)
     files.write_history(done.history)
     if time.monotonic() - done.written_at >= CHECKPOINT_EVERY_S:
-        write_checkpoints(run, prep, done, trainable)
+        _write_checkpoints(run, prep, done, trainable)
     state = {
         "epoch": done.epoch,
         "trainable": done.last_state,
@@ -549,13 +549,13 @@ def save_progress(
         "best_epoch": done.best_epoch,
         "best_row": done.best_row,
         "best_state": done.best_state,
-        "config": resume_key(prep.cfg),
+        "config": _resume_key(prep.cfg),
         "data": split_fingerprint(prep.records),
     }
     files.write_state(state)
 
 
-def write_checkpoints(run: Path, prep: Prepared, done: Progress, trainable: nn.Module) -> None:
+def _write_checkpoints(run: Path, prep: Prepared, done: Progress, trainable: nn.Module) -> None:
     """best.safetensors and last.safetensors as of the last completed epoch, unless already on disk.
 
     They are built from the weights kept at epoch ends, never from the live module, which may be
@@ -593,3 +593,10 @@ def write_checkpoints(run: Path, prep: Prepared, done: Progress, trainable: nn.M
             state=full(done.best_state),
         )
     done.written_epoch, done.written_at = done.epoch, time.monotonic()
+
+
+__all__ = [
+    "train",
+    "training_indices",
+    "build_objective",
+]

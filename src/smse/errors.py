@@ -52,3 +52,18 @@ class Interrupted(SmseError):
     """The user interrupted a run (Ctrl-C); what was saved can be resumed."""
 
     exit_code = 130
+
+
+__all__ = [
+    "SmseError",
+    "ConfigError",
+    "DataError",
+    "ImageError",
+    "SlideError",
+    "LeakageError",
+    "CheckpointError",
+    "OutputError",
+    "RunLockedError",
+    "TrainingDiverged",
+    "Interrupted",
+]

@@ -211,3 +211,10 @@ def embed_folder(
     check_finite_outputs(find_checkpoint(run, which), embeddings=emb, probabilities=probs)
     save_embeddings(out, emb, prep.records, class_map, probs)
     return Path(out)
+
+
+__all__ = [
+    "evaluate_run",
+    "classifier_name",
+    "embed_folder",
+]

@@ -80,3 +80,9 @@ def cached_features(
     with atomic_path(path) as tmp:
         save_file({"features": feats.contiguous()}, str(tmp))
     return feats
+
+
+__all__ = [
+    "feature_key",
+    "cached_features",
+]

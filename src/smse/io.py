@@ -114,3 +114,14 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON atomically, indented for people."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+__all__ = [
+    "describe",
+    "read_text",
+    "writable_folder",
+    "atomic_path",
+    "write_text",
+    "write_csv",
+    "write_json",
+]

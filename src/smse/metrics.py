@@ -212,3 +212,21 @@ def by_magnification(
         out[mag_name(m)] = classification_metrics(y_true[sel], probs[sel], patients[sel].tolist(), n_classes)
     out["all"] = classification_metrics(y_true, probs, patients.tolist(), n_classes)
     return out
+
+
+__all__ = [
+    "image_accuracy",
+    "patient_scores",
+    "patient_accuracy",
+    "patient_diagnosis_accuracy",
+    "confusion_matrix",
+    "per_class_recall",
+    "balanced_accuracy",
+    "macro_f1",
+    "roc_auc",
+    "expected_calibration_error",
+    "wilson_interval",
+    "accuracy_intervals",
+    "classification_metrics",
+    "by_magnification",
+]

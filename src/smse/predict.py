@@ -102,3 +102,8 @@ def predict(
             ([f"{row[c]:.6f}" if isinstance(row.get(c), float) else row.get(c, "") for c in columns] for row in rows),
         )
     return rows
+
+
+__all__ = [
+    "predict",
+]

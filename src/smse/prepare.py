@@ -125,3 +125,10 @@ def embed(
     if not embs:
         return np.zeros((0, prep.cfg.model.embedding_dim)), np.zeros((0, len(prep.class_map)))
     return torch.cat(embs).numpy(), torch.cat(probs).numpy()
+
+
+__all__ = [
+    "Prepared",
+    "prepare",
+    "embed",
+]

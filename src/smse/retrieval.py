@@ -207,3 +207,16 @@ def magnification_probe(
         "folds": folds,
         **base,
     }
+
+
+__all__ = [
+    "faiss_available",
+    "search",
+    "knn_predict",
+    "average_precision_at_r",
+    "ranked_scores",
+    "summarize_scores",
+    "retrieval_scores",
+    "cross_magnification_matrix",
+    "magnification_probe",
+]

@@ -207,3 +207,13 @@ def check_finite_outputs(checkpoint: str | os.PathLike, **arrays: np.ndarray) ->
                 f"{checkpoint}: the model gives non-finite {name} for {int(rows.sum())} of "
                 f"{len(array)} images; its training diverged: train again with a lower train.lr"
             )
+
+
+__all__ = [
+    "locked",
+    "guarded",
+    "split_fingerprint",
+    "check_resume_data",
+    "check_finite_weights",
+    "check_finite_outputs",
+]

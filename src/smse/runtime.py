@@ -110,3 +110,12 @@ def versions() -> dict[str, str]:
             pass
     out["cuda"] = torch.version.cuda or "none"
     return out
+
+
+__all__ = [
+    "seed_everything",
+    "torch_threads",
+    "resolve_device",
+    "Dist",
+    "versions",
+]

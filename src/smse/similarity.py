@@ -238,3 +238,15 @@ def distance_guide(
 
 def _quantiles(values: np.ndarray) -> list[float]:
     return [float(v) for v in np.quantile(values, QUANTILES)]
+
+
+__all__ = [
+    "OOD_QUANTILE",
+    "OOD_K",
+    "type_retrieval_per_query",
+    "type_retrieval",
+    "same_patient_retrieval",
+    "pairwise_distances",
+    "embedding_spread",
+    "distance_guide",
+]

@@ -121,3 +121,14 @@ def result_rows(m: dict) -> dict[str, dict]:
     if "probe" in m:
         rows[f"baseline: logistic regression on the frozen features (C={m['probe']['C']:g})"] = m["probe"]["results"]
     return rows
+
+
+__all__ = [
+    "pct",
+    "MIN_PATIENTS",
+    "results_grid",
+    "results_table",
+    "table_note",
+    "mean_std_table",
+    "result_rows",
+]

@@ -182,3 +182,16 @@ def check_counts(records: Sequence[Record]) -> str:
     if over:
         return f"more images than the archive holds for {', '.join(over)}: not the official BreakHis set"
     return f"a subset of the archive ({len(records)} of {ARCHIVE_TOTAL:,} images)"
+
+
+__all__ = [
+    "CLASS_FOLDERS",
+    "TYPE_FOLDERS",
+    "TYPE_CLASS",
+    "TYPES",
+    "parse_name",
+    "find_breast_root",
+    "iter_image_files",
+    "scan_breakhis",
+    "check_counts",
+]

@@ -57,3 +57,8 @@ class RecordDataset(Dataset):
         if self.augment:
             image = augment(image, view_rng(self.seed + 1000003 * (self.epoch + 1), index, 0))
         return image, self.targets[index], {"index": index, "patient": r.patient, "magnification": r.magnification}
+
+
+__all__ = [
+    "RecordDataset",
+]

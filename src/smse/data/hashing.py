@@ -139,3 +139,10 @@ def resolve_duplicates(
         drop.update(r.path for r in group if r is not keep)
     report.dropped = sorted(drop)
     return [r for r in records if r.path not in drop], report
+
+
+__all__ = [
+    "inspect_files",
+    "DuplicateReport",
+    "resolve_duplicates",
+]

@@ -170,3 +170,16 @@ def default_cache_dir() -> Path:
     """``$SMSE_CACHE_DIR``, else ``~/.cache/smse``."""
     env = os.environ.get("SMSE_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "smse"
+
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "to_rgb8",
+    "decode_image",
+    "read_bytes",
+    "read_image",
+    "resize_image",
+    "load_resized",
+    "ImageCache",
+    "default_cache_dir",
+]

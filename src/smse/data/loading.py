@@ -155,3 +155,12 @@ def assign_split(records: list[Record], cfg: DataConfig) -> list[Record]:
     if any(r.split == "val" for r in records):
         return list(records)
     return carve_validation(records, s.val_fraction, s.seed, cfg.task)
+
+
+__all__ = [
+    "LoadedData",
+    "cache_dir_of",
+    "scan",
+    "load_data",
+    "split_method",
+]

@@ -122,3 +122,9 @@ def write_manifest(path: str | os.PathLike, records: list[Record]) -> None:
         ["path", "label", "tumor_type", "patient", "magnification", "split"],
         ([r.path, r.label, r.tumor_type, r.patient, r.magnification or "", r.split or ""] for r in records),
     )
+
+
+__all__ = [
+    "read_manifest",
+    "write_manifest",
+]

@@ -78,3 +78,13 @@ class ClassMap:
     @classmethod
     def from_dict(cls, d: dict) -> ClassMap:
         return cls(d["task"], tuple(d["names"]))
+
+
+__all__ = [
+    "MAGNIFICATIONS",
+    "UNKNOWN_MAGNIFICATION",
+    "mag_name",
+    "canonical_path",
+    "Record",
+    "ClassMap",
+]

@@ -173,3 +173,10 @@ class _Stream:
             self.pos += len(chunk)
             k -= len(chunk)
         return np.concatenate(out) if out else np.empty(0, dtype=int)
+
+
+__all__ = [
+    "Batch",
+    "MagnificationBalancedSampler",
+    "OfflineTupleSampler",
+]

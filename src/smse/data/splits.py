@@ -156,3 +156,13 @@ def check_split(records: Sequence[Record], hashes: dict[str, str] | None = None)
             problems.append(f"{len(pairs)} identical image(s) on both sides: " + "; ".join(pairs[:10]))
     if problems:
         raise LeakageError("split leaks: " + " | ".join(problems))
+
+
+__all__ = [
+    "patient_labels",
+    "seeded_split",
+    "carve_validation",
+    "read_fold_file",
+    "apply_fold_file",
+    "check_split",
+]

@@ -68,3 +68,9 @@ def format_table(summary: dict) -> str:
         + ")"
     )
     return "\n".join(lines)
+
+
+__all__ = [
+    "summarize",
+    "format_table",
+]

@@ -58,3 +58,13 @@ def augment(image: torch.Tensor, rng: np.random.Generator, sigma: float = 0.05) 
 def view_rng(seed: int, index: int, view: int) -> np.random.Generator:
     """The generator of augmented view ``view`` of image ``index``: same numbers on every run."""
     return np.random.default_rng([seed, index, view])
+
+
+__all__ = [
+    "to_tensor",
+    "rgb_to_hed",
+    "hed_to_rgb",
+    "hed_jitter",
+    "augment",
+    "view_rng",
+]

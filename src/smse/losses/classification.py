@@ -118,3 +118,15 @@ def make_classification_loss(
     if name == "ohem":
         return OHEMLoss(keep=ohem_keep)
     return CLASSIFICATION_LOSSES[name](beta if balance else None, alpha, gamma)
+
+
+__all__ = [
+    "class_balance",
+    "ClassificationLoss",
+    "ReinforcedFocalLoss",
+    "FocalLoss",
+    "CrossEntropy",
+    "OHEMLoss",
+    "CLASSIFICATION_LOSSES",
+    "make_classification_loss",
+]

@@ -252,3 +252,17 @@ def make_metric_loss(name: str, **kwargs) -> MetricLoss | None:
     if name not in METRIC_LOSSES:
         raise ConfigError(f"loss.metric: unknown metric loss {name!r} (known: none, {', '.join(METRIC_LOSSES)})")
     return METRIC_LOSSES[name](**kwargs)
+
+
+__all__ = [
+    "Tuples",
+    "mine_triplets",
+    "mine_pairs",
+    "CrossMagnificationMiner",
+    "pairs_to_pml",
+    "MetricLoss",
+    "TripletLoss",
+    "PairLoss",
+    "METRIC_LOSSES",
+    "make_metric_loss",
+]

@@ -85,3 +85,9 @@ def centre_by_group(features: torch.Tensor, groups: torch.Tensor) -> torch.Tenso
         rows = groups == g
         out[rows] = features[rows] - features[rows].mean(dim=0, keepdim=True)
     return out
+
+
+__all__ = [
+    "Objective",
+    "centre_by_group",
+]

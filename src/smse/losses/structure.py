@@ -58,3 +58,8 @@ class NeighbourhoodLoss(nn.Module):
         mask = allowed[rows]
         terms = torch.where(mask, teacher.exp() * (teacher - student), torch.zeros_like(teacher))
         return terms.sum(dim=1).mean()
+
+
+__all__ = [
+    "NeighbourhoodLoss",
+]

@@ -332,3 +332,16 @@ def create_backbone(name: str, pretrained: bool = True, checkpoint_path: str | N
     if name in BACKBONES:
         return BACKBONES[name](pretrained, checkpoint_path)
     return _timm_backbone(name, pretrained, checkpoint_path)
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Preprocessing",
+    "Backbone",
+    "BACKBONES",
+    "register_backbone",
+    "lite_names",
+    "LITE_WEIGHTS",
+    "create_backbone",
+]

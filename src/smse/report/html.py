@@ -295,3 +295,8 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
     path = files.report
     write_text(path, page)
     return path
+
+
+__all__ = [
+    "write_report",
+]

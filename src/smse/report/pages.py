@@ -26,3 +26,9 @@ def render(template: str, **context) -> str:
 def png_uri(png: bytes) -> str:
     """A ``data:`` URI of PNG bytes: the page needs no other file."""
     return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+__all__ = [
+    "render",
+    "png_uri",
+]

@@ -225,3 +225,15 @@ def reliability_diagram(calibration: dict | None, path: Path) -> Path | None:
     )
     ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
+
+
+__all__ = [
+    "training_curves",
+    "confusion",
+    "magnification_bars",
+    "embedding_map",
+    "retrieval_heatmap",
+    "gallery",
+    "roc_curves",
+    "reliability_diagram",
+]

@@ -325,3 +325,8 @@ async def _read_form(form, limits: Limits) -> tuple[list[Upload], int]:
             )
         uploads.append(Upload(name, data, mag))
     return uploads, k
+
+
+__all__ = [
+    "create_app",
+]

@@ -45,3 +45,9 @@ def fbm(x: np.ndarray, y: np.ndarray, scale: float, seed: int, octaves: int = 3)
         norm += amp
         amp *= 0.5
     return total / norm
+
+
+__all__ = [
+    "value_noise",
+    "fbm",
+]

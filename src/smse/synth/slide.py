@@ -465,3 +465,8 @@ class VirtualSlide:
         np.maximum.at(layer, (r_idx, c_idx), value[ok])
         Hc += layer
         E *= 1 - 0.5 * np.clip(layer, 0, 1)
+
+
+__all__ = [
+    "VirtualSlide",
+]

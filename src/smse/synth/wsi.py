@@ -281,3 +281,11 @@ def load_slides(root: str | os.PathLike) -> list[SynthSlide]:
         SynthSlide(**{**s, "size": tuple(s["size"]), "blobs": tuple(tuple(b) for b in s["blobs"])})
         for s in meta["slides"]
     ]
+
+
+__all__ = [
+    "DEFAULT_SIZE",
+    "write_pyramid",
+    "generate_slides",
+    "load_slides",
+]

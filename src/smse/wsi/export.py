@@ -233,3 +233,11 @@ def advice(result: TilingResult, spec: TileSpec) -> list[str]:
     if len(labels) == 1 and labels[0] != "unlabelled":
         out.append(f"every tile is {labels[0]!r}: smse train needs tiles of at least two classes")
     return out
+
+
+__all__ = [
+    "read_labels",
+    "TilingResult",
+    "write_tiles",
+    "advice",
+]

@@ -280,3 +280,13 @@ def open_slide(path: str | os.PathLike, backend: str | None = None, mpp: float |
         SlideError: naming the file, when it is missing, not a slide, or of unknown resolution.
     """
     return Slide(path, backend, mpp)
+
+
+__all__ = [
+    "MPP_TIMES_OBJECTIVE",
+    "magnification_mpp",
+    "BACKENDS",
+    "available_backends",
+    "Slide",
+    "open_slide",
+]

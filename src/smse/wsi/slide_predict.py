@@ -279,3 +279,8 @@ def predict_slide(
     result["files"] = {name: str(out / name) for name in ("tiles.csv", "heatmap.png", "report.html", "score.json")}
     write_json(out / "score.json", result)
     return result
+
+
+__all__ = [
+    "predict_slide",
+]

@@ -276,3 +276,14 @@ def plan_tiles(slide: Slide, spec: TileSpec, thumbnail_side: int = 1024) -> Tile
     return TilePlan(
         slide, spec, src, centres[keep].reshape(-1, 2), fraction[keep], tissue, thumbnail, (cw, ch), len(centres)
     )
+
+
+__all__ = [
+    "TileSpec",
+    "parse_magnifications",
+    "window",
+    "resample",
+    "cut",
+    "TilePlan",
+    "plan_tiles",
+]

@@ -77,3 +77,10 @@ class TissueMap:
         inside = s[r1, c1] - s[r0, c1] - s[r1, c0] + s[r0, c0]
         area = np.maximum((np.asarray(x1, float) - x0) * (np.asarray(y1, float) - y0) / self.scale**2, 1e-9)
         return np.clip(inside / area, 0.0, 1.0)
+
+
+__all__ = [
+    "otsu_threshold",
+    "tissue_mask",
+    "TissueMap",
+]
