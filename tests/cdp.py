@@ -11,8 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 class Chromium:
@@ -22,11 +30,26 @@ class Chromium:
         to_browser, self._to_browser = os.pipe()
         self._from_browser, from_browser = os.pipe()
         # a small trampoline moves the pipe ends to fds 3 and 4, as the protocol expects, then becomes Chromium
-        trampoline = f"import os, sys; os.dup2({to_browser}, 3); os.dup2({from_browser}, 4); os.execvp(sys.argv[1], sys.argv[1:])"
+        trampoline = (
+            f"import os, sys; os.dup2({to_browser}, 3); os.dup2({from_browser}, 4); "
+            "os.execvp(sys.argv[1], sys.argv[1:])"
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", trampoline, browser, *FLAGS, "--remote-debugging-pipe", f"--user-data-dir={profile}",
-             f"--window-size={width},{height}", url],
-            pass_fds=(to_browser, from_browser), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-c",
+                trampoline,
+                browser,
+                *FLAGS,
+                "--remote-debugging-pipe",
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                url,
+            ],
+            pass_fds=(to_browser, from_browser),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_browser)
         os.close(from_browser)
         self._buffer = b""
@@ -43,7 +66,7 @@ class Chromium:
         message = {"id": self._id, "method": method, "params": params, **({"sessionId": session} if session else {})}
         data = json.dumps(message).encode() + b"\0"
         while data:
-            data = data[os.write(self._to_browser, data):]
+            data = data[os.write(self._to_browser, data) :]
         deadline = time.monotonic() + timeout
         while True:
             answer = self._next(deadline, method)
@@ -82,16 +105,26 @@ class Chromium:
     def screenshot(self, path: Path) -> Path:
         """The whole page as a PNG."""
         height = int(self.evaluate("document.documentElement.scrollHeight"))
-        self.page("Emulation.setDeviceMetricsOverride", width=self.width, height=height, deviceScaleFactor=1, mobile=False)
+        self.page(
+            "Emulation.setDeviceMetricsOverride", width=self.width, height=height, deviceScaleFactor=1, mobile=False
+        )
         path.write_bytes(base64.b64decode(self.page("Page.captureScreenshot", format="png")["data"]))
         return path
 
     def errors(self) -> list[str]:
         """Uncaught exceptions and console errors seen so far."""
-        out = [e["params"]["exceptionDetails"].get("text", "") + " " + str(e["params"]["exceptionDetails"].get("exception", {}).get("description", ""))
-               for e in self.events if e.get("method") == "Runtime.exceptionThrown"]
-        out += [" ".join(str(a.get("value", a.get("description", ""))) for a in e["params"]["args"])
-                for e in self.events if e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] == "error"]
+        out = [
+            e["params"]["exceptionDetails"].get("text", "")
+            + " "
+            + str(e["params"]["exceptionDetails"].get("exception", {}).get("description", ""))
+            for e in self.events
+            if e.get("method") == "Runtime.exceptionThrown"
+        ]
+        out += [
+            " ".join(str(a.get("value", a.get("description", ""))) for a in e["params"]["args"])
+            for e in self.events
+            if e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] == "error"
+        ]
         return out
 
     def _next(self, deadline: float, method: str) -> dict:
@@ -120,7 +153,7 @@ class Chromium:
         os.close(self._to_browser)
         os.close(self._from_browser)
 
-    def __enter__(self) -> "Chromium":
+    def __enter__(self) -> Chromium:
         return self
 
     def __exit__(self, *exc) -> None:

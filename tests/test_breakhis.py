@@ -9,8 +9,16 @@ from tests.conftest import breakhis_path, make_tree, sample_facts, write_png
 
 def test_parse_name_keeps_suffixes_and_fields():
     info = parse_name("SOB_B_A-14-22549AB-100-001.png")
-    assert info == {"cls": "B", "type": "A", "year": "14", "slide": "22549AB", "magnification": 100,
-                    "seq": 1, "patient": "14-22549AB", "slide_folder": "SOB_B_A_14-22549AB"}
+    assert info == {
+        "cls": "B",
+        "type": "A",
+        "year": "14",
+        "slide": "22549AB",
+        "magnification": 100,
+        "seq": 1,
+        "patient": "14-22549AB",
+        "slide_folder": "SOB_B_A_14-22549AB",
+    }
     assert parse_name("SOB_B_A-14-22549CD-100-001.png")["patient"] != info["patient"]
     assert parse_name("SOB_B_TA-14-16184-40-001.png")["patient"] == "14-16184"
     assert parse_name("SOB_B_TA-14-16184CD-40-001.png")["patient"] == "14-16184CD"
@@ -22,13 +30,16 @@ def test_parse_name_year_15():
     assert (info["year"], info["patient"], info["slide_folder"]) == ("15", "15-190EF", "SOB_M_PC_15-190EF")
 
 
-@pytest.mark.parametrize("name, words", [
-    ("IMG_0001.png", "not a BreakHis file name"),
-    ("SOB_B_A-14-22549AB-300-001.png", "unknown magnification 300X"),
-    ("SOB_B_DC-14-22549AB-100-001.png", "does not belong to class B"),
-    ("SOB_B_A-14-22549AB-100-1.png", "not a BreakHis file name"),
-    ("SOB_B_XX-14-22549AB-100-001.png", "not a BreakHis file name"),
-])
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("IMG_0001.png", "not a BreakHis file name"),
+        ("SOB_B_A-14-22549AB-300-001.png", "unknown magnification 300X"),
+        ("SOB_B_DC-14-22549AB-100-001.png", "does not belong to class B"),
+        ("SOB_B_A-14-22549AB-100-1.png", "not a BreakHis file name"),
+        ("SOB_B_XX-14-22549AB-100-001.png", "not a BreakHis file name"),
+    ],
+)
 def test_parse_name_errors_name_the_file(name, words):
     with pytest.raises(DataError, match=words) as err:
         parse_name(name)
@@ -47,7 +58,12 @@ def test_scan_finds_every_image_with_right_fields(tiny_tree):
 
 def test_scan_accepts_nested_copy_and_breast_folder(tmp_path):
     make_tree(tmp_path / "kaggle" / "BreaKHis_v1", {("F", "9133"): 1})
-    assert find_breast_root(tmp_path / "kaggle").parts[-4:] == ("BreaKHis_v1", "BreaKHis_v1", "histology_slides", "breast")
+    assert find_breast_root(tmp_path / "kaggle").parts[-4:] == (
+        "BreaKHis_v1",
+        "BreaKHis_v1",
+        "histology_slides",
+        "breast",
+    )
     records, _ = scan_breakhis(tmp_path / "kaggle")
     assert len(records) == 4
     breast = find_breast_root(tmp_path / "kaggle")
@@ -84,7 +100,9 @@ def test_scan_bad_name_and_misfiled_image(tiny_tree):
     with pytest.raises(DataError, match="holiday.png"):
         scan_breakhis(tiny_tree)
     records, skipped = scan_breakhis(tiny_tree, skip_bad=True)
-    assert len(records) == 64 and skipped == [(str(bad), "not a BreakHis file name (expected SOB_<B|M>_<type>-<yy>-<slide>-<mag>-<nnn>.png)")]
+    assert len(records) == 64 and skipped == [
+        (str(bad), "not a BreakHis file name (expected SOB_<B|M>_<type>-<yy>-<slide>-<mag>-<nnn>.png)")
+    ]
     bad.unlink()
     misfiled = good.parent.parent / "100X" / "SOB_B_F-14-9133-40-009.png"
     write_png(misfiled, 2)

@@ -17,6 +17,7 @@ def loop_nll(logits, targets, t):
     return total / len(targets)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nll_and_the_fitted_temperature_match_a_loop(dtype):
     rng = np.random.default_rng(0)
@@ -46,6 +47,7 @@ def test_rescale_and_reliability_by_hand():
     assert report["ece_uncalibrated"] == pytest.approx(calibration_report([0, 1, 1], probs, 1.0)["ece"])
 
 
+@pytest.mark.slow
 def test_a_run_with_validation_patients_is_calibrated_and_says_so(synth_data, tmp_path):
     import json
 
@@ -64,7 +66,9 @@ def test_a_run_with_validation_patients_is_calibrated_and_says_so(synth_data, tm
     metrics = evaluate_run(run, progress=False)
     assert metrics["calibration"]["temperature"] == pytest.approx(info["temperature"])
     assert metrics["calibration"]["validation"] == info
-    none = train(tiny_config(synth_data, tmp_path / "none", "train.epochs=2", "data.split.val_fraction=0"), progress=False)
+    none = train(
+        tiny_config(synth_data, tmp_path / "none", "train.epochs=2", "data.split.val_fraction=0"), progress=False
+    )
     assert json.loads((none / "run.json").read_text())["calibration"] is None
     assert float(load_checkpoint(none / "best.safetensors")[0].heads.temperature) == 1.0
     assert torch.isfinite(model.heads.temperature)

@@ -7,10 +7,19 @@ import pytest
 from typer.testing import CliRunner
 
 from smse.cli import app
-from tests.conftest import invoke
+from tests.conftest import assert_metrics_match_predictions, invoke
 
-TINY = ["data.image_size=[32, 48]", "model.backbone=paper-cnn", "model.pretrained=false", "model.embedding_dim=16",
-        "model.views=2", "train.epochs=2", "sampler.batch_size=16", "train.device=cpu", "data.split.val_fraction=0.25"]
+TINY = [
+    "data.image_size=[32, 48]",
+    "model.backbone=paper-cnn",
+    "model.pretrained=false",
+    "model.embedding_dim=16",
+    "model.views=2",
+    "train.epochs=2",
+    "sampler.batch_size=16",
+    "train.device=cpu",
+    "data.split.val_fraction=0.25",
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +30,32 @@ def trained_run(synth_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_then_evaluate_writes_tables(trained_run):
+    """Train's and evaluate's metrics.json are the accuracies of the predictions.csv written beside them.
+
+    Catches: accuracies that are not those of the written predictions (wrong images counted as right, the
+    k-NN vote's or another checkpoint's results filed as the head's, magnification groups mixed up);
+    ``evaluate --which last`` leaving the previous metrics or predictions in place; a printed table that
+    does not show the metrics.json numbers. Planted and verified: ``patient_accuracy`` computed as the
+    majority-vote patient diagnosis accuracy, and ``by_magnification`` selecting ``mags != m``.
+    """
     metrics = json.loads((trained_run / "eval" / "metrics.json").read_text())
     assert set(metrics["head"]) == {"40X", "100X", "200X", "400X", "all"}
-    assert 0 <= metrics["head"]["all"]["patient_accuracy"] <= 1
+    assert_metrics_match_predictions(trained_run, metrics)
     assert np.array(metrics["retrieval"]["map_at_r"]).shape == (4, 4)
     assert (trained_run / "reference.npz").exists()
+    (trained_run / "eval" / "predictions.csv").unlink()  # evaluate must write it again
     output = invoke("evaluate", trained_run, "--which", "last")
+    again = json.loads((trained_run / "eval" / "metrics.json").read_text())
+    assert again["checkpoint"] == "last"
+    assert_metrics_match_predictions(trained_run, again)
+    assert f"{100 * again['head']['all']['patient_accuracy']:.1f}" in output
     assert "| SMSE (k-NN, k=5) | image |" in output and "report:" in output
     assert "report.html" in invoke("report", trained_run)
 
 
+@pytest.mark.slow
 def test_predict_csv_with_neighbours_and_a_broken_file(trained_run, synth_data, tmp_path):
     some = sorted(synth_data.rglob("*-400-00*.png"))[:3]
     broken = tmp_path / "broken.png"
@@ -61,6 +85,7 @@ def test_predict_errors_for_wrong_run(tmp_path):
     assert "no such run folder" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_embed_loads_in_one_line(trained_run, synth_data, tmp_path):
     out = tmp_path / "emb.npz"
     invoke("embed", trained_run, synth_data, "--out", out)
@@ -69,6 +94,7 @@ def test_embed_loads_in_one_line(trained_run, synth_data, tmp_path):
     assert set(z["magnifications"].tolist()) == {40, 100, 200, 400} and len(z["patients"]) == 120
 
 
+@pytest.mark.slow
 def test_cv_prints_mean_std_table(synth_data, tmp_path):
     output = invoke("cv", "--folds", 2, f"data.root={synth_data}", f"out={tmp_path / 'cv'}", *TINY, "train.epochs=1")
     assert "±" in output and "| SMSE (classifier head) | patient |" in output
@@ -78,6 +104,7 @@ def test_cv_prints_mean_std_table(synth_data, tmp_path):
     assert (tmp_path / "cv" / "fold1" / "best.safetensors").exists() and (tmp_path / "cv" / "fold2" / "eval").exists()
 
 
+@pytest.mark.slow
 def test_train_on_real_sample(sample_root, tmp_path):
     output = invoke("train", f"data.root={sample_root}", f"out={tmp_path / 'real'}", *TINY)
     assert "| SMSE (classifier head) | image |" in output
@@ -97,7 +124,9 @@ def test_version_short_help_and_config_show():
     import yaml
 
     cfg = yaml.safe_load(shown)
-    assert cfg["model"]["knn_k"] == 7 and cfg["model"]["classifier"] == "knn" and cfg["data"]["image_size"] == [460, 700]
+    assert (
+        cfg["model"]["knn_k"] == 7 and cfg["model"]["classifier"] == "knn" and cfg["data"]["image_size"] == [460, 700]
+    )
     assert yaml.safe_load(invoke("config", "show"))["loss"]["metric"] == "pair"  # the defaults
     bad = CliRunner().invoke(app, ["config", "show", "loss.metric=quadruplet"])
     assert bad.exit_code != 0

@@ -28,11 +28,21 @@ def same_weights(a: Path, b: Path, atol: float = 0.0) -> bool:
     return wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=atol, rtol=0) for k in wa)
 
 
+@pytest.mark.slow
 def test_train_writes_a_complete_run(synth_data, tmp_path):
     cfg = tiny_config(synth_data, tmp_path / "run")
     run = train(cfg, progress=False)
-    for name in ("best.safetensors", "last.safetensors", "history.json", "config.yaml", "versions.json",
-                 "split.csv", "data.json", "state.pt", "run.json"):
+    for name in (
+        "best.safetensors",
+        "last.safetensors",
+        "history.json",
+        "config.yaml",
+        "versions.json",
+        "split.csv",
+        "data.json",
+        "state.pt",
+        "run.json",
+    ):
         assert (run / name).exists(), name
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
@@ -56,16 +66,80 @@ def test_validation_never_uses_test_patients(synth_data, tmp_path):
     assert {"train", "val", "test"} == set().union(*sides.values())
 
 
-@pytest.mark.parametrize("mode, metric", [("pooled", "triplet"), ("pooled", "pair"), ("single", "triplet"),
-                                          ("cross-magnification", "pair"), ("cross-magnification", "none")])
-def test_sampling_modes_train(synth_data, tmp_path, mode, metric):
-    cfg = tiny_config(synth_data, tmp_path / "run", f"sampler.mode={mode}", f"loss.metric={metric}",
-                      "train.epochs=1", "sampler.batch_size=15" if mode == "pooled" else "sampler.batch_size=16")
+@pytest.mark.parametrize(
+    "mode, metric",
+    [
+        ("pooled", "triplet"),
+        ("pooled", "pair"),
+        ("single", "triplet"),
+        ("cross-magnification", "pair"),
+        ("cross-magnification", "none"),
+    ],
+)
+def test_sampling_modes_train(synth_data, tmp_path, monkeypatch, mode, metric):
+    """Every sampling mode trains: the loss falls, the heads move, and ``single`` sees one magnification only.
+
+    Catches: a training step that does not update the weights (no optimizer step, zero learning rate, gradients
+    detached) or that climbs the loss (gradient ascent: planted and verified, as were a skipped optimizer step
+    and ``single`` mode on every magnification); a history without its loss parts or with a total that is not
+    their weighted sum; ``single`` mode training or validating on every magnification (``training_indices``
+    ignoring ``sampler.magnification``), or batches of other magnifications reaching the loss; a metric loss
+    that is silently off (no tuples mined) in the modes that use one.
+    """
+    import smse.engine as engine
+
+    seen_mags: set[int] = set()
+    used: dict[str, np.ndarray] = {}
+    real_objective, real_indices = engine.build_objective, engine.training_indices
+
+    def spy_objective(prep, train_idx):
+        objective = real_objective(prep, train_idx)
+        # objective(emb, logits, targets, mags, patients, ...): the magnifications of every training batch
+        objective.register_forward_pre_hook(lambda module, args: seen_mags.update(args[3].tolist()))
+        return objective
+
+    def spy_indices(prep):
+        train_idx, val_idx = real_indices(prep)
+        used["train"] = np.array([prep.records[i].magnification for i in train_idx])
+        used["val"] = np.array([prep.records[i].magnification for i in val_idx])
+        return train_idx, val_idx
+
+    monkeypatch.setattr(engine, "build_objective", spy_objective)
+    monkeypatch.setattr(engine, "training_indices", spy_indices)
+    cfg = tiny_config(
+        synth_data,
+        tmp_path / "run",
+        f"sampler.mode={mode}",
+        f"loss.metric={metric}",
+        "train.epochs=3",
+        "sampler.batch_size=15" if mode == "pooled" else "sampler.batch_size=16",
+    )
     run = train(cfg, progress=False)
     history = json.loads((run / "history.json").read_text())
-    assert np.isfinite(history[0]["loss_total"])
-    if metric != "none":
-        assert history[0]["tuples_per_step"] > 0
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    parts = {"loss_classification", "loss_total", "val_patient_accuracy", "val_image_accuracy", "lr"}
+    assert parts | ({"loss_metric", "tuples_per_step"} if metric != "none" else set()) <= set(history[0])
+    for h in history:
+        assert np.isfinite(h["loss_total"])
+        weighted = cfg.loss.classification_weight * h["loss_classification"] + cfg.loss.metric_weight * h.get(
+            "loss_metric", 0
+        )
+        assert h["loss_total"] == pytest.approx(weighted, rel=1e-5)
+        if metric != "none":
+            assert h["tuples_per_step"] > 0
+    # the classification loss falls epoch after epoch (the metric loss of random offline pairs is too noisy)
+    falling = [h["loss_classification"] for h in history]
+    assert falling == sorted(falling, reverse=True) and falling[-1] < 0.97 * falling[0], history
+    trained, init = load_checkpoint(run / "last.safetensors")[0], initial_model(cfg)
+    assert not torch.equal(trained.heads.embed.weight, init.heads.embed.weight)
+    assert not torch.equal(trained.heads.classify[1].weight, init.heads.classify[1].weight)
+    split_mags = {int(line.split(",")[4]) for line in (run / "split.csv").read_text().splitlines()[1:]}
+    assert split_mags == {40, 100, 200, 400}  # the split keeps every image; only training picks
+    if mode == "single":
+        only = cfg.sampler.magnification
+        assert seen_mags == {only} and set(used["train"]) == {only} and set(used["val"]) == {only}
+    else:
+        assert seen_mags == {40, 100, 200, 400} and set(used["train"]) == {40, 100, 200, 400}
 
 
 def initial_model(cfg):
@@ -78,18 +152,24 @@ def initial_model(cfg):
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_frozen_mode_keeps_backbone_fine_tuning_changes_it(synth_data, tmp_path, freeze):
-    cfg = tiny_config(synth_data, tmp_path / "run", f"model.freeze_backbone={str(freeze).lower()}", "train.epochs=1",
-                      "train.batches_per_epoch=2")
+    cfg = tiny_config(
+        synth_data,
+        tmp_path / "run",
+        f"model.freeze_backbone={str(freeze).lower()}",
+        "train.epochs=1",
+        "train.batches_per_epoch=2",
+    )
     run = train(cfg, progress=False)
     trained = load_checkpoint(run / "last.safetensors")[0]
     init = initial_model(cfg)
-    same_backbone = all(torch.equal(a, b) for a, b in zip(trained.backbone.state_dict().values(),
-                                                           init.backbone.state_dict().values()))
+    same_backbone = all(
+        torch.equal(a, b) for a, b in zip(trained.backbone.state_dict().values(), init.backbone.state_dict().values())
+    )
     assert same_backbone == freeze
     assert not torch.equal(trained.heads.embed.weight, init.heads.embed.weight)
 
 
-def test_nan_stops_with_clear_message_and_keeps_last_good(synth_data, tmp_path):
+def test_nan_stops_with_clear_message_and_keeps_last_good(synth_data, tmp_path, monkeypatch):
     cfg = tiny_config(synth_data, tmp_path / "run", "train.epochs=3")
     good = train(cfg, progress=False)
     last = (good / "last.safetensors").read_bytes()
@@ -110,12 +190,11 @@ def test_nan_stops_with_clear_message_and_keeps_last_good(synth_data, tmp_path):
         poison.model = prep.model.heads
         return prep
 
-    engine.prepare = spy
-    try:
+    with monkeypatch.context() as patched:  # engine.prepare is itself again before the checks below
+        patched.setattr(engine, "prepare", spy)
         with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 4, step 3.*last.safetensors"):
             train(cfg, callbacks=[poison], progress=False)
-    finally:
-        engine.prepare = real_prepare
+    assert engine.prepare is real_prepare
     assert (good / "last.safetensors").read_bytes() == last  # the diverged epoch 4 wrote nothing
     model, _, _, meta = load_checkpoint(good / "last.safetensors")
     assert meta["epoch"] == "3"  # the last good checkpoint is kept and loads
@@ -142,11 +221,11 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_reaches_same_weights(synth_data, tmp_path):
     out = tmp_path / "killed"
     script = KILL_SCRIPT.format(root=str(ROOT), data=str(synth_data), out=str(out))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=subprocess_env())
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env())
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert json.loads((out / "history.json").read_text())[-1]["epoch"] == 2
     resumed = train(tiny_config(synth_data, out, "train.epochs=4"), progress=False)
@@ -155,21 +234,69 @@ def test_sigkill_mid_epoch_then_resume_reaches_same_weights(synth_data, tmp_path
     assert same_weights(resumed / "best.safetensors", straight / "best.safetensors")
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(synth_data, tmp_path):
-    common = ["-c", "none", f"data.root={synth_data}", "data.image_size=[32, 48]", "model.backbone=paper-cnn",
-              "model.pretrained=false", "model.embedding_dim=16", "model.views=2", "train.epochs=2",
-              "sampler.batch_size=16", "train.device=cpu", "data.split.val_fraction=0.25", "loss.mining=all",
-              # the k-NN references are buffers DDP keeps equal across processes; the neighbourhood term
-              # sees the features gathered from every process
-              "model.classifier=knn", "loss.structure_weight=1"]
+    common = [
+        "-c",
+        "none",
+        f"data.root={synth_data}",
+        "data.image_size=[32, 48]",
+        "model.backbone=paper-cnn",
+        "model.pretrained=false",
+        "model.embedding_dim=16",
+        "model.views=2",
+        "train.epochs=2",
+        "sampler.batch_size=16",
+        "train.device=cpu",
+        "data.split.val_fraction=0.25",
+        "loss.mining=all",
+        # the k-NN references are buffers DDP keeps equal across processes; the neighbourhood term
+        # sees the features gathered from every process
+        "model.classifier=knn",
+        "loss.structure_weight=1",
+    ]
     env = subprocess_env(OMP_NUM_THREADS="1", SMSE_CACHE_DIR=str(tmp_path / "cache"))
-    one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "smse.cli",
-                          "train", "--no-evaluate", *common[2:], f"out={tmp_path / 'one'}"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "1",
+            "-m",
+            "smse.cli",
+            "train",
+            "--no-evaluate",
+            *common[2:],
+            f"out={tmp_path / 'one'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "smse.cli",
-                          "train", "--no-evaluate", *common[2:], f"out={tmp_path / 'two'}"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "smse.cli",
+            "train",
+            "--no-evaluate",
+            *common[2:],
+            f"out={tmp_path / 'two'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert same_weights(tmp_path / "one" / "last.safetensors", tmp_path / "two" / "last.safetensors", atol=1e-5)
     h1 = json.loads((tmp_path / "one" / "history.json").read_text())
@@ -198,6 +325,7 @@ def test_bad_config_values_are_named(tmp_path):
         load_checkpoint(junk)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_version_is_refused(synth_data, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -227,6 +355,7 @@ def test_every_shipped_config_parses_and_round_trips(tmp_path):
         assert cfg.model.backbone in BACKBONES, name
 
 
+@pytest.mark.slow
 def test_fine_tuning_is_the_same_with_loader_workers(synth_data, tmp_path):
     """Augmentations are seeded per (seed, epoch, image), so worker processes change nothing."""
     common = ("model.freeze_backbone=false", "train.epochs=2", "train.batches_per_epoch=2")
@@ -245,13 +374,20 @@ RUN_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_reproduce_a_run_bit_for_bit(synth_data, tmp_path):
     """Separate processes (not just two runs in one) must give the same weights."""
+
     def run(name):
-        script = RUN_SCRIPT.format(root=str(ROOT), data=str(synth_data), out=str(tmp_path / name),
-                                   extra="train.deterministic=true")
-        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                              env=subprocess_env(SMSE_CACHE_DIR=str(tmp_path / "cache")))
+        script = RUN_SCRIPT.format(
+            root=str(ROOT), data=str(synth_data), out=str(tmp_path / name), extra="train.deterministic=true"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(SMSE_CACHE_DIR=str(tmp_path / "cache")),
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         return tmp_path / name / "last.safetensors"
 
@@ -277,15 +413,23 @@ def colour_manifest(root: Path, aligned: bool) -> Path:
     return root / "manifest.csv"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classifier", ["head", "knn"])
 @pytest.mark.parametrize("aligned", [True, False])
 def test_training_learns_what_a_linear_model_can(tmp_path, aligned, classifier):
     """Separable data: high validation accuracy after a few epochs; labels shuffled against images: not."""
     (tmp_path / "data").mkdir()
     manifest = colour_manifest(tmp_path / "data", aligned)
-    cfg = tiny_config(manifest, tmp_path / "run", "train.epochs=8", "data.split.val_fraction=0.5",
-                      "data.split.test_fraction=0.2", "train.lr=0.01", f"model.classifier={classifier}",
-                      "model.knn_k=5")
+    cfg = tiny_config(
+        manifest,
+        tmp_path / "run",
+        "train.epochs=8",
+        "data.split.val_fraction=0.5",
+        "data.split.test_fraction=0.2",
+        "train.lr=0.01",
+        f"model.classifier={classifier}",
+        "model.knn_k=5",
+    )
     history = json.loads((train(cfg, progress=False) / "history.json").read_text())
     final = history[-1]["val_patient_accuracy"]
     if aligned:
@@ -294,6 +438,7 @@ def test_training_learns_what_a_linear_model_can(tmp_path, aligned, classifier):
         assert final <= 0.8, history
 
 
+@pytest.mark.slow
 def test_frozen_heads_standardise_by_the_training_images_only(synth_data, tmp_path):
     from smse.data.loading import LoadedData
     from smse.data.manifest import read_manifest
@@ -312,6 +457,7 @@ def test_frozen_heads_standardise_by_the_training_images_only(synth_data, tmp_pa
     assert torch.equal(load_checkpoint(off / "last.safetensors")[0].heads.feature_mean, torch.zeros_like(expected))
 
 
+@pytest.mark.slow
 def test_knn_runs_vote_with_training_and_validation_images_and_resume_exactly(synth_data, tmp_path):
     from smse.data.loading import LoadedData
     from smse.data.manifest import read_manifest
@@ -339,8 +485,9 @@ def test_knn_runs_vote_with_training_and_validation_images_and_resume_exactly(sy
     for i in test[:5]:
         d = ((emb[reference] - emb[i]) ** 2).sum(1)
         votes = np.bincount(targets[reference][np.argsort(d, kind="stable")[:5]], minlength=len(class_map))
-        np.testing.assert_allclose(probs[i], rescale(((votes + 0.5) / (5 + 0.5 * len(class_map)))[None], t)[0],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            probs[i], rescale(((votes + 0.5) / (5 + 0.5 * len(class_map)))[None], t)[0], atol=1e-5
+        )
     # stopped after 2 of 3 epochs and resumed: the same weights and references as a straight run
     train(tiny_config(synth_data, tmp_path / "resumed", *knn, "train.epochs=2"), progress=False)
     resumed = train(tiny_config(synth_data, tmp_path / "resumed", *knn), progress=False)

@@ -84,7 +84,9 @@ def test_file_objects_and_the_pixel_limit(tmp_path):
     with open(path, "rb") as handle:
         assert read_image(handle).size == (60, 40)
     data = path.read_bytes()
-    np.testing.assert_array_equal(np.asarray(read_image(io.BytesIO(data), name="upload.png")), np.asarray(read_image(path)))
+    np.testing.assert_array_equal(
+        np.asarray(read_image(io.BytesIO(data), name="upload.png")), np.asarray(read_image(path))
+    )
     assert read_image(io.BytesIO(data), max_pixels=2400).size == (60, 40)
     with pytest.raises(ImageError, match=r"^upload.png: image is 60x40 = 2,400 pixels, over the limit of 2,399$"):
         read_image(io.BytesIO(data), max_pixels=2399, name="upload.png")
@@ -97,7 +99,9 @@ def test_file_objects_and_the_pixel_limit(tmp_path):
 def test_decompression_bombs_are_refused_before_decoding(tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_bomb(5000, 5000))  # 24 kB that decode to 25 MB
-    with pytest.raises(ImageError, match="bomb.png: image is 5000x5000 = 25,000,000 pixels, over the limit of 1,000,000"):
+    with pytest.raises(
+        ImageError, match="bomb.png: image is 5000x5000 = 25,000,000 pixels, over the limit of 1,000,000"
+    ):
         read_image(bomb, max_pixels=1_000_000)
     assert read_image(bomb).size == (5000, 5000)  # under PIL's own limit
     huge = tmp_path / "huge.png"

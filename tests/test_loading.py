@@ -17,8 +17,19 @@ from tests.conftest import breakhis_path, make_tree, sample_facts, write_png
 
 def duplicate_pair_tree(root: Path) -> tuple[Path, Path]:
     """The 13412 trap in miniature: one slide filed under DC and LC with identical files."""
-    make_tree(root, {("DC", "13412"): 2, ("LC", "13412"): 2, ("F", "9133"): 2, ("A", "22549AB"): 2,
-                     ("DC", "2523"): 2, ("PC", "12465"): 2, ("TA", "16184"): 2, ("MC", "18842D"): 2})
+    make_tree(
+        root,
+        {
+            ("DC", "13412"): 2,
+            ("LC", "13412"): 2,
+            ("F", "9133"): 2,
+            ("A", "22549AB"): 2,
+            ("DC", "2523"): 2,
+            ("PC", "12465"): 2,
+            ("TA", "16184"): 2,
+            ("MC", "18842D"): 2,
+        },
+    )
     dc = breakhis_path(root, "DC", "13412", 100, 1)
     lc = breakhis_path(root, "LC", "13412", 100, 2)
     shutil.copyfile(dc, lc)
@@ -48,16 +59,28 @@ def test_guard_refuses_identical_images_across_split(tmp_path):
     dc, lc = duplicate_pair_tree(tmp_path)
     data = load_data(DataConfig(root=str(tmp_path), duplicates="keep"), split=False)
     # the LC copy gets another patient name, as a careless re-filing would do
-    records = [Record(r.path, r.label, r.tumor_type, "other" if "LC" in r.path else r.patient,
-                      r.magnification, "test" if "LC" in r.path else "train") for r in data.records]
+    records = [
+        Record(
+            r.path,
+            r.label,
+            r.tumor_type,
+            "other" if "LC" in r.path else r.patient,
+            r.magnification,
+            "test" if "LC" in r.path else "train",
+        )
+        for r in data.records
+    ]
     with pytest.raises(LeakageError, match="identical image") as err:
         check_split(records, data.hashes)
     assert str(dc) in str(err.value) and str(lc) in str(err.value)
 
 
 def test_guard_refuses_patient_on_both_sides():
-    recs = [Record("a", "benign", "A", "14-1", 40, "train"), Record("b", "benign", "A", "14-1", 100, "test"),
-            Record("c", "malignant", "DC", "14-2", 40, "test")]
+    recs = [
+        Record("a", "benign", "A", "14-1", 40, "train"),
+        Record("b", "benign", "A", "14-1", 100, "test"),
+        Record("c", "malignant", "DC", "14-2", 40, "test"),
+    ]
     with pytest.raises(LeakageError, match=r"14-1 \(test/train\)"):
         check_split(recs)
     check_split(recs[1:])
@@ -84,8 +107,12 @@ def test_fold_files_pipe_and_kaggle(tiny_tree, tmp_path):
     assert read_fold_file(pipe) == grp
     kaggle = tmp_path / "Folds.csv"
     rel = {Path(r.path).name: Path(r.path).relative_to(tiny_tree).as_posix() for r in records}
-    kaggle.write_text("fold,mag,grp,filename\n" + "".join(
-        f"{f},{n.split('-')[3]},{g if f == 1 else 'train'},{rel[n]}\n" for f in (1, 2) for n, g in grp.items()))
+    kaggle.write_text(
+        "fold,mag,grp,filename\n"
+        + "".join(
+            f"{f},{n.split('-')[3]},{g if f == 1 else 'train'},{rel[n]}\n" for f in (1, 2) for n, g in grp.items()
+        )
+    )
     assert read_fold_file(kaggle, fold=1) == grp
     cfg = DataConfig(root=str(tiny_tree), split=SplitConfig(method="fold-file", fold_file=str(kaggle), fold=1))
     data = load_data(cfg)
@@ -101,8 +128,11 @@ def test_fold_file_that_leaks_is_refused(tiny_tree, tmp_path):
     records = load_data(DataConfig(root=str(tiny_tree)), split=False).records
     pipe = tmp_path / "dsfold1.txt"
     # an image-level split: one slide's 40X in test, the rest in train
-    pipe.write_text("".join(f"{Path(r.path).name}|{r.magnification}|1|{'test' if r.magnification == 40 else 'train'}\n"
-                            for r in records))
+    pipe.write_text(
+        "".join(
+            f"{Path(r.path).name}|{r.magnification}|1|{'test' if r.magnification == 40 else 'train'}\n" for r in records
+        )
+    )
     cfg = DataConfig(root=str(tiny_tree), split=SplitConfig(method="fold-file", fold_file=str(pipe)))
     with pytest.raises(LeakageError, match="patient"):
         load_data(cfg)
@@ -123,9 +153,14 @@ def test_manifest_any_organ(tmp_path):
     for i in range(6):
         write_png(img / f"p{i}.png", i)
     csv = tmp_path / "liver.csv"
-    csv.write_text("path,label,patient,magnification,split\n" + "".join(
-        f"imgs/p{i}.png,{'tumour' if i % 2 else 'normal'},slide{i // 2},{'20X' if i < 3 else ''},{'test' if i >= 4 else 'train'}\n"
-        for i in range(6)))
+    csv.write_text(
+        "path,label,patient,magnification,split\n"
+        + "".join(
+            f"imgs/p{i}.png,{'tumour' if i % 2 else 'normal'},slide{i // 2},{'20X' if i < 3 else ''},"
+            f"{'test' if i >= 4 else 'train'}\n"
+            for i in range(6)
+        )
+    )
     records, skipped = read_manifest(csv)
     assert [r.magnification for r in records] == [20, 20, 20, 0, 0, 0] and not skipped
     assert records[0].path == str((img / "p0.png").resolve()) and records[1].tumor_type == "tumour"
@@ -150,6 +185,7 @@ def test_manifest_errors_name_line_and_field(tmp_path):
         read_manifest(csv)
 
 
+@pytest.mark.slow
 def test_cli_data_summary_matches_sample_readme(sample_root, tmp_path):
     from typer.testing import CliRunner
 
@@ -173,8 +209,9 @@ def test_cli_reports_errors_in_one_line(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "smse.cli", "data", "summary", str(tmp_path / "nope")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "smse.cli", "data", "summary", str(tmp_path / "nope")], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'nope'}: folder does not exist"
 

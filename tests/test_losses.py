@@ -98,7 +98,10 @@ def test_offline_tuples_and_no_valid_tuple(dtype):
     loss_fn = TripletLoss(margin=0.5)
     loss = loss_fn(emb, labels, tuples=(a, p, n))
     count = loss_fn.num_tuples
-    ref = [max(0, sqd(emb[0], emb[1]) - sqd(emb[0], emb[2]) + 0.5), max(0, sqd(emb[2], emb[3]) - sqd(emb[2], emb[0]) + 0.5)]
+    ref = [
+        max(0, sqd(emb[0], emb[1]) - sqd(emb[0], emb[2]) + 0.5),
+        max(0, sqd(emb[2], emb[3]) - sqd(emb[2], emb[0]) + 0.5),
+    ]
     assert count == 2 and math.isclose(float(loss), sum(ref) / 2, rel_tol=1e-5)
     same = torch.zeros(4, dtype=torch.long)
     emb4 = emb[:4].clone().requires_grad_(True)
@@ -216,8 +219,9 @@ def test_triplet_agrees_with_pytorch_metric_learning(dtype):
 
     emb, labels, mags, patients = batch(dtype)
     a, p, n = mine_triplets(emb, labels, mags, cross_magnification=False)
-    theirs = TripletMarginLoss(margin=1.0, distance=LpDistance(normalize_embeddings=False, power=2),
-                               reducer=MeanReducer())(emb, labels, indices_tuple=(a, p, n))
+    theirs = TripletMarginLoss(
+        margin=1.0, distance=LpDistance(normalize_embeddings=False, power=2), reducer=MeanReducer()
+    )(emb, labels, indices_tuple=(a, p, n))
     ours = TripletLoss(margin=1.0, cross_magnification=False)(emb, labels)
     assert torch.isclose(ours, theirs.to(dtype), rtol=1e-5)
 
@@ -247,11 +251,22 @@ def test_miner_picks_the_tuples_pytorch_metric_learning_picks(dtype, strategy):
 
 
 def test_cross_magnification_miner_feeds_pml_losses():
-    """Our miner in PML's place: PML's losses take its triplets and pairs, and agree with ours."""
+    """Our miner in PML's place: PML's losses take its triplets and pairs, and agree with ours.
+
+    PML's ContrastiveLoss is relu(d - pos_margin) on positives and relu(neg_margin - d) on negatives,
+    on whatever distance it is given: on the squared distance with pos_margin 0 its positive terms are
+    d^2, on the plain distance with neg_margin m its negative terms are max(0, m - d), so ours must be
+    the mean of 1/2 PML_pos(squared) and 1/2 PML_neg(plain)^2 over the same pairs.
+
+    Catches: a PairLoss whose negative hinge is taken on the squared distance (max(0, m - d^2)), is not
+    squared, or loses the 1/2; a positive term on d instead of d^2; pairs fed to PML in another format.
+    Planted and verified: the hinge on the squared distance fails the PML relation by itself (with the
+    hand-written ``ref`` check removed), where the old ``isfinite`` on PML's value passed.
+    """
     pytest.importorskip("pytorch_metric_learning")
     from pytorch_metric_learning.distances import LpDistance
     from pytorch_metric_learning.losses import ContrastiveLoss, TripletMarginLoss
-    from pytorch_metric_learning.reducers import MeanReducer
+    from pytorch_metric_learning.reducers import DoNothingReducer, MeanReducer
 
     from smse.losses import CrossMagnificationMiner
 
@@ -272,7 +287,25 @@ def test_cross_magnification_miner_feeds_pml_losses():
     ours = PairLoss(margin=1.0)(emb, labels, mags, tuples=pairs)
     ref = torch.cat([0.5 * d(pairs[0], pairs[1]) ** 2, 0.5 * torch.relu(1.0 - d(pairs[2], pairs[3])) ** 2]).mean()
     assert torch.isclose(ours, ref)
-    assert torch.isfinite(pml_pair(emb, labels, pairs))
+    # PML per pair: positives on the squared distance are d^2, negatives on the plain distance max(0, m - d);
+    # margin 1.6 puts some negatives inside the hinge and some outside it
+    m = 1.6
+    pos = ContrastiveLoss(pos_margin=0.0, neg_margin=m, distance=squared, reducer=DoNothingReducer())(
+        emb, labels, pairs
+    )["pos_loss"]["losses"]
+    neg = ContrastiveLoss(pos_margin=0.0, neg_margin=m, distance=plain, reducer=DoNothingReducer())(emb, labels, pairs)[
+        "neg_loss"
+    ]["losses"]
+    assert len(pos) == len(pairs[0]) > 0 and len(neg) == len(pairs[2]) > 0
+    assert (neg > 0).sum() >= 3 and (neg == 0).sum() >= 3  # both sides of the hinge are exercised
+    ours = PairLoss(margin=m)(emb, labels, mags, tuples=pairs)
+    assert torch.isclose(ours, torch.cat([0.5 * pos, 0.5 * neg**2]).mean(), rtol=1e-10, atol=0)
+    # PML's own mean-reduced value (pos_margin 0, neg_margin 1, plain distance): mean d of the positives plus
+    # mean hinge of the negatives; the same pairs and distances as ours, but another formula
+    pml_mean = pml_pair(emb, labels, pairs)
+    hinge = torch.relu(1.0 - d(pairs[2], pairs[3]))
+    assert torch.isclose(pml_mean, pos.sqrt().mean() + hinge.mean(), rtol=1e-10)
+    assert not torch.isclose(pml_mean, PairLoss(margin=1.0)(emb, labels, mags, tuples=pairs))
 
 
 def loop_neighbourhood(emb, feats, t):
@@ -303,8 +336,12 @@ def test_neighbourhood_loss_matches_loop(dtype, temperature):
     emb = torch.randn(6, 3, generator=g, dtype=dtype, requires_grad=True)
     feats = torch.randn(6, 5, generator=g, dtype=dtype)
     loss = NeighbourhoodLoss(temperature)(emb, feats)
-    assert math.isclose(float(loss.detach()), loop_neighbourhood(emb.detach(), feats, temperature),
-                        rel_tol=1e-5 if dtype == torch.float32 else 1e-10, abs_tol=1e-7)
+    assert math.isclose(
+        float(loss.detach()),
+        loop_neighbourhood(emb.detach(), feats, temperature),
+        rel_tol=1e-5 if dtype == torch.float32 else 1e-10,
+        abs_tol=1e-7,
+    )
     loss.backward()
     assert emb.grad is not None and torch.isfinite(emb.grad).all()
     # an embedding with the features' own similarities (a scaled copy) has nothing left to learn
@@ -339,8 +376,9 @@ def test_neighbourhood_loss_within_groups_matches_loop(dtype):
     parts = [loop_neighbourhood(emb[idx], feats[idx], 0.5) * len(idx) for idx in ([0, 1, 2], [3, 4, 5])]
     assert math.isclose(got, sum(parts) / 6, rel_tol=1e-5 if dtype == torch.float32 else 1e-10)
     everyone = torch.zeros(7, dtype=torch.long)
-    assert math.isclose(float(NeighbourhoodLoss(0.5)(emb, feats, everyone)), float(NeighbourhoodLoss(0.5)(emb, feats)),
-                        rel_tol=1e-6)
+    assert math.isclose(
+        float(NeighbourhoodLoss(0.5)(emb, feats, everyone)), float(NeighbourhoodLoss(0.5)(emb, feats)), rel_tol=1e-6
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -360,6 +398,7 @@ def test_teacher_centred_per_magnification_matches_a_loop(dtype):
     emb, labels, _, patients = batch(dtype, n=6)
     logits = torch.zeros(6, 2, dtype=dtype)
     cls = make_classification_loss("ce", [3, 3])
-    parts = Objective(cls, None, 1.0, 1.0, NeighbourhoodLoss(0.5), 1.0, "centred")(emb, logits, labels, mags, patients,
-                                                                                  features=feats)
+    parts = Objective(cls, None, 1.0, 1.0, NeighbourhoodLoss(0.5), 1.0, "centred")(
+        emb, logits, labels, mags, patients, features=feats
+    )
     assert float(parts["structure"]) == pytest.approx(float(NeighbourhoodLoss(0.5)(emb, got)))

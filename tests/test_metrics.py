@@ -5,11 +5,29 @@ import math
 import numpy as np
 import pytest
 
-from smse.metrics import (balanced_accuracy, by_magnification, classification_metrics, confusion_matrix,
-                          expected_calibration_error, image_accuracy, macro_f1, patient_accuracy,
-                          patient_diagnosis_accuracy, patient_scores, per_class_recall, roc_auc)
-from smse.retrieval import (average_precision_at_r, cross_magnification_matrix, faiss_available, knn_predict,
-                            magnification_probe, retrieval_scores, search)
+from smse.metrics import (
+    balanced_accuracy,
+    by_magnification,
+    classification_metrics,
+    confusion_matrix,
+    expected_calibration_error,
+    image_accuracy,
+    macro_f1,
+    patient_accuracy,
+    patient_diagnosis_accuracy,
+    patient_scores,
+    per_class_recall,
+    roc_auc,
+)
+from smse.retrieval import (
+    average_precision_at_r,
+    cross_magnification_matrix,
+    faiss_available,
+    knn_predict,
+    magnification_probe,
+    retrieval_scores,
+    search,
+)
 
 # patient A: 3 images, 2 right; patient B: 1 image, right; patient C: 2 images, 0 right
 Y = [0, 0, 0, 1, 1, 1]
@@ -177,8 +195,9 @@ def test_patient_bootstrap_intervals_match_a_loop(dtype):
     for draw in pick:
         rows = [j for i in draw for j in range(len(patients)) if patients[j] == ids[i]]
         image.append(np.mean([y[j] == pred[j] for j in rows]))
-        patient.append(np.mean([np.mean([y[j] == pred[j] for j in range(len(patients)) if patients[j] == ids[i]])
-                                for i in draw]))
+        patient.append(
+            np.mean([np.mean([y[j] == pred[j] for j in range(len(patients)) if patients[j] == ids[i]]) for i in draw])
+        )
     assert got["method"] == "patient bootstrap"
     assert got["image_accuracy"] == pytest.approx(np.percentile(image, [2.5, 97.5]).tolist())
     assert got["patient_accuracy"] == pytest.approx(np.percentile(patient, [2.5, 97.5]).tolist())
@@ -194,8 +213,10 @@ def test_results_table_shows_intervals_counts_and_marks_few_patients():
     pats = ["a", "a", "b", "b", "c", "c", "d", "d"]
     mags = [40, 40, 40, 40, 100, 100, 100, 100]
     table = results_table({"model": by_magnification(y, probs, pats, mags, 2)})
-    rows = {line.split("|")[2].strip() if line.split("|")[1].strip() != "n" else "n": line
-            for line in table.splitlines()[2:]}
+    rows = {
+        line.split("|")[2].strip() if line.split("|")[1].strip() != "n" else "n": line
+        for line in table.splitlines()[2:]
+    }
     assert "[" in rows["patient"] and rows["n"].split("|")[3].strip() == "4 / 2"
     assert rows["patient"].split("|")[3].strip().endswith("*")  # 40X: two patients, marked
     assert rows["n"].split("|")[-2].strip() == "8 / 4"

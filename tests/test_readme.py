@@ -4,6 +4,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -13,6 +15,7 @@ def python_block(after: str) -> str:
     return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
 
 
+@pytest.mark.slow
 def test_the_readme_python_example_runs(synth_data, tmp_path, monkeypatch, capsys):
     code = python_block("<!-- the block below runs as a test")
     shutil.copytree(synth_data, tmp_path / "smse-demo" / "data")  # the demo's data, smaller

@@ -16,6 +16,7 @@ the test patients must not fall below the frozen features' by more than the samp
 """
 
 import numpy as np
+import pytest
 
 from smse.baselines import out_of_fold, patient_folds, tuned_linear_probe
 from smse.config import load_config
@@ -34,8 +35,10 @@ TYPE_TOLERANCE = 0.05  # tumour-type precision@5 (the bootstrap half-width on th
 MIN_QUARTILE_RATIO = 0.2  # distances: 25% quantile / 75% quantile (a two-point embedding: near 0 / near 4)
 
 
-def test_default_is_not_below_the_tuned_probe_and_does_not_collapse_on_real_patients(sample_root, tmp_path,
-                                                                                      overrides=()):
+@pytest.mark.slow
+def test_default_is_not_below_the_tuned_probe_and_does_not_collapse_on_real_patients(
+    sample_root, tmp_path, overrides=()
+):
     cfg = load_config("breakhis", [f"data.root={sample_root}", f"out={tmp_path / 'unused'}", *SMALL, *overrides])
     records = [r.with_split("train") for r in load_data(cfg.data, split=False).records]
     prep = prepare(cfg, progress=False, data=LoadedData(records, {}))
@@ -58,21 +61,43 @@ def test_default_is_not_below_the_tuned_probe_and_does_not_collapse_on_real_pati
     for f in folds[0]:
         q, g = f.test, f.references
         spreads.append(embedding_spread(f.reference_embeddings))
-        ours = type_retrieval(f.test_embeddings, types[q], labels[q], patients[q], f.reference_embeddings,
-                              types[g], labels[g], patients[g])["all"]
+        ours = type_retrieval(
+            f.test_embeddings,
+            types[q],
+            labels[q],
+            patients[q],
+            f.reference_embeddings,
+            types[g],
+            labels[g],
+            patients[g],
+        )["all"]
         mean, std = features[g].mean(0), features[g].std(0) + 1e-6
-        frozen = type_retrieval((features[q] - mean) / std, types[q], labels[q], patients[q], (features[g] - mean) / std,
-                                types[g], labels[g], patients[g])["all"]
+        frozen = type_retrieval(
+            (features[q] - mean) / std,
+            types[q],
+            labels[q],
+            patients[q],
+            (features[g] - mean) / std,
+            types[g],
+            labels[g],
+            patients[g],
+        )["all"]
         type_p5.append((ours["precision_at_5"], ours["queries"]))
         frozen_p5.append((frozen["precision_at_5"], frozen["queries"]))
-    weighted = (lambda v: sum(p * n for p, n in v if n) / sum(n for _, n in v))
+
+    def weighted(v):
+        return sum(p * n for p, n in v if n) / sum(n for _, n in v)
+
     first_axis = max(s["first_axis_share"] for s in spreads)
     rank = min(s["effective_rank"] for s in spreads)
     # a step function of the class: half the distances near 0 (same class), half near 4 (antipodes)
     quartiles = min(s["distance_quantiles"][1] / s["distance_quantiles"][3] for s in spreads)
-    print(f"patient-level accuracy: default {default:.3f}, tuned probe {baseline:.3f}; ROC-AUC: default {auc:.3f}, "
-          f"tuned probe {auc_baseline:.3f}; references: first axis at most {first_axis:.3f}, effective rank at least "
-          f"{rank:.1f}, distance quartile ratio at least {quartiles:.2f}; type P@5: default {weighted(type_p5):.3f}, frozen features {weighted(frozen_p5):.3f}")
+    print(
+        f"patient-level accuracy: default {default:.3f}, tuned probe {baseline:.3f}; ROC-AUC: default {auc:.3f}, "
+        f"tuned probe {auc_baseline:.3f}; references: first axis at most {first_axis:.3f}, effective rank at least "
+        f"{rank:.1f}, distance quartile ratio at least {quartiles:.2f}; type P@5: default {weighted(type_p5):.3f}, "
+        f"frozen features {weighted(frozen_p5):.3f}"
+    )
     assert default >= baseline - TOLERANCE, (default, baseline)
     assert auc >= auc_baseline - AUC_TOLERANCE, (auc, auc_baseline)
     assert first_axis <= MAX_FIRST_AXIS, spreads

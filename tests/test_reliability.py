@@ -45,14 +45,28 @@ from smse.report import html, write_report
 from smse.runfolder import check_finite_weights, locked
 from tests.conftest import breakhis_path, invoke, make_tree, subprocess_env, tiny_config, write_png
 
-TINY = ["data.image_size=[32, 48]", "model.backbone=paper-cnn", "model.pretrained=false", "model.embedding_dim=16",
-        "model.views=2", "train.epochs=1", "sampler.batch_size=16", "train.device=cpu", "data.split.val_fraction=0.25"]
+TINY = [
+    "data.image_size=[32, 48]",
+    "model.backbone=paper-cnn",
+    "model.pretrained=false",
+    "model.embedding_dim=16",
+    "model.views=2",
+    "train.epochs=1",
+    "sampler.batch_size=16",
+    "train.device=cpu",
+    "data.split.val_fraction=0.25",
+]
 
 
 def smse(*args, **kwargs) -> subprocess.CompletedProcess:
     """The real command line in a child process: exit code and stderr as a user sees them."""
-    return subprocess.run([sys.executable, "-m", "smse.cli", *map(str, args)], capture_output=True, text=True,
-                          env=subprocess_env(), **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "smse.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        **kwargs,
+    )
 
 
 PROGRESS_LINE = re.compile(r"^[^:]+: \d+/\d+ .* \(\d+%\), \d+ s, about \d+ s left$")
@@ -84,18 +98,17 @@ def linked_run(synth_data, tmp_path_factory):
     """A run trained, evaluated and reported from a data root given as a relative path through a symlink and ``..``."""
     base = tmp_path_factory.mktemp("linked")
     (base / "mount").symlink_to(synth_data, target_is_directory=True)
-    cwd = os.getcwd()
-    os.chdir(base)
-    try:
+    with pytest.MonkeyPatch.context() as patched:  # a module fixture: the function-scoped monkeypatch is not at hand
+        patched.chdir(base)
         output = invoke("train", "data.root=mount/BreaKHis_v1/..", f"out={base / 'run'}", *TINY)
-    finally:
-        os.chdir(cwd)
     assert "report:" in output
     return base / "run"
 
 
 # -- one spelling of every path ------------------------------------------------------------------
 
+
+@pytest.mark.slow
 def test_data_root_through_symlink_and_dotdot_trains_evaluates_and_reports(linked_run, synth_data):
     split = list(csv.DictReader(open(linked_run / "split.csv")))
     preds = list(csv.DictReader(open(linked_run / "eval" / "predictions.csv")))
@@ -123,6 +136,7 @@ def test_manifest_rows_that_disagree_name_both_lines(tmp_path):
 
 # -- wrong results reported as success -----------------------------------------------------------
 
+
 def test_one_class_is_refused_by_name(tmp_path):
     names = image_set(tmp_path, 4)
     m = manifest(tmp_path / "m.csv", [f"{n},benign,p{i // 2},40" for i, n in enumerate(names)])
@@ -138,16 +152,22 @@ def test_names_differing_only_in_case_or_spaces_are_refused(tmp_path, column, sp
         label = spellings[i % 2] if column == "label" else ("benign", "malignant")[i % 2]
         patient = spellings[i % 2] if column == "patient" else f"q{i}"
         rows.append(f"{n},{label},{patient},40")
-    with pytest.raises(DataError, match=rf"{column} '{spellings[0]}' \(line 2\) and '{spellings[1]}' \(line 3\) "
-                                        "differ only in case or spaces"):
+    with pytest.raises(
+        DataError,
+        match=rf"{column} '{spellings[0]}' \(line 2\) and '{spellings[1]}' \(line 3\) "
+        "differ only in case or spaces",
+    ):
         read_manifest(manifest(tmp_path / "m.csv", rows))
 
 
 def split_manifest(tmp_path: Path) -> Path:
     names = image_set(tmp_path, 12)
     split = ["train"] * 4 + ["val"] * 4 + ["test"] * 4
-    return manifest(tmp_path / "m.csv", [f"{n},{'ab'[i % 2]},p{i // 2},40,{split[i]}" for i, n in enumerate(names)],
-                    header="path,label,patient,magnification,split")
+    return manifest(
+        tmp_path / "m.csv",
+        [f"{n},{'ab'[i % 2]},p{i // 2},40,{split[i]}" for i, n in enumerate(names)],
+        header="path,label,patient,magnification,split",
+    )
 
 
 def test_a_manifest_split_column_is_used_by_default_and_never_dropped_silently(tmp_path, caplog):
@@ -165,20 +185,26 @@ def test_a_manifest_split_column_is_used_by_default_and_never_dropped_silently(t
 
 
 def test_resume_after_the_data_changed_is_refused_naming_the_change(synth_data, tmp_path):
-    rows = [f"{p},{'benign' if '_B_' in p.name else 'malignant'},{p.parent.parent.name},{p.parent.name}"
-            for p in sorted(synth_data.rglob("*.png"))]
+    rows = [
+        f"{p},{'benign' if '_B_' in p.name else 'malignant'},{p.parent.parent.name},{p.parent.name}"
+        for p in sorted(synth_data.rglob("*.png"))
+    ]
     m = manifest(tmp_path / "m.csv", rows)
     run = train(tiny_config(m, tmp_path / "run", "train.epochs=1"), progress=False)
     before = (run / "split.csv").read_bytes()
     gone = rows[0].split(",")[2]
     manifest(m, [r for r in rows if f",{gone}," not in r])
-    with pytest.raises(DataError, match=r"the data changed since this run started \(12 image\(s\) gone, e\.g\. .*"
-                                        r"patient\(s\) moved between splits"):
+    with pytest.raises(
+        DataError,
+        match=r"the data changed since this run started \(12 image\(s\) gone, e\.g\. .*"
+        r"patient\(s\) moved between splits",
+    ):
         train(tiny_config(m, tmp_path / "run", "train.epochs=2"), progress=False)
     assert (run / "split.csv").read_bytes() == before  # nothing of the refused run was written
     assert json.loads((run / "history.json").read_text())[-1]["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_a_second_training_into_a_locked_run_folder_fails_at_once(synth_data, tmp_path):
     # the lock dies with its process: test_engine's SIGKILL test resumes into the killed run's folder
     with locked(tmp_path / "run"):
@@ -213,15 +239,23 @@ INTERRUPT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_saying_how_to_resume_and_the_run_resumes(synth_data, tmp_path):
     out = tmp_path / "run"
     args = [f"data.root={synth_data}", f"out={out}", *TINY, "train.epochs=2"]
-    proc = subprocess.run([sys.executable, "-c", INTERRUPT_SCRIPT.format(args=args)], capture_output=True, text=True,
-                          env=subprocess_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERRUPT_SCRIPT.format(args=args)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
     assert proc.returncode == 130, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1] == (f"error: interrupted; {out} holds the run after epoch 1 "
-                                                    "(state.pt, last.safetensors): run the same command again to "
-                                                    "resume from there")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: interrupted; {out} holds the run after epoch 1 "
+        "(state.pt, last.safetensors): run the same command again to "
+        "resume from there"
+    )
     assert "Traceback" not in proc.stderr
     resumed = invoke("train", "--no-evaluate", *args)
     assert f"resuming {out} after epoch 1" in resumed
@@ -237,15 +271,19 @@ def test_cv_refuses_zero_folds_and_one_fixed_fold_file(synth_data, tmp_path):
     with pytest.raises(ConfigError, match=r"dsfold1.txt holds one split, so all 3 folds would score it; .*\{fold\}"):
         cross_validate(cfg, 3)
     for ok in (str(tmp_path / "dsfold{fold}.txt"), str(tmp_path / "Folds.csv")):  # a Folds.csv holds every fold
-        check_folds(tiny_config(synth_data, tmp_path / "cv", "data.split.method=fold-file",
-                                f"data.split.fold_file={ok}"), 3)
+        check_folds(
+            tiny_config(synth_data, tmp_path / "cv", "data.split.method=fold-file", f"data.split.fold_file={ok}"), 3
+        )
     assert not (tmp_path / "cv").exists()
 
 
 # -- numbers: every spelling, every range --------------------------------------------------------
 
-@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("1E-3", 1e-3), (".5", 0.5), ("5.", 5.0), ("2", 2.0),
-                                         ("1.0e+0", 1.0), ("+3e-1", 0.3)])
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("1e-3", 1e-3), ("1E-3", 1e-3), (".5", 0.5), ("5.", 5.0), ("2", 2.0), ("1.0e+0", 1.0), ("+3e-1", 0.3)],
+)
 def test_every_float_spelling_is_a_number(text, value):
     assert load_config(None, [f"train.lr={text}"]).train.lr == pytest.approx(value)
 
@@ -284,18 +322,23 @@ def test_every_numeric_field_has_a_range_and_values_outside_it_are_refused():
 
 # -- the command line: usage errors in one line ---------------------------------------------------
 
-@pytest.mark.parametrize("args, parts", [
-    (["predict", "RUN"], ["Missing argument", "predict --help"]),
-    (["train", "--x"], ["No such option: --x"]),
-    (["predict", "RUN", "a.png", "--k", "-1"], ["'--k'"]),
-    (["cv", "--folds", "0"], ["'--folds'"]),
-    (["predict", "RUN", "a.png", "--out", "."], ["'--out'", "is a directory"]),
-])
+
+@pytest.mark.parametrize(
+    "args, parts",
+    [
+        (["predict", "RUN"], ["Missing argument", "predict --help"]),
+        (["train", "--x"], ["No such option: --x"]),
+        (["predict", "RUN", "a.png", "--k", "-1"], ["'--k'"]),
+        (["cv", "--folds", "0"], ["'--folds'"]),
+        (["predict", "RUN", "a.png", "--out", "."], ["'--out'", "is a directory"]),
+    ],
+)
 def test_usage_errors_are_one_line_with_exit_code_2(args, parts):
     one_line_error(smse(*args), *parts)
 
 
 # -- images that cannot be decoded ---------------------------------------------------------------
+
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -304,8 +347,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def write_bomb(path: Path) -> Path:
     """A valid PNG header claiming 14,000 x 13,000 pixels (182 megapixels) over a few bytes of data."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 14000, 13000, 8, 2, 0, 0, 0))
-                     + png_chunk(b"IDAT", zlib.compress(b"\0" * 100)) + png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 14000, 13000, 8, 2, 0, 0, 0))
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + png_chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -320,9 +367,9 @@ def damage(tree: Path) -> list[Path]:
     Image.fromarray(arr).save(buf, "PNG")
     data = bytearray(buf.getvalue())
     at = data.index(b"IDAT")
-    n = struct.unpack(">I", data[at - 4:at])[0]
-    payload = bytes(b ^ 0xFF if 10 <= k < 60 else b for k, b in enumerate(data[at + 4:at + 4 + n]))
-    data[at + 4:at + 8 + n] = payload + struct.pack(">I", zlib.crc32(b"IDAT" + payload))  # corrupt, CRC intact
+    n = struct.unpack(">I", data[at - 4 : at])[0]
+    payload = bytes(b ^ 0xFF if 10 <= k < 60 else b for k, b in enumerate(data[at + 4 : at + 4 + n]))
+    data[at + 4 : at + 8 + n] = payload + struct.pack(">I", zlib.crc32(b"IDAT" + payload))  # corrupt, CRC intact
     victims[1].write_bytes(bytes(data))
     Image.fromarray(arr[:4, :4]).save(victims[2])
     return victims
@@ -353,6 +400,7 @@ def test_an_old_inspection_cache_is_not_trusted(tmp_path):
         load_data(DataConfig(root=str(tree)), split=False)
 
 
+@pytest.mark.slow
 def test_a_decompression_bomb_is_a_bad_file_in_train_summary_and_predict(linked_run, tmp_path):
     bomb = write_bomb(tmp_path / "bomb.png")
     with pytest.raises(ImageError, match="bomb.png: too large to decode safely"):
@@ -360,8 +408,9 @@ def test_a_decompression_bomb_is_a_bad_file_in_train_summary_and_predict(linked_
     tree = tmp_path / "data"
     make_tree(tree, {("F", "9133"): 1, ("DC", "16184"): 1})
     write_bomb(breakhis_path(tree, "F", "9133", 100, 1))
-    one_line_error(smse("data", "summary", tree, "--json", tmp_path / "s.json"),
-                   "SOB_B_F-14-9133-100-001.png: too large")
+    one_line_error(
+        smse("data", "summary", tree, "--json", tmp_path / "s.json"), "SOB_B_F-14-9133-100-001.png: too large"
+    )
     data = load_data(DataConfig(root=str(tree), skip_bad=True), split=False)
     assert [Path(p).name for p, _ in data.skipped] == ["SOB_B_F-14-9133-100-001.png"]
     rows = predict(linked_run, [bomb], tmp_path / "p.csv", device="cpu")
@@ -394,11 +443,15 @@ def test_manifest_with_a_byte_order_mark_or_another_encoding(tmp_path):
 
 # -- places that cannot be written ---------------------------------------------------------------
 
+
 def test_a_cache_folder_that_is_a_file_or_read_only_is_named(tiny_tree, tmp_path, monkeypatch):
     blocker = tmp_path / "cachefile"
     blocker.write_text("")
-    with pytest.raises(OutputError, match=rf"cache folder {blocker}: cannot write there .*a file stands where a folder "
-                                          r"is needed.*data.cache_dir, --cache-dir or \$SMSE_CACHE_DIR"):
+    with pytest.raises(
+        OutputError,
+        match=rf"cache folder {blocker}: cannot write there .*a file stands where a folder "
+        r"is needed.*data.cache_dir, --cache-dir or \$SMSE_CACHE_DIR",
+    ):
         load_data(DataConfig(root=str(tiny_tree), cache_dir=str(blocker)), split=False)
     read_only = tmp_path / "ro"
     read_only.mkdir()
@@ -411,8 +464,11 @@ def test_a_cache_folder_that_is_a_file_or_read_only_is_named(tiny_tree, tmp_path
 
     monkeypatch.setattr(tempfile, "TemporaryFile", no_write)
     monkeypatch.setenv("SMSE_CACHE_DIR", str(read_only))
-    with pytest.raises(OutputError, match=rf"cache folder {read_only}: cannot write there \(Permission denied; no "
-                                          "permission"):
+    with pytest.raises(
+        OutputError,
+        match=rf"cache folder {read_only}: cannot write there \(Permission denied; no "
+        "permission",
+    ):
         load_data(DataConfig(root=str(tiny_tree)), split=False)
 
 
@@ -438,8 +494,11 @@ def test_a_full_disk_while_writing_a_checkpoint_names_it_and_keeps_the_old_one(s
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("smse.checkpoint.save_file", full_disk)
-    with pytest.raises(OutputError, match=rf"{run / 'last.safetensors'}: cannot write \(No space left on device; the "
-                                          "disk is full: free some space and run again\\)"):
+    with pytest.raises(
+        OutputError,
+        match=rf"{run / 'last.safetensors'}: cannot write \(No space left on device; the "
+        "disk is full: free some space and run again\\)",
+    ):
         train(tiny_config(synth_data, tmp_path / "run", "train.epochs=2"), progress=False)
     assert (run / "last.safetensors").read_bytes() == last
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
@@ -450,6 +509,7 @@ def test_a_full_disk_while_writing_a_checkpoint_names_it_and_keeps_the_old_one(s
 
 # -- non-finite numbers --------------------------------------------------------------------------
 
+
 def test_non_finite_weights_stop_training_before_they_are_saved(tmp_path):
     layer = torch.nn.Linear(2, 2)
     check_finite_weights(layer, 1, tmp_path)
@@ -459,6 +519,7 @@ def test_non_finite_weights_stop_training_before_they_are_saved(tmp_path):
         check_finite_weights(layer, 3, tmp_path)
 
 
+@pytest.mark.slow
 def test_non_finite_embeddings_never_reach_the_report(linked_run, tmp_path, caplog, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(linked_run, run)

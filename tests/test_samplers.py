@@ -18,7 +18,9 @@ def test_magnification_balanced_batches_and_epoch_length():
     for b in batches:
         assert len(b) == 32 and Counter(MAGS[i] for i in b.indices) == {40: 8, 100: 8, 200: 8, 400: 8}
         assert b.tuples is None and b.classify is None  # tuples are mined in the batch
-    assert all(np.array_equal(a.indices, b.indices) for a, b in zip(batches, s.epoch(0)))  # deterministic in (seed, epoch)
+    assert all(
+        np.array_equal(a.indices, b.indices) for a, b in zip(batches, s.epoch(0))
+    )  # deterministic in (seed, epoch)
     assert not np.array_equal(batches[0].indices, next(iter(s.epoch(1))).indices)
     seen = Counter(int(i) for b in batches for i in b.indices)
     assert max(seen.values()) <= 2 and len(seen) >= 90  # without replacement within a pass

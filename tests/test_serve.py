@@ -46,14 +46,17 @@ def split_paths(run, split: str) -> list[Path]:
 
 def png_bytes(size=(60, 40), seed=0) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, "PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+        buffer, "PNG"
+    )
     return buffer.getvalue()
 
 
 def post(client, files, **data):
     """POST /api/predict with ``files`` = [(name, bytes), ...]."""
-    return client.post("/api/predict", files=[("images", (name, content, "image/png")) for name, content in files],
-                       data=data)
+    return client.post(
+        "/api/predict", files=[("images", (name, content, "image/png")) for name, content in files], data=data
+    )
 
 
 def test_health_names_model_reference_and_limits(client, run, service):
@@ -87,7 +90,9 @@ def test_a_reference_image_finds_itself_at_every_level(client, run, service):
         assert len(hits) == 3 and all(n["magnification"] == m for n in hits)
         assert np.all(np.diff([n["distance"] for n in hits]) >= 0)
         # an overall top-k hit at this magnification is always among this magnification's top k
-        assert {n["id"] for n in hits if n["in_top_k"]} == {n["id"] for n in image["neighbours"] if n["magnification"] == m}
+        assert {n["id"] for n in hits if n["in_top_k"]} == {
+            n["id"] for n in image["neighbours"] if n["magnification"] == m
+        }
     assert groups[mag][0]["id"] == own
     # the query lands on the map exactly where its own reference point is
     ref_map = client.get("/api/reference/map").json()
@@ -109,7 +114,10 @@ def test_the_case_is_the_mean_of_its_images_and_given_magnifications_win(client,
     np.testing.assert_allclose([case["probabilities"][c] for c in body["classes"]], probs.mean(0), atol=1e-6)
     assert case["predicted"] == body["classes"][int(probs.mean(0).argmax())]
     assert sum(case["neighbour_vote"].values()) == 3 * 2
-    assert [(im["magnification"], im["magnification_source"]) for im in body["images"]][1:] == [(100, "given"), (400, "given")]
+    assert [(im["magnification"], im["magnification_source"]) for im in body["images"]][1:] == [
+        (100, "given"),
+        (400, "given"),
+    ]
     assert body["images"][0]["magnification_source"] == "name"
     refused = post(client, [(paths[0].name, paths[0].read_bytes())], magnification=["50X"])
     assert refused.status_code == 422 and "50X is not one of the references' (40X, 100X, 200X, 400X)" in refused.text
@@ -130,8 +138,16 @@ BAD = {
     "not an image": (b"just some text, not pixels\n" * 20, "notes.png", "not an image file"),
     "truncated": (truncated_png(), "cut.png", "corrupt or truncated"),
     "zero bytes": (b"", "empty.png", "file is empty"),
-    "huge image": (flat_png((2000, 1001)), "huge.png", "image is 2000x1001 = 2,002,000 pixels, over the limit of 2,000,000"),
-    "decompression bomb": (png_bomb(5000, 5000), "bomb.png", "image is 5000x5000 = 25,000,000 pixels, over the limit of 2,000,000"),
+    "huge image": (
+        flat_png((2000, 1001)),
+        "huge.png",
+        "image is 2000x1001 = 2,002,000 pixels, over the limit of 2,000,000",
+    ),
+    "decompression bomb": (
+        png_bomb(5000, 5000),
+        "bomb.png",
+        "image is 5000x5000 = 25,000,000 pixels, over the limit of 2,000,000",
+    ),
     "too small": (png_bytes((4, 4)), "tiny.png", "only 4x4 pixels"),
 }
 
@@ -148,7 +164,12 @@ def test_a_bad_image_gets_a_clear_json_error_and_the_server_goes_on(client, run,
     response = post(client, [(name, content), (good.name, good.read_bytes())])
     assert response.status_code == 200
     bad, ok = response.json()["images"]
-    assert message in bad["error"] and bad["predicted"] is None and ok["predicted"] and response.json()["case"]["images"] == 1
+    assert (
+        message in bad["error"]
+        and bad["predicted"] is None
+        and ok["predicted"]
+        and response.json()["case"]["images"] == 1
+    )
     assert client.get("/api/health").status_code == 200
 
 
@@ -164,20 +185,24 @@ def test_upload_limits(client):
     assert response.json()["error"].startswith("big.png: ")
     response = post(client, [("a.png", big), ("b.png", big)])  # over 600 kB per request
     assert response.status_code == 413 and response.json()["code"] == "upload_too_large"
-    chunked = client.post("/api/predict", content=iter([b"--x\r\n"]),
-                          headers={"content-type": "multipart/form-data; boundary=x"})
+    chunked = client.post(
+        "/api/predict", content=iter([b"--x\r\n"]), headers={"content-type": "multipart/form-data; boundary=x"}
+    )
     assert chunked.status_code == 411 and chunked.json()["code"] == "length_required"
     assert client.get("/api/health").status_code == 200
 
 
-@pytest.mark.parametrize("form, message", [
-    ({}, "images: no image uploaded"),
-    ({"k": "0"}, "k: expected 1 to 10"),
-    ({"k": "many"}, "k: expected an integer"),
-    ({"k": ("k.png", b"1")}, "k: expected an integer"),
-    ({"magnification": "banana"}, "magnification: expected a magnification"),
-    ({"magnification": ["40", "100"]}, "magnification: 2 values for 1 images"),
-])
+@pytest.mark.parametrize(
+    "form, message",
+    [
+        ({}, "images: no image uploaded"),
+        ({"k": "0"}, "k: expected 1 to 10"),
+        ({"k": "many"}, "k: expected an integer"),
+        ({"k": ("k.png", b"1")}, "k: expected an integer"),
+        ({"magnification": "banana"}, "magnification: expected a magnification"),
+        ({"magnification": ["40", "100"]}, "magnification: 2 values for 1 images"),
+    ],
+)
 def test_bad_fields_are_named(client, form, message):
     files = [("images", ("x.png", png_bytes()))] if form else []
     files += [(key, value) for key, value in form.items() if isinstance(value, tuple)]  # a file where text belongs
@@ -186,8 +211,10 @@ def test_bad_fields_are_named(client, form, message):
     assert response.status_code == 422 and message in response.json()["error"], response.text
 
 
-@pytest.mark.parametrize("ref_id", ["999999", "-1", "1.png", "0x1", "%2E%2E", "..%2F..%2Fetc%2Fpasswd", "%EF%BC%91",
-                                    "%2Fetc%2Fpasswd", "1%00"])
+@pytest.mark.parametrize(
+    "ref_id",
+    ["999999", "-1", "1.png", "0x1", "%2E%2E", "..%2F..%2Fetc%2Fpasswd", "%EF%BC%91", "%2Fetc%2Fpasswd", "1%00"],
+)
 def test_thumbnails_only_by_known_id(client, service, monkeypatch, ref_id):
     monkeypatch.setattr(service, "thumbnail", lambda i: pytest.fail(f"thumbnail({i!r}) reached the service"))
     response = client.get(f"/api/reference/{ref_id}/thumbnail")
@@ -204,8 +231,12 @@ def test_a_reference_that_left_the_disk_is_a_clear_404(run, service, tmp_path):
 def test_token_guards_every_api_call_but_not_the_page(service, run):
     client = TestClient(create_app(service=service, token="s3cret"), base_url="http://any.example")
     good = split_paths(run, "test")[0]
-    for method, url in [("get", "/api/health"), ("get", "/api/reference/map"), ("get", "/api/reference/0/thumbnail"),
-                        ("post", "/api/predict")]:
+    for method, url in [
+        ("get", "/api/health"),
+        ("get", "/api/reference/map"),
+        ("get", "/api/reference/0/thumbnail"),
+        ("post", "/api/predict"),
+    ]:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             response = getattr(client, method)(url, headers=headers)
             assert response.status_code == 401 and response.json()["code"] == "unauthorized", (url, headers)
@@ -213,7 +244,9 @@ def test_token_guards_every_api_call_but_not_the_page(service, run):
     auth = {"Authorization": "Bearer s3cret"}
     assert client.get("/api/health", headers=auth).status_code == 200
     assert client.get("/api/reference/0/thumbnail", headers=auth).status_code == 200
-    response = client.post("/api/predict", headers=auth, files=[("images", (good.name, good.read_bytes(), "image/png"))])
+    response = client.post(
+        "/api/predict", headers=auth, files=[("images", (good.name, good.read_bytes(), "image/png"))]
+    )
     assert response.status_code == 200 and response.json()["case"]["images"] == 1
     page = client.get("/")  # the page holds no data; it asks for the token
     assert page.status_code == 200 and 'id="token-box"' in page.text
@@ -236,9 +269,13 @@ def test_page_and_static_files_are_served_offline(client):
     for name in ("app.js", "style.css"):
         response = client.get(f"/static/{name}")
         assert response.status_code == 200
-        assert set(re.findall(r"https?://[^\s\"']*", response.text)) <= {"http://www.w3.org/2000/svg"}  # a name, not a link
+        assert set(re.findall(r"https?://[^\s\"']*", response.text)) <= {
+            "http://www.w3.org/2000/svg"
+        }  # a name, not a link
     schema = client.get("/openapi.json").json()
-    assert {"/api/predict", "/api/health", "/api/reference/map", "/api/reference/{ref_id}/thumbnail"} <= set(schema["paths"])
+    assert {"/api/predict", "/api/health", "/api/reference/map", "/api/reference/{ref_id}/thumbnail"} <= set(
+        schema["paths"]
+    )
     body = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["required"] == ["images"]
 
@@ -281,7 +318,7 @@ def test_reference_data_is_embedded_once_and_cached_in_the_run(run, service, syn
 def test_reference_map_is_pca(dtype):
     from sklearn.decomposition import PCA
 
-    emb = np.random.default_rng(0).normal(size=(50, 6)).astype(dtype) * np.array([5, 3, 1, 1, .5, .1], dtype)
+    emb = np.random.default_rng(0).normal(size=(50, 6)).astype(dtype) * np.array([5, 3, 1, 1, 0.5, 0.1], dtype)
     ref = ReferenceMap(emb)
     pca = PCA(2).fit(emb.astype(np.float64))
     expected = pca.transform(emb.astype(np.float64))
@@ -346,6 +383,7 @@ def serving(app):
         sock.close()
 
 
+@pytest.mark.slow
 def test_page_in_chromium_classifies_an_upload_and_shows_neighbours(service, run, tmp_path):
     from tests.cdp import Chromium
     from tests.test_report import chromium
@@ -390,7 +428,9 @@ def test_page_in_chromium_classifies_an_upload_and_shows_neighbours(service, run
     assert seen["rows"] == ["40X", "100X", "200X", "400X"]
     assert len(seen["thumbs"]) == 4 * 5 and all(seen["thumbs"]), seen  # k=5 per magnification, every one loaded
     assert seen["ranked"] == 5 and seen["marks"] == 1 and "1 image analysed" in seen["status"]
-    assert seen["painted"] and "(5 neighbours): " in seen["vote"] and "object" not in seen["vote"]  # styles pass the CSP
+    assert (
+        seen["painted"] and "(5 neighbours): " in seen["vote"] and "object" not in seen["vote"]
+    )  # styles pass the CSP
     assert seen["guide"].startswith("Reading d (median between references of other patients): same type"), seen
     assert len(after["failed"]) == 1 and after["failed"][0].startswith("broken.png: corrupt or truncated image"), after
     assert after["predicted"] == 1 and after["status"].endswith("1 unreadable")

@@ -5,8 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from smse.similarity import (OOD_K, OOD_QUANTILE, distance_guide, embedding_spread, pairwise_distances,
-                             same_patient_retrieval, type_retrieval)
+from smse.similarity import (
+    OOD_K,
+    OOD_QUANTILE,
+    distance_guide,
+    embedding_spread,
+    pairwise_distances,
+    same_patient_retrieval,
+    type_retrieval,
+)
 
 
 def loop_ranking(q, gallery):
@@ -63,7 +70,9 @@ def test_type_retrieval_by_hand():
     types = ["A", "A", "F", "A", "DC"]
     labels = ["benign", "benign", "benign", "benign", "malignant"]
     patients = ["q", "q", "x", "y", "z"]
-    got = type_retrieval(emb[:1], types[:1], labels[:1], patients[:1], emb[1:], types[1:], labels[1:], patients[1:], k=2)
+    got = type_retrieval(
+        emb[:1], types[:1], labels[:1], patients[:1], emb[1:], types[1:], labels[1:], patients[1:], k=2
+    )
     assert got["all"]["precision_at_2"] == pytest.approx(0.5)  # F, A
     assert got["all"]["map_at_r"] == pytest.approx(0.0)  # R = 1 and rank 1 is F
     assert got["within_class"]["precision_at_2"] == pytest.approx(0.5)  # DC is not in the benign gallery

@@ -33,6 +33,7 @@ def test_tree_loads_with_the_breakhis_loader(synth_root, tmp_path):
         assert image.size == (48, 32) and image.mode == "RGB"
 
 
+@pytest.mark.slow
 def test_deterministic_per_seed_and_worker_count(tmp_path, synth_root):
     again = generate(tmp_path / "b", patients=9, seed=3, size=(48, 32), images_per_mag=2, workers=2)
     files = sorted(p.relative_to(synth_root) for p in synth_root.rglob("*.png"))
@@ -50,7 +51,16 @@ def test_proportions_follow_breakhis_and_can_change():
     benign = sum(counts[t] for t in ("A", "F", "PT", "TA"))
     assert 1.7 <= (32 - benign) / benign <= 2.8
     assert set(allocate(16, parse_proportions("balanced")).values()) == {2}
-    assert allocate(5, parse_proportions("DC=1,F=1")) == {"A": 0, "F": 3, "PT": 0, "TA": 0, "DC": 2, "LC": 0, "MC": 0, "PC": 0}
+    assert allocate(5, parse_proportions("DC=1,F=1")) == {
+        "A": 0,
+        "F": 3,
+        "PT": 0,
+        "TA": 0,
+        "DC": 2,
+        "LC": 0,
+        "MC": 0,
+        "PC": 0,
+    }
     with pytest.raises(ConfigError, match="unknown tumour type 'XX'"):
         parse_proportions("XX=1")
 
@@ -92,7 +102,9 @@ def test_same_field_renders_same_tissue_at_two_scales():
     down = small.reshape(32, 2, 48, 2, 3).mean(axis=(1, 3))
     corr = np.corrcoef(crop.mean(axis=2).ravel(), down.mean(axis=2).ravel())[0, 1]
     unrelated = slide.render((2000.0, 1500.0, 150.0, 100.0), (96, 64), rng, supersample=1).astype(float)
-    other = np.corrcoef(crop.mean(axis=2).ravel(), unrelated.reshape(32, 2, 48, 2, 3).mean(axis=(1, 3, 4)).ravel())[0, 1]
+    other = np.corrcoef(crop.mean(axis=2).ravel(), unrelated.reshape(32, 2, 48, 2, 3).mean(axis=(1, 3, 4)).ravel())[
+        0, 1
+    ]
     assert corr > 0.6 and corr > other + 0.3
 
 

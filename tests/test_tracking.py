@@ -23,6 +23,7 @@ def tracked_run(synth_data, tmp_path_factory):
     return run, metrics, uri
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_every_epoch_the_test_metrics_and_the_projector(tracked_run):
     """Catches: scalars written under other names or steps, values that are not the history's, no projector."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -48,6 +49,7 @@ def test_tensorboard_holds_every_epoch_the_test_metrics_and_the_projector(tracke
     assert {line.split()[0] for line in labels} <= {"benign", "malignant"}
 
 
+@pytest.mark.slow
 def test_mlflow_holds_the_params_every_epoch_the_test_metrics_and_the_checkpoint(tracked_run):
     """Catches: a run per process or per stage (evaluation in a new MLflow run), lost steps, no checkpoint."""
     import mlflow

@@ -52,5 +52,75 @@ def test_hed_jitter_moves_stains_not_geometry_and_is_seeded():
     assert torch.equal(hed_jitter(image, np.random.default_rng(5), sigma=0.0), hed_to_rgb(rgb_to_hed(image)))
     corr = np.corrcoef(a.flatten().numpy(), image.flatten().numpy())[0, 1]
     assert corr > 0.9  # the tissue is the same, only its colours moved
-    out = augment(image.clone(), view_rng(0, 3, 1))
-    assert out.shape == image.shape and 0 <= out.min() and out.max() <= 1
+
+
+def flips_of(image):
+    """The four images ``augment`` may turn ``image`` into before the jitter, by (horizontal, vertical) flip."""
+    return {
+        (h, v): image.flip(-1)
+        if h and not v
+        else image.flip(-2)
+        if v and not h
+        else image.flip(-1).flip(-2)
+        if h
+        else image
+        for h in (False, True)
+        for v in (False, True)
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_augment_is_a_seeded_flip_then_a_gentle_stain_jitter(dtype):
+    """``augment`` = random flips (each with probability 1/2) then ``hed_jitter``, all from the one generator.
+
+    Catches: augment returning values outside [0,1] or a rescaled/shifted image hidden by its final clamp
+    (the old test only asserted the clamped range); a view that is not reproducible from its seed; flips that
+    never happen, always happen, or transpose/rotate by 90 degrees instead; a jitter that is skipped, applied
+    twice, or applied at another strength; augment editing its input in place; a changed shape or dtype.
+    Planted and verified: ``image * 1.4 + 0.05`` before the clamp, the "vertical" flip flipping the horizontal
+    axis again, and the jitter skipped (sigma forced to 0); the old range-only assertion passed all three.
+    """
+    image = (torch.rand(3, 16, 24, generator=torch.Generator().manual_seed(4)) * 0.8 + 0.1).to(dtype)
+    original = image.clone()
+    flips = flips_of(image)
+    seen = set()
+    for index in range(40):
+        out = augment(image, view_rng(0, index, 1))
+        assert out.shape == image.shape and out.dtype == dtype
+        assert torch.equal(image, original)  # the input is left as it was
+        assert torch.equal(out, augment(image.clone(), view_rng(0, index, 1)))  # the same view every time
+        # replay the generator: two flip coins, then the jitter's draws
+        rng = view_rng(0, index, 1)
+        key = (bool(rng.random() < 0.5), bool(rng.random() < 0.5))
+        seen.add(key)
+        flipped = flips[key]
+        expected = hed_jitter(flipped, rng, 0.05)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
+        # a gentle colour change of the flipped tissue, never the plain image, never a rescaled one
+        assert 0.0 < (out - flipped).abs().mean() < 0.1
+        assert abs(float(out.mean() - image.mean())) < 0.1
+        assert np.corrcoef(out.flatten().double().numpy(), flipped.flatten().double().numpy())[0, 1] > 0.9
+    assert seen == set(flips)  # every flip combination occurs among 40 views
+    assert not torch.equal(augment(image, view_rng(0, 0, 1)), augment(image, view_rng(0, 0, 2)))  # views differ
+
+
+def test_augment_without_jitter_only_flips():
+    """sigma = 0: the output is exactly one of the four flips of the input, with every pixel value kept.
+
+    Catches: a clamp hiding values outside [0, 1] (e.g. a 255 scale or an offset) - here nothing may change
+    but the pixel order; flips implemented as a rotation by 90 degrees or a transpose.
+    """
+    image = torch.rand(3, 10, 14, generator=torch.Generator().manual_seed(6))
+    flips = flips_of(image)
+    for index in range(12):
+        rng = view_rng(3, index, 1)
+        key = (bool(rng.random() < 0.5), bool(rng.random() < 0.5))
+        out = augment(image.clone(), view_rng(3, index, 1), sigma=0.0)
+        assert torch.equal(out, flips[key])
+        assert torch.equal(out.flatten().sort().values, image.flatten().sort().values)
+    # values outside [0, 1] cannot come out, and values inside are never altered by the clamp
+    edge = torch.zeros(3, 4, 4)
+    edge[:, :2] = 1.0
+    assert torch.equal(
+        augment(edge.clone(), view_rng(0, 0, 1), sigma=0.0).sort(dim=-2).values, edge.sort(dim=-2).values
+    )

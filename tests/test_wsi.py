@@ -15,15 +15,20 @@ from smse.data.manifest import read_manifest
 from smse.engine import train
 from smse.errors import DataError, SlideError
 from smse.synth.wsi import generate_slides, load_slides, write_pyramid
-from smse.wsi import TileSpec, available_backends, magnification_mpp, open_slide, plan_tiles, write_tiles
-from smse.wsi import reader
+from smse.wsi import TileSpec, available_backends, magnification_mpp, open_slide, plan_tiles, reader, write_tiles
 from smse.wsi.tiles import cut
 from smse.wsi.tissue import otsu_threshold, tissue_mask
 from tests.conftest import invoke, tiny_config
 
-BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(name not in available_backends(),
-                                                          reason=f"{name} does not import here (pip install 'smse[wsi]')"))
-            for name in ("openslide", "tiffslide")]
+BACKENDS = [
+    pytest.param(
+        name,
+        marks=pytest.mark.skipif(
+            name not in available_backends(), reason=f"{name} does not import here (pip install 'smse[wsi]')"
+        ),
+    )
+    for name in ("openslide", "tiffslide")
+]
 
 
 def smooth_image(w: int, h: int, seed: int = 0) -> np.ndarray:
@@ -53,7 +58,9 @@ def test_reader_gives_resolution_pixels_and_white_outside(backend, tmp_path, mon
         level1 = np.asarray(Image.fromarray(image).reduce(4))
         assert np.array_equal(slide.read(1, 30, 40, 20, 10), level1[40:50, 30:50])
         edge = slide.read(0, 580, -5, 30, 10)
-        assert (edge[:5] == 255).all() and (edge[:, 20:] == 255).all() and np.array_equal(edge[5:, :20], image[:5, 580:])
+        assert (
+            (edge[:5] == 255).all() and (edge[:, 20:] == 255).all() and np.array_equal(edge[5:, :20], image[:5, 580:])
+        )
         whole, scale = slide.thumbnail(200)
         monkeypatch.setattr(reader, "BAND_PIXELS", 600 * 7)  # read in many bands: same thumbnail
         banded, _ = slide.thumbnail(200)
@@ -68,7 +75,7 @@ def test_tile_centres_agree_across_magnifications(backend, tmp_path):
     image = np.full((h, w, 3), 230, np.uint8)
     yy, xx = np.mgrid[0:h, 0:w]
     for cx, cy in dots:
-        image[(xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= radius ** 2] = 20
+        image[(xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= radius**2] = 20
     path = write_pyramid(tmp_path / "dots.tiff", image, mpp=0.25, objective=40)
     size = (64, 48)
     with open_slide(path, backend) as slide:
@@ -83,7 +90,7 @@ def test_tile_centres_agree_across_magnifications(backend, tmp_path):
                 # level pixels are exact 4^level blocks, but a library's downsample is a size ratio (2050 / 513):
                 # the tile is centred on centre / downsample, the dot lies at centre / 4^level
                 ds = slide.level_downsamples[source.level]
-                shift = (np.array(centre) / 4.0 ** source.level - np.array(centre) / ds) / source.scale
+                shift = (np.array(centre) / 4.0**source.level - np.array(centre) / ds) / source.scale
                 assert found == pytest.approx(np.array(size) / 2 + shift, abs=0.2), (mag, centre)
 
 
@@ -138,7 +145,7 @@ def test_tissue_selection_puts_no_tile_on_glass(small_slides):
         yy, xx = (np.indices(stained.shape) + 0.5) * step
         pieces = truth.tissue(xx, yy)  # the tissue pieces, fat and lumina included; the rest is glass
 
-        def share(grid, box):  # share of a level-0 box that is True on a grid of step um
+        def share(grid, box, truth=truth):  # share of a level-0 box that is True on a grid of step um
             r0, r1 = np.clip(np.array(box[1::2]) * truth.mpp / step, 0, grid.shape[0]).astype(int)
             c0, c1 = np.clip(np.array(box[0::2]) * truth.mpp / step, 0, grid.shape[1]).astype(int)
             return grid[r0:r1, c0:c1].sum() / ((box[2] - box[0]) * (box[3] - box[1]) * (truth.mpp / step) ** 2)
@@ -152,8 +159,11 @@ def test_tissue_selection_puts_no_tile_on_glass(small_slides):
                 assert share(pieces, plan.box(mag, (x, y))) > 0.4, (truth.name, x, y, mag)
         # and the tissue is found: the grid cells whose every tile is stained tissue are kept
         kept = {(int(x), int(y)) for x, y in plan.locations}
-        inside += [(int(x), int(y)) in kept for x, y in every_cell.locations
-                   if all(share(stained, plan.box(m, (x, y))) >= 0.9 for m in spec.magnifications)]
+        inside += [
+            (int(x), int(y)) in kept
+            for x, y in every_cell.locations
+            if all(share(stained, plan.box(m, (x, y))) >= 0.9 for m in spec.magnifications)
+        ]
     assert len(inside) >= 10 and np.mean(inside) >= 0.95, (len(inside), np.mean(inside))
 
 
@@ -213,16 +223,20 @@ def test_labels_must_cover_every_slide_and_ids_be_unique(small_slides, tmp_path)
 def slide_run(tmp_path_factory):
     """Eight slides (tubular adenoma vs mucinous carcinoma), tiled, and a tiny model trained on the manifest."""
     base = tmp_path_factory.mktemp("slide-run")
-    root = generate_slides(base / "wsi", patients=8, seed=2, size=(800, 600), mpp=2.0, proportions="TA=1,MC=1",
-                           workers=1)
+    root = generate_slides(
+        base / "wsi", patients=8, seed=2, size=(800, 600), mpp=2.0, proportions="TA=1,MC=1", workers=1
+    )
     spec = TileSpec(magnifications=(40, 100), size=(48, 32), grid=100, max_locations=25)
-    result = write_tiles(sorted((root / "slides").glob("*.tiff")), base / "tiles", spec, labels=root / "labels.csv",
-                         progress=False)
-    cfg = tiny_config(result.manifest, base / "run", "train.epochs=30", "model.views=1",
-                      f"data.cache_dir={base / 'cache'}")
+    result = write_tiles(
+        sorted((root / "slides").glob("*.tiff")), base / "tiles", spec, labels=root / "labels.csv", progress=False
+    )
+    cfg = tiny_config(
+        result.manifest, base / "run", "train.epochs=30", "model.views=1", f"data.cache_dir={base / 'cache'}"
+    )
     return root, result, train(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_manifest_is_read_as_it_is_and_splits_keep_slides_whole(slide_run):
     root, result, run = slide_run
     header = result.manifest.read_text().splitlines()[0]
@@ -240,6 +254,7 @@ def test_manifest_is_read_as_it_is_and_splits_keep_slides_whole(slide_run):
     assert tiling["magnifications"] == [40, 100] and tiling["size"] == [48, 32]
 
 
+@pytest.mark.slow
 def test_model_trained_on_slide_tiles_learns(slide_run):
     _, _, run = slide_run
     held = [r for r in csv.DictReader(open(run / "split.csv")) if r["split"] != "train"]
@@ -249,17 +264,45 @@ def test_model_trained_on_slide_tiles_learns(slide_run):
     assert accuracy >= 0.75, f"{accuracy:.2f} on {len(held)} tiles of held-out slides (chance 0.5)"
 
 
+@pytest.mark.slow
 def test_synthetic_slides_to_tiles_to_training_to_slide_heat_map(tmp_path):
     """The README's whole-slide walk-through, on tiny slides and a tiny model."""
-    invoke("synth", "--wsi", "--out", tmp_path / "wsi", "--patients", 4, "--size", "480x360", "--mpp", 2, "--workers", 1)
+    invoke(
+        "synth", "--wsi", "--out", tmp_path / "wsi", "--patients", 4, "--size", "480x360", "--mpp", 2, "--workers", 1
+    )
     slides = sorted((tmp_path / "wsi" / "slides").glob("*.tiff"))
-    output = invoke("tiles", *slides, "--labels", tmp_path / "wsi" / "labels.csv", "--out", tmp_path / "tiles",
-                    "--tile", "48x32", "--magnifications", "40X,100X", "--grid", "100X", "--max-tiles", 12)
+    output = invoke(
+        "tiles",
+        *slides,
+        "--labels",
+        tmp_path / "wsi" / "labels.csv",
+        "--out",
+        tmp_path / "tiles",
+        "--tile",
+        "48x32",
+        "--magnifications",
+        "40X,100X",
+        "--grid",
+        "100X",
+        "--max-tiles",
+        12,
+    )
     assert "from metadata" in output and "manifest.csv" in output
-    invoke("train", "--no-evaluate", f"data.root={tmp_path / 'tiles' / 'manifest.csv'}", f"out={tmp_path / 'run'}",
-           "data.image_size=[32, 48]", "model.backbone=paper-cnn", "model.pretrained=false", "model.embedding_dim=16",
-           "model.views=1", "train.epochs=2", "sampler.batch_size=16", "train.device=cpu",
-           f"data.cache_dir={tmp_path / 'cache'}")
+    invoke(
+        "train",
+        "--no-evaluate",
+        f"data.root={tmp_path / 'tiles' / 'manifest.csv'}",
+        f"out={tmp_path / 'run'}",
+        "data.image_size=[32, 48]",
+        "model.backbone=paper-cnn",
+        "model.pretrained=false",
+        "model.embedding_dim=16",
+        "model.views=1",
+        "train.epochs=2",
+        "sampler.batch_size=16",
+        "train.device=cpu",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     output = invoke("predict-slide", tmp_path / "run", slides[0], "--out", tmp_path / "pred")
     assert "mean P(malignant)" in output
     score = json.loads((tmp_path / "pred" / "score.json").read_text())
@@ -295,9 +338,14 @@ def test_a_tiling_too_thin_to_train_on_says_what_to_change():
     thin = TilingResult(Path("m.csv"), 3, [slide("a", 1, "benign"), slide("b", 0, "benign"), slide("c", 2, "benign")])
     said = advice(thin, TileSpec())
     assert len(said) == 2
-    assert said[0].startswith("1 of 3 slides gave no tiles and 2 fewer than 4 locations: a 40X grid cell of 700x460 px "
-                              "covers 1750x1150 um, and the smallest of these slides is 2000x1500 um")
-    assert "--tile 192x128" in said[0] and said[1] == "every tile is 'benign': smse train needs tiles of at least two classes"
+    assert said[0].startswith(
+        "1 of 3 slides gave no tiles and 2 fewer than 4 locations: a 40X grid cell of 700x460 px "
+        "covers 1750x1150 um, and the smallest of these slides is 2000x1500 um"
+    )
+    assert (
+        "--tile 192x128" in said[0]
+        and said[1] == "every tile is 'benign': smse train needs tiles of at least two classes"
+    )
     fine = TilingResult(Path("m.csv"), 40, [slide("a", 20, "benign"), slide("b", 20, "malignant")])
     assert advice(fine, TileSpec()) == []
     assert advice(TilingResult(Path("m.csv"), 40, [slide("a", 20, "unlabelled")]), TileSpec()) == []
