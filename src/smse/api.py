@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,15 +12,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from smse.checkpoint import find_checkpoint, load_checkpoint
 from smse.config import Config
-from smse.data.images import read_image, resize_image
+from smse.data.images import as_rgb8, check_size, read_image, resize_channels, resize_image
 from smse.data.records import ClassMap
 from smse.data.transforms import to_tensor
-from smse.errors import CheckpointError, ImageError
+from smse.errors import CheckpointError, DataError, ImageError
 from smse.models import Embedder
 from smse.progress import batch_sizes, progress
 from smse.runfiles import RunFiles, load_embeddings
@@ -109,30 +109,37 @@ class Model:
         return self.class_map.names
 
     def _to_input(self, image: ImageLike) -> torch.Tensor:
-        """Resize like the training images (PIL, the backbone's interpolation); scale to [0, 1]."""
+        """Resize like the training images (PIL, the backbone's interpolation); scale to [0, 1].
+
+        One conversion for every input kind: a path is decoded and a PIL image converted by the same
+        ``as_rgb8`` (any mode: RGBA, LA, palette, 16-bit grey, CMYK ...), every kind is size-checked by the
+        same ``check_size`` (under 8 px a side is refused, as for files), and every kind is resized by PIL.
+        """
         if isinstance(image, (str, os.PathLike)):
             image = read_image(image)
+        elif isinstance(image, Image.Image):
+            image = as_rgb8(image, str(getattr(image, "filename", "") or "<PIL image>"))
         if isinstance(image, Image.Image):
-            image = np.asarray(
-                resize_image(
-                    image if image.mode == "RGB" else image.convert("RGB"), self.size, self.module.interpolation
-                )
-            )
-        if isinstance(image, np.ndarray):
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise ImageError("<array>", f"expected an HxWx3 uint8 array, got {image.dtype} {image.shape}")
-            if image.shape[:2] != self.size:
-                image = np.asarray(resize_image(Image.fromarray(image, "RGB"), self.size, self.module.interpolation))
-            return to_tensor(image)
+            image = np.asarray(resize_image(image, self.size, self.module.interpolation))
         if isinstance(image, torch.Tensor):
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ImageError("<tensor>", f"expected a 3xHxW tensor in [0, 1], got shape {tuple(image.shape)}")
-            image = _unit_range(image)
-            if tuple(image.shape[1:]) != self.size:
-                image = F.interpolate(
-                    image[None], size=self.size, mode="bilinear", antialias=True, align_corners=False
-                )[0].clamp_(0, 1)
-            return image
+            check_size("<tensor>", int(image.shape[2]), int(image.shape[1]))
+            if image.dtype == torch.uint8:  # the same pixels as an array: the same resizing
+                image = image.detach().cpu().permute(1, 2, 0).numpy()
+            else:
+                image = _unit_range(image)
+                if tuple(image.shape[1:]) != self.size:
+                    resized = resize_channels(image.cpu().numpy(), self.size, self.module.interpolation)
+                    image = torch.from_numpy(resized).clamp_(0, 1)
+                return image
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ImageError("<array>", f"expected an HxWx3 uint8 array, got {image.dtype} {image.shape}")
+            check_size("<array>", image.shape[1], image.shape[0])
+            if image.shape[:2] != self.size:
+                image = np.asarray(resize_image(Image.fromarray(image, "RGB"), self.size, self.module.interpolation))
+            return to_tensor(image)
         raise ImageError(repr(type(image)), "not an image: give a path, a PIL image, a uint8 array or a tensor")
 
     @staticmethod
@@ -142,6 +149,7 @@ class Model:
         return list(images) if isinstance(images, (list, tuple)) else [images]
 
     def _batches(self, images: ImageLike | Sequence[ImageLike], batch_size: int):
+        _check_batch_size(batch_size)
         images = self._as_list(images)
         for start in range(0, len(images), batch_size):
             yield torch.stack([self.transform(x) for x in images[start : start + batch_size]])
@@ -149,6 +157,7 @@ class Model:
     @torch.no_grad()
     def infer(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings [N, d] and class probabilities [N, C] of ``images`` (one image or a sequence)."""
+        _check_batch_size(batch_size)
         embs, probs = [], []
         images = self._as_list(images)
         batches = self._batches(images, batch_size)
@@ -186,6 +195,12 @@ class Model:
             f"Model({self.config.model.backbone}, classes={list(self.classes)}, "
             f"input={self.size[0]}x{self.size[1]}, device={self.device})"
         )
+
+
+def _check_batch_size(batch_size: int) -> None:
+    """Refuse a batch size that is not a whole number of at least 1 (a negative one would classify nothing)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size: images per batch must be an integer of at least 1, got {batch_size!r}")
 
 
 def _unit_range(image: torch.Tensor) -> torch.Tensor:
@@ -255,7 +270,21 @@ class ReferenceIndex:
     FIELDS = ("labels", "tumor_types", "magnifications", "patients", "paths")
 
     def __init__(self, embeddings: np.ndarray, backend: str = "torch", **metadata: np.ndarray):
+        """An index of ``embeddings`` [N, d] with per-row ``metadata`` (the names of ``FIELDS``).
+
+        Raises:
+            ValueError: embeddings that are not an [N, d] array of finite numbers (a NaN row would be everyone's
+                neighbour or no one's), or metadata of another length.
+        """
         self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if self.embeddings.ndim != 2 or self.embeddings.shape[1] < 1:
+            raise ValueError(f"embeddings: expected an [N, d] array, got shape {self.embeddings.shape}")
+        bad = np.flatnonzero(~np.isfinite(self.embeddings).all(axis=1))
+        if len(bad):
+            raise ValueError(
+                f"embeddings: {len(bad)} of {len(self.embeddings)} rows hold NaN or infinite values "
+                f"(the first is row {int(bad[0])})"
+            )
         n = len(self.embeddings)
         self.metadata: dict[str, np.ndarray] = {}
         for name in self.FIELDS:
@@ -284,9 +313,27 @@ class ReferenceIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "torch") -> ReferenceIndex:
-        """An index from a ``.npz`` written by ``smse evaluate`` or ``smse embed``."""
-        arrays = load_embeddings(path)
-        return cls(arrays["embeddings"], backend, **{k: arrays[k] for k in cls.FIELDS if k in arrays})
+        """An index from a ``.npz`` written by ``smse evaluate`` or ``smse embed``.
+
+        Raises:
+            DataError: naming the file when it is not such a file: not a NumPy ``.npz``, no ``embeddings`` array,
+                embeddings that are not an [N, d] array of finite numbers, or metadata of another length.
+        """
+        try:
+            arrays = load_embeddings(path)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+        except (ValueError, EOFError, zipfile.BadZipFile) as exc:  # a text file, a file cut short, pickled objects
+            raise DataError(f"{path}: not an embeddings .npz of smse embed or smse evaluate ({exc})") from None
+        if "embeddings" not in arrays:
+            raise DataError(
+                f"{path}: holds no 'embeddings' array (it holds {', '.join(sorted(arrays)) or 'none'}); "
+                "write the file with smse embed"
+            )
+        try:
+            return cls(arrays["embeddings"], backend, **{k: arrays[k] for k in cls.FIELDS if k in arrays})
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"{path}: {exc}") from None
 
     @classmethod
     def from_run(

@@ -8,14 +8,14 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from smse import __version__
 from smse.config import Config, from_dict, to_dict
 from smse.data.records import ClassMap
-from smse.errors import CheckpointError, ConfigError
-from smse.io import atomic_path
+from smse.errors import CheckpointError, ConfigError, OutputError
+from smse.io import atomic_path, describe_error
 from smse.models import Embedder, Heads, create_backbone
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,11 @@ def save_checkpoint(
         "metrics": json.dumps(metrics or {}),
         "backbone_weights": backbone_weights,
     }
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    with atomic_path(path) as tmp:  # on any failure the previous checkpoint stays as it was
+        try:
+            save_file(state, str(tmp), metadata=meta)
+        except SafetensorError as exc:  # a full disk or a quota reaches us as safetensors' error, not an OSError
+            raise OutputError(f"{path}: cannot write the checkpoint ({describe_error(exc)})") from None
 
 
 def build_model(cfg: Config, num_classes: int, pretrained: bool | None = None) -> tuple[Embedder, str]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Protocol, cast
 
 import typer
 
-from smse.errors import SmseError
+from smse.errors import ConfigError, OutputError, SmseError
 from smse.runfiles import RunFiles
 
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -264,7 +267,6 @@ def serve(
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
 ) -> None:
     """Serve a web page and a JSON API: classify images, show the most similar reference cases."""
-    from smse.errors import ConfigError
     from smse.serve import is_loopback
 
     if not is_loopback(host) and not token:
@@ -278,15 +280,20 @@ def serve(
         from smse.serve import Limits, create_app
     except ImportError as exc:
         raise ConfigError(f"smse serve needs FastAPI and uvicorn ({exc}): pip install 'smse[serve]'") from None
-    from smse.runtime import resolve_device
-
+    # every option checked before the model loads: one error line each, never a traceback after a wait
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port: a port from 1 to 65535, got {port}")
+    if max_files < 1:
+        raise ConfigError(f"--max-files: at least 1 image per request, got {max_files}")
     limits = Limits(
         max_files=max_files,
-        max_file_bytes=int(max_file_mb * 2**20),
-        max_request_bytes=int(max_request_mb * 2**20),
-        max_pixels=int(max_megapixels * 1e6),
+        max_file_bytes=_amount("--max-file-mb", max_file_mb, 2**20),
+        max_request_bytes=_amount("--max-request-mb", max_request_mb, 2**20),
+        max_pixels=_amount("--max-megapixels", max_megapixels, 1e6),
     )
-    web = create_app(run, reference, token, limits, resolve_device(device))
+    torch_device = _device(device)
+    _check_port(host, port)
+    web = create_app(run, reference, token, limits, torch_device)
     service = web.state.service
     typer.echo(f"model: {service.model!r}; {len(service.index)} reference images ({service.source})")
     url_host = f"[{host}]" if ":" in host else host
@@ -294,7 +301,77 @@ def serve(
         f"page: http://{url_host}:{port}/   API docs: http://{url_host}:{port}/docs"
         + ("   (token required)" if token else "")
     )
-    uvicorn.run(web, host=host, port=port, log_level="info")
+    try:
+        uvicorn.run(web, host=host, port=port, log_level="info")
+    except SystemExit as exc:  # uvicorn's own exit when it cannot start (the port taken since it was checked)
+        if exc.code in (None, 0):
+            raise
+        raise OutputError(f"--host {host} --port {port}: the server could not start (its log above says why)") from None
+
+
+#: the largest amount an option may give: far beyond any use, and still an exact integer
+AMOUNT_LIMIT = 2**53
+
+
+def _amount(option: str, value: float, unit: float) -> int:
+    """A positive finite option value in ``unit`` as a whole number of bytes or pixels (at least 1).
+
+    Raises:
+        ConfigError: naming the option, for zero, negative, infinite, NaN or absurdly large values.
+    """
+    if not (math.isfinite(value) and value > 0 and value * unit <= AMOUNT_LIMIT):
+        raise ConfigError(f"{option}: a positive number up to {AMOUNT_LIMIT / unit:.3g}, got {value}")
+    return max(1, int(value * unit))
+
+
+def _device(name: str):
+    """``--device`` as a torch device that exists here (checked before a model loads).
+
+    Raises:
+        ConfigError: naming the option, for an unknown device type, or one this machine lacks.
+    """
+    import torch
+
+    from smse.runtime import resolve_device
+
+    try:
+        device = resolve_device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name}: not a device; expected cpu, cuda, cuda:N, mps or auto") from None
+    except ConfigError:  # cuda asked for on a machine without
+        device = torch.device("cuda")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name}: expected cpu, cuda, cuda:N, mps or auto")
+    if device.type == "cuda" and (device.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a host that cannot be bound, or a port in use, before the model loads.
+
+    Raises:
+        ConfigError: naming ``--host``, for a name that does not resolve.
+        OutputError: naming the address and the reason, for a port in use or an address not of this machine.
+    """
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host {host}: not an address of this machine ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind(address)
+    except OSError as exc:
+        hint = (
+            "; another server listens there: stop it, or choose another --port" if exc.errno == errno.EADDRINUSE else ""
+        )
+        raise OutputError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}){hint}") from None
 
 
 def _size(text: str, option: str = "--size") -> tuple[int, int]:
@@ -377,6 +454,18 @@ MPP_HELP = "Microns per level-0 pixel, for slides whose metadata lacks it (overr
 BACKEND_HELP = "openslide or tiffslide (default: openslide when it imports)."
 
 
+def _grid(text: str | None) -> int | None:
+    """``--grid``: one magnification, or None."""
+    from smse.wsi.tiles import parse_magnifications
+
+    if not text:
+        return None
+    mags = parse_magnifications(text, "--grid")
+    if len(mags) != 1:
+        raise ConfigError(f"--grid: one magnification such as 100X, got {text!r}")
+    return mags[0]
+
+
 @app.command()
 def tiles(
     slides: list[Path] = typer.Argument(..., help="Whole-slide images (SVS, NDPI, MRXS, pyramidal TIFF, ...)."),
@@ -401,7 +490,7 @@ def tiles(
     spec = TileSpec(
         magnifications=parse_magnifications(magnifications),
         size=_size(tile, "--tile"),
-        grid=parse_magnifications(grid)[0] if grid else None,
+        grid=_grid(grid),
         min_tissue=min_tissue,
         max_locations=max_tiles,
         seed=seed,
@@ -454,7 +543,7 @@ def predict_slide(
         for k, v in {
             "magnifications": parse_magnifications(magnifications) if magnifications else None,
             "size": _size(tile, "--tile") if tile else None,
-            "grid": parse_magnifications(grid)[0] if grid else None,
+            "grid": _grid(grid),
             "min_tissue": min_tissue,
         }.items()
         if v is not None
@@ -499,6 +588,13 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        name = str(exc.filename or "")  # a path longer than the system looks up, wherever it was met
+        shown = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]}"
+        typer.echo(f"error: {shown}: a path of {len(os.fsencode(name))} bytes is too long ({exc.strerror})", err=True)
+        sys.exit(2)
     except Exception as exc:
         if not hasattr(exc, "format_message"):  # not one of click's (or typer's copy of click's) usage errors
             raise

@@ -67,9 +67,12 @@ Task = Literal["binary", "type"]
 Duplicates = Literal["prefer-ductal", "drop-conflicts", "keep"]
 Classifier = Literal["head", "knn"]  # head: PReLU + linear on the embedding; knn: vote of the nearest references
 ClassificationLossName = Literal["rfl", "ce", "balanced-ce", "focal", "ohem"]
-MetricLossName = Literal["none", "pair", "triplet"]
+MetricLossName = Literal["none", "pair", "triplet", "infonce"]  # infonce: NT-Xent on cosine / temperature
 Mining = Literal["all", "semihard", "hard"]
 SamplerMode = Literal["cross-magnification", "pooled", "single"]
+#: whose images are positives of the metric loss: the anchor's class, its own spot at another magnification
+#: (tiles from `smse tiles`: the manifest's slide,x,y; no label needed), or both
+Positives = Literal["class", "same-spot", "both"]
 SamplerBalance = Literal["none", "patient"]  # patient: each patient drawn as often, whatever its image count
 Device = Literal["auto", "cpu", "cuda", "mps"]
 KnnBackend = Literal["torch", "faiss"]  # faiss: pip install 'smse[faiss]'
@@ -141,6 +144,8 @@ class LossConfig:
     structure_weight: float = ranged(0.0, 0, 1000)  # keeps the heads' input features' neighbourhoods (0: off)
     structure_temperature: float = ranged(0.1, 0, 100, low_open=True)
     structure_scope: StructureScope = "all"
+    temperature: float = ranged(0.1, 0, 100, low_open=True)  # of loss.metric=infonce
+    same_spot_weight: float = ranged(1.0, 0, 1000)  # with sampler.positives=both: the same-spot term's weight
 
 
 @dataclass
@@ -148,6 +153,7 @@ class SamplerConfig:
     """How training batches are drawn."""
 
     mode: SamplerMode = "cross-magnification"
+    positives: Positives = "class"
     balance: SamplerBalance = "none"
     same_patient: bool = False
     magnification: int = ranged(100, 1)

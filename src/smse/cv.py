@@ -15,9 +15,9 @@ from smse.checkpoint import load_checkpoint
 from smse.config import Config
 from smse.data.loading import LoadedData, scan, split_method
 from smse.data.records import ClassMap, Record
-from smse.data.splits import carve_validation
+from smse.data.splits import carve_validation, read_fold_file
 from smse.engine import train
-from smse.errors import ConfigError
+from smse.errors import ConfigError, DataError
 from smse.evaluate import classifier_name
 from smse.io import write_json, write_text
 from smse.pipeline import run_pipeline
@@ -34,20 +34,11 @@ def cross_validate(cfg: Config, folds: int = 5, progress: bool = True) -> dict:
     ``data.split.seed + k``.
     """
     check_folds(cfg, folds)
+    check_fold_inputs(cfg, folds)
     base = Path(cfg.out)
     heads, knns, probes = [], [], []
     for k in range(1, folds + 1):
-        c = copy.deepcopy(cfg)
-        c.out = str(base / f"fold{k}")
-        s = c.data.split
-        if s.method == "fold-file":
-            if s.fold_file is None:  # validate() refuses this; a Config built in Python may not have been validated
-                raise ConfigError("data.split.fold_file: required when data.split.method is fold-file")
-            s.fold_file = s.fold_file.replace("{fold}", str(k))
-            s.fold = k
-        else:
-            s.seed = cfg.data.split.seed + k - 1
-        _, result = run_pipeline(c, progress=progress)
+        _, result = run_pipeline(fold_config(cfg, k), progress=progress)
         if result is None:  # another process of a distributed run: the main one evaluates and sums up
             continue
         heads.append(result["head"])
@@ -65,6 +56,21 @@ def cross_validate(cfg: Config, folds: int = 5, progress: bool = True) -> dict:
     write_text(base / "cv.md", table + "\n")
     summary["markdown"] = table
     return summary
+
+
+def fold_config(cfg: Config, k: int) -> Config:
+    """The config of fold ``k`` (1-based): out ``cfg.out/fold<k>``; fold file ``{fold}`` -> k, or seed + k - 1."""
+    c = copy.deepcopy(cfg)
+    c.out = str(Path(cfg.out) / f"fold{k}")
+    s = c.data.split
+    if s.method == "fold-file":
+        if s.fold_file is None:  # validate() refuses this; a Config built in Python may not have been validated
+            raise ConfigError("data.split.fold_file: required when data.split.method is fold-file")
+        s.fold_file = s.fold_file.replace("{fold}", str(k))
+        s.fold = k
+    else:
+        s.seed = cfg.data.split.seed + k - 1
+    return c
 
 
 def check_folds(cfg: Config, folds: int) -> None:
@@ -91,6 +97,27 @@ def check_folds(cfg: Config, folds: int) -> None:
             raise ConfigError(
                 f"data.split.fold_file: {s.fold_file} holds one split, so all {folds} folds would score it; "
                 "write the path with {fold} (e.g. /data/dsfold{fold}.txt), or use --folds 1"
+            )
+
+
+def check_fold_inputs(cfg: Config, folds: int) -> None:
+    """Read the fold file of every fold and match it to the images found, as training will, before any fold trains:
+    a missing or malformed fold file of the last fold stops ``cross_validate`` before the first fold, not after.
+
+    Raises:
+        DataError: naming the fold file that is missing, malformed or lists none of the images.
+    """
+    if cfg.data.split.method != "fold-file":
+        return  # seeded splits have no input but the data, which the first fold reads
+    records = scan(cfg.data)[0]
+    names = {Path(r.path).name for r in records}
+    for k in range(1, folds + 1):
+        s = fold_config(cfg, k).data.split
+        assert s.fold_file is not None  # fold_config refuses a fold-file split without one
+        listed = read_fold_file(s.fold_file, s.fold)
+        if not names & listed.keys():
+            raise DataError(
+                f"{s.fold_file}: fold {k} lists none of the {len(records)} images found under {cfg.data.root}"
             )
 
 
@@ -158,6 +185,8 @@ def heads_out_of_fold(
 __all__ = [
     "cross_validate",
     "check_folds",
+    "check_fold_inputs",
+    "fold_config",
     "FoldEmbeddings",
     "heads_out_of_fold",
 ]

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from smse.checkpoint import save_checkpoint
 from smse.config import Config, to_dict
 from smse.data.loading import LoadedData, load_data
-from smse.data.samplers import Batch, MagnificationBalancedSampler, OfflineTupleSampler
+from smse.data.samplers import Batch, MagnificationBalancedSampler, OfflineTupleSampler, SpotSampler
 from smse.errors import ConfigError, TrainingDiverged
 from smse.losses import NeighbourhoodLoss, Objective, make_classification_loss, make_metric_loss
 from smse.metrics import image_accuracy, patient_accuracy
@@ -33,6 +33,7 @@ from smse.prepare import Prepared, embed, prepare
 from smse.runfiles import RunFiles
 from smse.runfolder import check_finite_weights, check_resume_data, guarded, split_fingerprint
 from smse.runtime import Dist, resolve_device, seed_everything, torch_threads, versions
+from smse.spots import check_positives
 from smse.tracking import tracked
 
 log = logging.getLogger(__name__)
@@ -157,11 +158,15 @@ def train(
 
 
 def _resume_key(cfg: Config) -> dict:
-    """The config a resumed run must share (more epochs, another device or worker count are fine)."""
+    """The config a resumed run must share (more epochs, another device or worker count are fine).
+
+    ``out``, the run folder's own path, is not part of it: a moved or renamed run folder resumes.
+    """
     d = to_dict(cfg)
     for k in ("epochs", "device", "num_workers"):
         d["train"].pop(k)
     d.pop("log", None)  # tracking may be switched on or off between sessions
+    d.pop("out", None)  # where the run folder is: it may be moved or renamed between sessions
     return d
 
 
@@ -175,9 +180,30 @@ def _load_resume_state(cfg: Config, run: Path, dist: Dist) -> dict | None:
     state = RunFiles(run).read_state()
     if state is None:
         return None
-    if state["config"] != _resume_key(cfg):
+    saved, now = dict(state["config"]), _resume_key(cfg)
+    saved.pop("out", None)  # states written before the run folder's path left the key
+    saved.pop("log", None)
+    if saved != now:
+
+        def flat(d: dict, prefix: str = "") -> dict:
+            out: dict = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+            return out
+
+        def show(d: dict, k: str) -> str:
+            return repr(d[k]) if k in d else "unset"
+
+        before, after = flat(saved), flat(now)
+        changed = [
+            f"{k} ({show(before, k)} there, {show(after, k)} now)"
+            for k in sorted(before.keys() | after.keys())
+            if k not in before or k not in after or before[k] != after[k]
+        ]
         raise ConfigError(
-            f"{path}: this run folder holds a run with another config; use another out folder or delete it"
+            f"{path}: this run folder holds a run with another config: {'; '.join(changed[:10])}"
+            + (f"; and {len(changed) - 10} more" if len(changed) > 10 else "")
+            + "; resume with the same values, or use another out folder or delete it"
         )
     return state
 
@@ -277,6 +303,13 @@ def build_objective(prep: Prepared, train_idx: np.ndarray) -> Objective:
     """Classification loss (class balance from the training images) + metric loss + neighbourhood term, weighted."""
     cfg, L = prep.cfg, prep.cfg.loss
     counts = _class_counts(prep, train_idx).tolist()
+    check_positives(prep.records, cfg.sampler.positives, prep.class_map.labelled)
+    classification_weight = L.classification_weight
+    if not prep.class_map.labelled:
+        if L.metric == "none":
+            raise ConfigError("loss.metric: unlabelled tiles train with a metric loss only (pair, triplet or infonce)")
+        log.info("unlabelled tiles: training the embedding with the same-spot %s loss alone", L.metric)
+        classification_weight = 0.0
     return Objective(
         make_classification_loss(L.classification, counts, L.alpha, L.gamma, L.balance, L.ohem_keep),
         make_metric_loss(
@@ -285,12 +318,15 @@ def build_objective(prep: Prepared, train_idx: np.ndarray) -> Objective:
             strategy=L.mining,
             cross_magnification=cfg.sampler.mode == "cross-magnification",
             same_patient=cfg.sampler.same_patient,
+            temperature=L.temperature,
         ),
-        L.classification_weight,
+        classification_weight,
         L.metric_weight,
         NeighbourhoodLoss(L.structure_temperature),
         L.structure_weight,
         L.structure_scope,
+        cfg.sampler.positives,
+        L.same_spot_weight,
     ).to(prep.device)
 
 
@@ -306,8 +342,18 @@ def _refresh_references(prep: Prepared, train_idx: np.ndarray) -> None:
 
 
 def _build_sampler(cfg: Config, prep: Prepared, train_idx: np.ndarray, dist: Dist):
-    """Paper mode: offline tuples from the pooled set; otherwise magnification-balanced batches."""
+    """Paper mode: offline tuples from the pooled set; same-spot positives: whole spots; otherwise
+    magnification-balanced batches."""
     targets = np.asarray(prep.dataset.targets)[train_idx].tolist()
+    if cfg.sampler.positives != "class":
+        assert prep.spots is not None  # prepare() finds them for same-spot positives
+        return SpotSampler(
+            prep.spots.spot[train_idx],
+            cfg.sampler.batch_size,
+            cfg.seed,
+            cfg.train.batches_per_epoch,
+            cfg.train.min_batches_per_epoch,
+        )
     if cfg.sampler.mode == "pooled" and cfg.loss.metric != "none":
         sampler = OfflineTupleSampler(
             targets,
@@ -454,6 +500,7 @@ def _train_epoch(
         )
     )
     targets = torch.as_tensor(prep.dataset.targets)
+    spots = None if prep.spots is None else torch.from_numpy(prep.spots.spot)
     mags = torch.tensor([r.magnification for r in prep.records])
     patients = torch.tensor([prep.patient_ids[r.patient] for r in prep.records])
     sums: dict[str, float] = {}
@@ -482,6 +529,8 @@ def _train_epoch(
             tuples,
             classify,
             feats,
+            None if spots is None else spots[idx].to(device),
+            None if prep.spots is None else prep.spots.ignore(idx).to(device),
         )
         if not torch.isfinite(parts["total"]):
             raise TrainingDiverged(

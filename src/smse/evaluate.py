@@ -12,12 +12,14 @@ from smse.calibration import calibration_report
 from smse.checkpoint import find_checkpoint, load_checkpoint
 from smse.data.loading import LoadedData
 from smse.errors import CheckpointError
+from smse.io import writable_folder
 from smse.metrics import by_magnification, patient_scores
-from smse.prepare import embed, prepare
+from smse.prepare import Prepared, embed, prepare
 from smse.retrieval import cross_magnification_matrix, knn_predict, magnification_probe
 from smse.runfiles import RunFiles, save_embeddings
 from smse.runfolder import check_finite_outputs
 from smse.similarity import distance_guide, embedding_spread, same_patient_retrieval, type_retrieval
+from smse.spots import localisation, localisation_table
 from smse.tables import result_rows, results_table, table_note
 
 
@@ -36,6 +38,8 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     """
     run = Path(run)
     model, cfg, class_map, meta, records = load_run(run, which)
+    writable_folder(RunFiles(run).eval, "eval folder")  # a read-only run, a file at eval/: refused before the work
+    records = RunFiles(run).read_checked_split()  # split.csv as training recorded it (fingerprint, leak guard)
     if records is None:
         raise CheckpointError(f"{run}: no split.csv; evaluate needs the run folder written by smse train")
     backend = backend or cfg.eval.knn_backend
@@ -52,6 +56,9 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     emb, probs = embed(prep, test, progress=progress)
     ref_emb, _ = embed(prep, train, progress=progress)
     check_finite_outputs(find_checkpoint(run, which), embeddings=emb, probabilities=probs, reference_embeddings=ref_emb)
+    located = _localisation(prep, test, emb)
+    if not class_map.labelled:
+        return _write_label_free(run, which, meta, prep, test, train, emb, ref_emb, located)
     t_test = targets[test]
     pats = np.array([recs[i].patient for i in test])
     mags = np.array([recs[i].magnification for i in test])
@@ -81,6 +88,8 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
         x_test, x_train = _plain_features(prep, test), _plain_features(prep, train)
         out["similarity"] |= frozen_baselines(x_test, x_train, test_recs, train_recs, cfg.model.embedding_dim, backend)
         out["probe"] = probe_baseline(x_test, x_train, t_test, targets[train], test_recs, train_recs, len(class_map))
+    if located:
+        out["localisation"] = located
     pred = probs.argmax(1)
     scores = patient_scores(t_test, pred, pats)
     out["patients"] = [
@@ -115,6 +124,58 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     )
     files.write_test_embeddings(emb, test_recs, class_map, probs)
     files.write_reference(ref_emb, train_recs, class_map)
+    return out
+
+
+def _localisation(prep: Prepared, test: np.ndarray, emb: np.ndarray) -> dict | None:
+    """Cross-magnification localisation of the test tiles (where they carry slide,x,y and two magnifications),
+    for the embedding and, in frozen mode, the backbone's own features as the baseline; None otherwise."""
+    recs = [prep.records[i] for i in test]
+    if not recs or any(r.spot is None for r in recs) or len({r.magnification for r in recs}) < 2:
+        return None
+    where = ([r.slide or "" for r in recs], [r.x or 0.0 for r in recs], [r.y or 0.0 for r in recs])
+    mags = [r.magnification for r in recs]
+    out = {"embedding": localisation(emb, *where, mags)}
+    if prep.features is not None:
+        out["frozen_features"] = localisation(_plain_features(prep, test), *where, mags)
+    return out
+
+
+def _write_label_free(
+    run: Path,
+    which: str,
+    meta: dict,
+    prep: Prepared,
+    test: np.ndarray,
+    train: np.ndarray,
+    emb: np.ndarray,
+    ref_emb: np.ndarray,
+    located: dict | None,
+) -> dict:
+    """The evaluation of a label-free run: no class to score, so localisation, spread and the magnification probe."""
+    recs = prep.records
+    test_recs, train_recs = [recs[i] for i in test], [recs[i] for i in train]
+    mags = np.array([r.magnification for r in test_recs])
+    pats = np.array([r.patient for r in test_recs])
+    out = {
+        "run": str(run),
+        "checkpoint": which,
+        "epoch": int(meta.get("epoch", 0)),
+        "task": prep.class_map.task,
+        "classes": list(prep.class_map.names),
+        "label_free": True,
+        "images": len(test_recs),
+        "slides": len({r.slide for r in test_recs}),
+        "localisation": located,
+        "spread": embedding_spread(emb),
+        "magnification_probe": magnification_probe(emb, mags, pats, seed=prep.cfg.seed),
+    }
+    files = RunFiles(run)
+    files.eval.mkdir(parents=True, exist_ok=True)
+    files.write_metrics(out)
+    files.write_results(localisation_table(located, len(test_recs)) if located else "(no test tiles with slide,x,y)\n")
+    files.write_test_embeddings(emb, test_recs, prep.class_map, np.ones((len(test_recs), 1), dtype=np.float32))
+    files.write_reference(ref_emb, train_recs, prep.class_map)
     return out
 
 

@@ -6,6 +6,7 @@ import csv
 import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +32,21 @@ def describe(exc: OSError) -> str:
     reason = exc.strerror or str(exc)
     hint = _HINTS.get(exc.errno)
     return f"{reason}; {hint}" if hint else reason
+
+
+def describe_error(exc: BaseException) -> str:
+    """``describe`` for any error of a write: an ``OSError``, or a library's that carries one in its text
+    (safetensors: ``... (os error 28)``; torch's zip writer: ``unexpected pos``, how it reports a full disk)."""
+    if isinstance(exc, OSError):
+        return describe(exc)
+    text = str(exc).strip() or type(exc).__name__
+    code = re.search(r"os error (\d+)", text)
+    if code is not None:
+        hint = _HINTS.get(int(code.group(1)))
+        return f"{text}; {hint}" if hint else text
+    if "unexpected pos" in text or "failed writing" in text:
+        return f"{text}; the disk is probably full: free some space and run again"
+    return text
 
 
 def read_text(path: str | os.PathLike, error: type[SmseError] = DataError) -> str:
@@ -118,6 +134,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 __all__ = [
     "describe",
+    "describe_error",
     "read_text",
     "writable_folder",
     "atomic_path",

@@ -19,6 +19,7 @@ from smse.models import Embedder
 from smse.progress import batch_sizes
 from smse.progress import progress as report_progress
 from smse.runtime import Dist, resolve_device
+from smse.spots import Spots, grid_magnification
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Prepared:
     device: torch.device
     features: torch.Tensor | None = None  # [N, views, F] in frozen mode
     patient_ids: dict[str, int] = field(default_factory=dict)
+    spots: Spots | None = None  # the spot of every image, with same-spot positives
 
     @property
     def records(self) -> list[Record]:
@@ -84,6 +86,7 @@ def prepare(
         dataset,
         device,
         patient_ids={p: i for i, p in enumerate(sorted({r.patient for r in data.records}))},
+        spots=Spots.of(data.records, grid_magnification(cfg.data.root)) if cfg.sampler.positives != "class" else None,
     )
     if cfg.model.freeze_backbone:
         scaling = f"{model.mean.flatten().tolist()}|{model.std.flatten().tolist()}|{model.interpolation}"

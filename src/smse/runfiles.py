@@ -5,6 +5,7 @@
       versions.json        package versions                         (train)
       split.csv            every image with its split               (train)
       data.json            what loading found                       (train)
+      tiling.json          the tiling of the slide tiles it trained on, from tiles.json   (train, on smse tiles data)
       history.json         one row per epoch                        (train)
       state.pt             the resume point                         (train)
       best.safetensors     weights + config + class map + preprocessing of the best epoch   (train)
@@ -29,13 +30,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from smse.io import atomic_path, write_csv, write_json, write_text
+from smse.errors import CheckpointError, LeakageError, OutputError, SmseError
+from smse.io import atomic_path, describe_error, read_text, write_csv, write_json, write_text
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,10 @@ class RunFiles:
     @property
     def data(self) -> Path:
         return self.root / "data.json"
+
+    @property
+    def tiling(self) -> Path:
+        return self.root / "tiling.json"
 
     @property
     def history(self) -> Path:
@@ -151,6 +158,70 @@ class RunFiles:
 
         return read_manifest(self.split)[0] if self.split.exists() else None
 
+    def read_checked_split(self):
+        """``split.csv`` as the run trained on it, or None when the run has none: refused when it is not the split
+        training recorded (the fingerprint in ``state.pt``, else the counts in ``data.json``: a copy cut short, a
+        hand edit), when it lacks a training or test image, or when a patient lies on two sides (the leak guard).
+
+        Raises:
+            LeakageError: naming split.csv and the patients on two sides.
+            CheckpointError: naming split.csv and what it does not match.
+        """
+        from smse.data.splits import check_split
+        from smse.runfolder import split_fingerprint
+
+        records = self.read_split()
+        if records is None:
+            return None
+        try:
+            check_split(records)
+        except LeakageError as exc:
+            raise LeakageError(f"{self.split}: {exc}; it is not the split this run was trained on") from None
+        redo = "restore the run's own split.csv, or train again"
+        recorded = (self.read_state() or {}).get("data")
+        if recorded is not None and recorded != split_fingerprint(records):
+            raise CheckpointError(
+                f"{self.split}: not the split this run was trained on ({len(records)} images; their paths, labels, "
+                f"patients or splits differ from the fingerprint in {self.state.name}); {redo}"
+            )
+        summary = str(self.read_json(self.data, {}).get("summary", ""))
+        counted = re.match(r"([\d,]+) images, ([\d,]+) patients", summary)
+        if recorded is None and counted:
+            images, patients = (int(v.replace(",", "")) for v in counted.groups())
+            if (images, patients) != (len(records), len({r.patient for r in records})):
+                raise CheckpointError(
+                    f"{self.split}: {len(records)} images of {len({r.patient for r in records})} patients, but "
+                    f"{self.data.name} records {images} images of {patients} patients (a copy cut short?); {redo}"
+                )
+        missing = [s for s in ("train", "test") if not any(r.split == s for r in records)]
+        if missing:
+            raise CheckpointError(f"{self.split}: no {' and no '.join(missing)} image; {redo}")
+        return records
+
+    def read_tiling(self) -> dict | None:
+        """The tiling of the ``smse tiles`` tiles the run trained on (``tiling.json``), None when it trained on images.
+
+        Raises:
+            CheckpointError: naming tiling.json when it is not one written by smse train.
+        """
+        if not self.tiling.exists():
+            return None
+        try:
+            tiling = json.loads(read_text(self.tiling, CheckpointError))["tiling"]
+            if not (
+                all(isinstance(m, (int, float)) for m in tiling["magnifications"])
+                and len(tiling["size"]) == 2
+                and all(isinstance(v, int) for v in tiling["size"])
+                and isinstance(tiling["min_tissue"], (int, float))
+                and (tiling["grid"] is None or isinstance(tiling["grid"], (int, float)))
+            ):
+                raise ValueError("a value of the wrong type")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"{self.tiling}: not the tiling smse train records ({exc!r}); give --tile and --magnifications"
+            ) from None
+        return tiling
+
     def read_embeddings(self, path: Path) -> dict[str, np.ndarray] | None:
         """Every array of an embeddings file (``reference`` or ``test_embeddings``), or None when it is not there."""
         return load_embeddings(path) if path.exists() else None
@@ -215,13 +286,23 @@ class RunFiles:
         from smse.config import save_config
 
         save_config(cfg, self.config)
+        tiles = tiles_json(cfg.data.root)
+        if tiles is not None:  # tiles of smse tiles: their tiling belongs to the run, not to a folder that may move
+            try:
+                tiling = json.loads(read_text(tiles))["tiling"]
+            except (SmseError, ValueError, KeyError, TypeError):
+                return  # predict-slide then asks for --tile and --magnifications or takes the defaults
+            write_json(self.tiling, {"source": str(tiles), "tiling": tiling})
 
     def write_state(self, state: dict) -> None:
         """``state.pt``, atomically: an interrupt leaves the previous resume point whole."""
         import torch
 
         with atomic_path(self.state) as tmp:
-            torch.save(state, tmp)
+            try:
+                torch.save(state, tmp)
+            except RuntimeError as exc:  # torch reports a full disk as a RuntimeError of its zip writer
+                raise OutputError(f"{self.state}: cannot write ({describe_error(exc)})") from None
 
     def write_split(self, records) -> None:
         from smse.data.manifest import write_manifest
@@ -232,6 +313,14 @@ class RunFiles:
         """``reference.npz``: the references' embeddings with their metadata."""
         save_embeddings(self.reference, emb, records, class_map)
         return self.reference
+
+
+def tiles_json(root: str | os.PathLike | None) -> Path | None:
+    """The ``tiles.json`` beside a manifest written by ``smse tiles``, or None for other data."""
+    if root is None or Path(root).suffix.lower() != ".csv":
+        return None
+    meta = Path(root).parent / "tiles.json"
+    return meta if meta.is_file() else None
 
 
 def save_embeddings(path: str | Path, emb: np.ndarray, records, class_map, probs: np.ndarray | None = None) -> None:
@@ -247,6 +336,10 @@ def save_embeddings(path: str | Path, emb: np.ndarray, records, class_map, probs
         "targets": np.array(class_map.targets(records), dtype=np.int64),
         "class_names": np.array(class_map.names, dtype=str),
     }
+    if any(r.slide is not None for r in records):  # tiles: the slide and level-0 centre of each
+        arrays["slides"] = np.array([r.slide or "" for r in records], dtype=str)
+        arrays["xs"] = np.array([np.nan if r.x is None else r.x for r in records], dtype=np.float64)
+        arrays["ys"] = np.array([np.nan if r.y is None else r.y for r in records], dtype=np.float64)
     if probs is not None:
         arrays["probabilities"] = np.asarray(probs, dtype=np.float32)
     with atomic_path(path) as tmp:
@@ -260,4 +353,4 @@ def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
-__all__ = ["RunFiles", "load_embeddings", "save_embeddings"]
+__all__ = ["RunFiles", "load_embeddings", "save_embeddings", "tiles_json"]

@@ -99,8 +99,12 @@ def find_breast_root(path: str | os.PathLike) -> Path:
     raise DataError(f"{path}: no BreakHis tree (histology_slides/breast) found here or below")
 
 
-def record_from_path(path: Path, breast_root: Path) -> Record:
-    """Build a record from one file of the tree, checking that every folder agrees with its name."""
+def record_from_path(path: Path, breast_root: Path, real_folders: dict[str, str] | None = None) -> Record:
+    """Build a record from one file of the tree, checking that every folder agrees with its name.
+
+    The record's path is canonical (``canonical_path``) where a folder on the way is a symbolic link;
+    ``real_folders`` caches the resolved folders over a scan.
+    """
     rel = path.relative_to(breast_root).parts
     if len(rel) != 6 or rel[1] != "SOB":
         raise DataError(f"{path}: not at <class>/SOB/<type>/<slide>/<mag>X/<file> under {breast_root}")
@@ -116,7 +120,7 @@ def record_from_path(path: Path, breast_root: Path) -> Record:
         if got != want:
             raise DataError(f"{path}: {what} folder {got!r} disagrees with the file name (expected {want!r})")
     return Record(
-        path=str(path),
+        path=os.path.join(_real_folder(str(path.parent), real_folders), path.name),
         label=CLASS_FOLDERS[info["cls"]],
         tumor_type=info["type"],
         patient=info["patient"],
@@ -124,21 +128,43 @@ def record_from_path(path: Path, breast_root: Path) -> Record:
     )
 
 
+def _real_folder(folder: str, cache: dict[str, str] | None) -> str:
+    if cache is None:
+        return os.path.realpath(folder)
+    if folder not in cache:
+        cache[folder] = os.path.realpath(folder)
+    return cache[folder]
+
+
 def _unreadable(exc: OSError) -> None:
     raise DataError(f"{exc.filename}: cannot read this folder ({exc.strerror}); its images would be left out")
 
 
 def iter_image_files(root: Path) -> Iterable[Path]:
-    """Image files below ``root`` in sorted order, hidden files skipped.
+    """Image files below ``root`` in sorted order, hidden files skipped; folders that are symbolic links followed.
 
     Raises:
-        DataError: naming a folder that cannot be listed, rather than leaving its images out.
+        DataError: naming a folder that cannot be listed, a symbolic link that leads nowhere, or a folder reached
+            twice (a link loop, or two links to one folder), rather than leaving its images out or counting them twice.
     """
-    for dirpath, dirnames, filenames in os.walk(root, onerror=_unreadable):
+    reached: dict[str, str] = {}  # canonical folder -> the path it was first reached by
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_unreadable, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in reached:
+            raise DataError(
+                f"{dirpath}: leads to {real}, already reached as {reached[real]} (a symbolic link loop, or two links "
+                "to one folder); its images would be counted twice, so remove the link"
+            )
+        reached[real] = dirpath
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
-                yield Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                yield path  # a broken link named as an image is reported by name where it is read
+            elif path.is_symlink() and not path.exists():  # os.walk lists a link to a missing folder as a file
+                raise DataError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist")
 
 
 def scan_breakhis(
@@ -156,9 +182,10 @@ def scan_breakhis(
             raise DataError(f"data.magnifications: unknown magnification(s) {unknown}; BreakHis has {MAGNIFICATIONS}")
     records: list[Record] = []
     skipped: list[tuple[str, str]] = []
+    real_folders: dict[str, str] = {}
     for file in iter_image_files(root):
         try:
-            record = record_from_path(file, root)
+            record = record_from_path(file, root, real_folders)
         except DataError as exc:
             if not skip_bad:
                 raise

@@ -44,7 +44,9 @@ def inspect_file(path: str) -> FileInfo:
     return FileInfo(sha1, image.width, image.height, mode)
 
 
-CACHE_VERSION = 2  # entries written by an older, weaker check are inspected again
+#: entries written by an older check are inspected again (3: the pixel limit became PIL's error threshold,
+#: about 179 megapixels, where 2 refused images from its warning threshold, about 89.5, on)
+CACHE_VERSION = 3
 
 
 def inspect_files(paths: Sequence[str], cache_dir: str | os.PathLike | None = None) -> dict[str, FileInfo]:

@@ -19,8 +19,49 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MIN_SIDE = 8  # pixels; anything smaller is a thumbnail or an icon, not a field of view
 
 
+def default_max_pixels() -> int | None:
+    """The default pixel limit: PIL's decompression-bomb error threshold, 2 x ``Image.MAX_IMAGE_PIXELS``.
+
+    That is about 179 megapixels (None: no limit, where ``Image.MAX_IMAGE_PIXELS`` is None). It is also the
+    ceiling of any larger limit: PIL refuses to open images above it.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * limit
+
+
+def check_size(name: str, width: int, height: int, max_pixels: int | None = None) -> None:
+    """Refuse an image under ``MIN_SIDE`` pixels a side, or over ``max_pixels`` (default ``default_max_pixels()``).
+
+    The one size check of every input kind: a file's header, a PIL image, an array, a tensor.
+
+    Raises:
+        ImageError: naming the image and its size.
+    """
+    limit = max_pixels if max_pixels is not None else default_max_pixels()
+    if limit is not None and width * height > limit:
+        raise ImageError(name, f"image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}")
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise ImageError(name, f"image is only {width}x{height} pixels")
+
+
+def as_rgb8(image: Image.Image, name: str, max_pixels: int | None = None) -> Image.Image:
+    """The one conversion of every image, decoded from a file or given in memory: sizes checked (``check_size``),
+    then 8-bit RGB (``to_rgb8``). A path and ``PIL.Image.open`` of that path give the same pixels.
+
+    Raises:
+        ImageError: naming the image, for one under 8 px a side, over the pixel limit, or that cannot be decoded.
+    """
+    check_size(name, image.width, image.height, max_pixels)
+    try:
+        rgb = to_rgb8(image)
+        rgb.load()
+    except Exception as exc:  # noqa: BLE001 - a lazily opened image decodes here; damage makes PIL raise many kinds
+        raise ImageError(name, f"corrupt or truncated image ({str(exc) or type(exc).__name__})") from None
+    return rgb
+
+
 def to_rgb8(image: Image.Image) -> Image.Image:
-    """Convert grayscale, palette, RGBA and 16-bit images to 8-bit RGB."""
+    """Convert grayscale, palette, RGBA and 16-bit images to 8-bit RGB (transparency composited on white)."""
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -40,23 +81,24 @@ def decode_image(data: bytes, path: str, max_pixels: int | None = None) -> tuple
 
     Args:
         max_pixels: refuse images with more pixels than this, read from the header before any decoding
-            (default: PIL's decompression-bomb limit, ``Image.MAX_IMAGE_PIXELS``).
+            (default: PIL's decompression-bomb error threshold, ``default_max_pixels()``, about 179 megapixels,
+            which also stays the ceiling of a larger limit). PIL's warning at half that is not a refusal.
 
     Raises:
         ImageError: naming the file, for empty, truncated, corrupt, tiny (< 8 px) or oversized images.
     """
     if not data:
         raise ImageError(path, "file is empty")
+    limit = max_pixels if max_pixels is not None else default_max_pixels()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns from half its error threshold on; the limit here is ``limit``, checked from the same header
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 mode = image.mode
-                width, height = image.size
-                _check_pixels(path, width, height, max_pixels)
+                check_size(path, image.width, image.height, limit)
                 image.load()
-                rgb = to_rgb8(image)
-                rgb.load()
+                rgb = as_rgb8(image, path, limit)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -65,8 +107,6 @@ def decode_image(data: bytes, path: str, max_pixels: int | None = None) -> tuple
         raise ImageError(path, f"too large to decode safely, a possible decompression bomb ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - damaged bytes make PIL raise many kinds; each means a bad file
         raise ImageError(path, f"corrupt or truncated image ({str(exc) or type(exc).__name__})") from None
-    if rgb.width < MIN_SIDE or rgb.height < MIN_SIDE:
-        raise ImageError(path, f"image is only {rgb.width}x{rgb.height} pixels")
     return rgb, mode
 
 
@@ -102,12 +142,6 @@ def read_image(
     return decode_image(source.read(), name or str(getattr(source, "name", "<upload>")), max_pixels)[0]
 
 
-def _check_pixels(name: str, width: int, height: int, max_pixels: int | None) -> None:
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
-    if limit is not None and width * height > limit:
-        raise ImageError(name, f"image is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}")
-
-
 #: PIL's filter of each interpolation name (timm's names)
 RESAMPLING = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -123,6 +157,13 @@ def resize_image(image: Image.Image, size: tuple[int, int], interpolation: str =
     if image.size != (width, height):
         image = image.resize((width, height), RESAMPLING[interpolation], reducing_gap=2.0)
     return image
+
+
+def resize_channels(image: np.ndarray, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
+    """Resize a CxHxW float image to ``size`` = (height, width) as ``resize_image`` resizes 8-bit RGB: PIL's filter,
+    channel by channel in 32-bit float, so a float image and its 8-bit version come out alike (to rounding)."""
+    channels = [Image.fromarray(np.ascontiguousarray(c, np.float32), "F") for c in image]
+    return np.stack([np.asarray(resize_image(c, size, interpolation)) for c in channels])
 
 
 def load_resized(path: str | os.PathLike, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
@@ -174,11 +215,16 @@ def default_cache_dir() -> Path:
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MIN_SIDE",
+    "default_max_pixels",
+    "check_size",
+    "as_rgb8",
     "to_rgb8",
     "decode_image",
     "read_bytes",
     "read_image",
     "resize_image",
+    "resize_channels",
     "load_resized",
     "ImageCache",
     "default_cache_dir",

@@ -12,7 +12,7 @@ from smse.data.breakhis import check_counts, scan_breakhis
 from smse.data.hashing import DuplicateReport, inspect_files, resolve_duplicates
 from smse.data.images import default_cache_dir
 from smse.data.manifest import read_manifest
-from smse.data.records import Record
+from smse.data.records import UNLABELLED, Record
 from smse.data.splits import (
     apply_fold_file,
     carve_validation,
@@ -25,6 +25,13 @@ from smse.io import writable_folder
 
 logger = logging.getLogger(__name__)
 
+#: what to do about a bad image, true of every command that loads data: ``embed`` and ``serve --reference`` take
+#: no --skip-bad, so the advice names the commands that do
+SKIP_ADVICE = (
+    " (fix or remove the file; smse train skips and lists bad files with data.skip_bad=true, "
+    "smse data summary with --skip-bad)"
+)
+
 
 @dataclass
 class LoadedData:
@@ -32,10 +39,13 @@ class LoadedData:
 
     records: list[Record]
     hashes: dict[str, str]
+    #: every file found and not used, with the reason: bad files, and images the split leaves out (``left_out``)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     duplicates: DuplicateReport = field(default_factory=DuplicateReport)
     counts_note: str = ""
     sizes: Counter = field(default_factory=Counter)
+    #: the images of ``skipped`` that were readable but that the split leaves out (a fold file that omits them)
+    left_out: list[tuple[str, str]] = field(default_factory=list)
 
     def summary_line(self) -> str:
         by_label = Counter(r.label for r in self.records)
@@ -48,8 +58,15 @@ class LoadedData:
         ]
         if self.counts_note:
             parts.append(self.counts_note)
-        if self.skipped:
-            parts.append(f"{len(self.skipped)} bad file(s) skipped")
+        bad = len(self.skipped) - len(self.left_out)
+        if bad:
+            parts.append(f"{bad} bad file(s) skipped")
+        if self.left_out:
+            reasons = Counter(why for _, why in self.left_out)
+            parts.append(
+                f"{len(self.left_out)} of {len(self.records) + len(self.left_out)} images left out: "
+                + ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
+            )
         if self.duplicates.groups:
             parts.append(self.duplicates.summary())
         return "; ".join(parts)
@@ -96,7 +113,7 @@ def load_data(cfg: DataConfig, split: bool = True) -> LoadedData:
         elif cfg.skip_bad:
             skipped.append((r.path, error))
         else:
-            raise ImageError(r.path, error + " (data.skip_bad=true or --skip-bad skips bad files and lists them)")
+            raise ImageError(r.path, error + SKIP_ADVICE)
     if not good:
         raise DataError(f"{cfg.root}: no readable images")
     hashes = {r.path: infos[r.path].sha1 for r in good}
@@ -106,15 +123,47 @@ def load_data(cfg: DataConfig, split: bool = True) -> LoadedData:
     if split:
         check_classes(kept, cfg)
         data.records = assign_split(kept, cfg)
+        _count_left_out(data, kept, cfg)
         check_split(data.records, hashes)
     return data
 
 
+def _count_left_out(data: LoadedData, found: list[Record], cfg: DataConfig) -> None:
+    """Name the images that were found and read but that the split leaves out (a fold file that omits them).
+
+    They join ``data.skipped`` (so ``data.json`` lists them, with the reason), are counted in the summary
+    line, and are logged as a warning: a run never trains on less than it was pointed at without a word.
+    """
+    used = {r.path for r in data.records}
+    method = split_method(cfg, found)
+    why = (
+        f"not listed in the fold file {cfg.split.fold_file}"
+        if method == "fold-file"
+        else f"given no split by data.split.method={method}"
+    )
+    data.left_out = [(r.path, why) for r in found if r.path not in used]
+    if not data.left_out:
+        return
+    data.skipped.extend(data.left_out)
+    names = ", ".join(Path(p).name for p, _ in data.left_out[:5]) + (", ..." if len(data.left_out) > 5 else "")
+    logger.warning(
+        "%s: %d of the %d images found there are %s; they are left out of the run (data.json lists them): %s",
+        cfg.root,
+        len(data.left_out),
+        len(found),
+        why,
+        names,
+    )
+
+
 def check_classes(records: list[Record], cfg: DataConfig) -> None:
-    """Refuse a dataset with one class for the task: every score on it would read 100%."""
+    """Refuse a dataset with one class for the task: every score on it would read 100%. Unlabelled tiles
+    (label-free training with same-spot positives) are the exception."""
     counts = Counter(r.target_name(cfg.task) for r in records)
     if len(counts) == 1:
         ((name, n),) = counts.items()
+        if name == UNLABELLED:
+            return
         patients = len({r.patient for r in records})
         raise DataError(
             f"{cfg.root}: every image is of one class for data.task={cfg.task}: {name!r} "

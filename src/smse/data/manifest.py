@@ -1,9 +1,10 @@
-"""CSV manifests (path, label, patient, magnification[, split][, tumor_type]) for any organ."""
+"""CSV manifests (path, label, patient, magnification[, split][, tumor_type][, slide, x, y]) for any organ."""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def read_manifest(path: str | os.PathLike, skip_bad: bool = False) -> tuple[list
 
     Relative image paths are taken from the CSV's folder. Columns: ``path``, ``label``, ``patient``
     (required), ``magnification`` (``40``, ``40X`` or empty), ``split`` (``train``/``val``/``test``
-    or empty), ``tumor_type`` (defaults to label).
+    or empty), ``tumor_type`` (defaults to label), ``slide,x,y`` (a tile's slide and level-0 centre, as
+    ``smse tiles`` writes them; all three or none).
     A row repeated verbatim counts once.
 
     Raises:
@@ -86,11 +88,16 @@ def _record(row: dict[str, str], base: Path, where: str) -> Record:
         raise DataError(f"{where}: empty path, label or patient")
     image = Path(row["path"])
     image = image if image.is_absolute() else base / image
-    if not image.is_file():
+    try:
+        found = image.is_file()
+    except OSError as exc:  # a path the system cannot take (over its length limit, say)
+        raise DataError(f"{where}: image path cannot be used ({exc.strerror or exc})") from None
+    if not found:
         raise DataError(f"{where}: image {image} not found")
     split = row.get("split") or None
     if split is not None and split not in SPLITS:
         raise DataError(f"{where}: split {split!r} is not one of {SPLITS}")
+    slide, x, y = _location(row, where)
     return Record(
         path=canonical_path(image),
         label=row["label"],
@@ -98,7 +105,27 @@ def _record(row: dict[str, str], base: Path, where: str) -> Record:
         patient=row["patient"],
         magnification=_magnification(row.get("magnification", ""), where),
         split=split,
+        slide=slide,
+        x=x,
+        y=y,
     )
+
+
+def _location(row: dict[str, str], where: str) -> tuple[str | None, float | None, float | None]:
+    """The optional ``slide,x,y`` of a row (a tile's slide and level-0 centre): all three, or none."""
+    slide, x, y = row.get("slide") or None, row.get("x") or None, row.get("y") or None
+    if slide is None and x is None and y is None:
+        return None, None, None
+    if slide is None or x is None or y is None:
+        missing = [n for n, v in (("slide", slide), ("x", x), ("y", y)) if v is None]
+        raise DataError(f"{where}: a tile's location needs slide, x and y; {', '.join(missing)} empty")
+    try:
+        fx, fy = float(x), float(y)
+    except ValueError:
+        raise DataError(f"{where}: x {x!r} and y {y!r} must be numbers (level-0 pixels)") from None
+    if not (math.isfinite(fx) and math.isfinite(fy)):
+        raise DataError(f"{where}: x {x!r} and y {y!r} must be finite")
+    return slide, fx, fy
 
 
 def _check_spellings(records: list[Record], line_of: dict[str, int], path: Path) -> None:
@@ -116,11 +143,17 @@ def _check_spellings(records: list[Record], line_of: dict[str, int], path: Path)
 
 
 def write_manifest(path: str | os.PathLike, records: list[Record]) -> None:
-    """Write records as a manifest CSV (absolute paths)."""
+    """Write records as a manifest CSV (absolute paths; ``slide,x,y`` where any record has a location)."""
+    located = any(r.slide is not None for r in records)
+    columns = ["path", "label", "tumor_type", "patient", "magnification", "split"]
     write_csv(
         path,
-        ["path", "label", "tumor_type", "patient", "magnification", "split"],
-        ([r.path, r.label, r.tumor_type, r.patient, r.magnification or "", r.split or ""] for r in records),
+        columns + (["slide", "x", "y"] if located else []),
+        (
+            [r.path, r.label, r.tumor_type, r.patient, r.magnification or "", r.split or ""]
+            + ([r.slide or "", "" if r.x is None else f"{r.x:g}", "" if r.y is None else f"{r.y:g}"] if located else [])
+            for r in records
+        ),
     )
 
 

@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 MAGNIFICATIONS = (40, 100, 200, 400)
+#: the label of tiles cut without labels (``smse tiles`` without ``--labels``): label-free training
+UNLABELLED = "unlabelled"
 UNKNOWN_MAGNIFICATION = 0
 
 
@@ -36,6 +38,8 @@ class Record:
         patient: patient (slide) identifier; splits never divide a patient.
         magnification: total magnification (40, 100, ...), 0 where unknown.
         split: ``train`` / ``val`` / ``test`` where a split is assigned.
+        slide, x, y: the slide and level-0 centre the image was cut from (``smse tiles``), where known: the
+            tiles of one spot at several magnifications share them (same-spot positives, localisation).
     """
 
     path: str
@@ -44,6 +48,14 @@ class Record:
     patient: str
     magnification: int = UNKNOWN_MAGNIFICATION
     split: str | None = None
+    slide: str | None = None
+    x: float | None = None
+    y: float | None = None
+
+    @property
+    def spot(self) -> str | None:
+        """``slide@x,y``: one spot of tissue, whatever the magnification (None where the location is unknown)."""
+        return None if self.slide is None or self.x is None or self.y is None else f"{self.slide}@{self.x:g},{self.y:g}"
 
     def with_split(self, split: str | None) -> Record:
         return replace(self, split=split)
@@ -63,6 +75,11 @@ class ClassMap:
     @classmethod
     def from_records(cls, records: Iterable[Record], task: str = "binary") -> ClassMap:
         return cls(task, tuple(sorted({r.target_name(task) for r in records})))
+
+    @property
+    def labelled(self) -> bool:
+        """False for unlabelled tiles only: no class to learn, positives from the same spot."""
+        return self.names != (UNLABELLED,)
 
     def targets(self, records: Sequence[Record]) -> list[int]:
         """Class index of each record; -1 for a class this map does not know (foreign data to embed)."""

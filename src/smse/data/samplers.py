@@ -94,6 +94,52 @@ class MagnificationBalancedSampler:
             yield Batch(np.concatenate([take(k) for take, k in zip(streams, sizes)]))
 
 
+class SpotSampler:
+    """Global batches of whole spots: every tile of a drawn spot (one per magnification) enters the batch together,
+    so every anchor has its own spot at the other magnifications as positives (same-spot positives).
+
+    Spots are drawn in shuffled passes (spots with a single tile cannot serve as anchors and are left out);
+    a batch takes spots until it holds ``batch_size`` tiles (the last one cut to fit).
+    """
+
+    def __init__(
+        self,
+        spots: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        batches_per_epoch: int | None = None,
+        min_batches: int = 1,
+    ):
+        members: dict[int, list[int]] = defaultdict(list)
+        for i, s in enumerate(spots):
+            members[int(s)].append(i)
+        self.spots = [np.array(m) for _, m in sorted(members.items()) if len(m) > 1]
+        if not self.spots:
+            raise ValueError("no spot has tiles at two magnifications")
+        self.batch_size, self.seed = batch_size, seed
+        tiles = sum(len(m) for m in self.spots)
+        self.batches = batches_per_epoch or max(min_batches, math.ceil(tiles / batch_size))
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        rng = np.random.default_rng([self.seed, epoch, 31])
+        stream = _Stream(np.arange(len(self.spots)), rng)
+        for _ in range(self.batches):
+            chosen: list[np.ndarray] = []
+            taken: set[int] = set()
+            size = 0
+            while size < self.batch_size and len(taken) < len(self.spots):
+                k = int(stream.take(1)[0])
+                if k in taken:  # a new pass began inside this batch: each spot once per batch
+                    continue
+                taken.add(k)
+                chosen.append(self.spots[k])
+                size += len(self.spots[k])
+            yield Batch(np.concatenate(chosen)[: self.batch_size])  # a fixed size: the last spot may lose tiles
+
+
 class OfflineTupleSampler:
     """Random offline triplets or pairs from the pooled training set, as the original code drew them.
 

@@ -52,9 +52,20 @@ def seeded_split(
     """Assign train/val/test by patient, stratified by the task's class; val is carved out of the training patients.
 
     A class with a single patient keeps it in training.
+
+    Raises:
+        DataError: when no class has two patients, so that the test split would be empty.
     """
     patients = patient_labels(records, task)
     test = stratified_patient_split(patients, test_fraction, seed)
+    per_class = Counter(patients.values())
+    if not test and len(per_class) > 1:
+        counts = ", ".join(f"{c} {n}" for c, n in sorted(per_class.items()))
+        raise DataError(
+            f"data.split: every class has a single patient ({counts} for data.task={task}), and a patient's "
+            "images never lie on two sides, so the test split would be empty: a patient-disjoint evaluation "
+            "needs at least two patients of some class"
+        )
     rest = {p: c for p, c in patients.items() if p not in test}
     val = stratified_patient_split(rest, val_fraction, seed + 7919) if val_fraction > 0 else set()
     split = {p: "test" if p in test else "val" if p in val else "train" for p in patients}

@@ -30,8 +30,12 @@ def tuple_masks(
     patients: torch.Tensor | None,
     cross_magnification: bool,
     same_patient: bool,
+    ignore: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[i, j] is True where j is a valid positive (first mask) or negative (second) for anchor i."""
+    """[i, j] is True where j is a valid positive (first mask) or negative (second) for anchor i.
+
+    ``ignore`` [B, B]: pairs that are neither (e.g. two overlapping spots of one slide under same-spot positives).
+    """
     n = len(labels)
     same = labels[:, None] == labels[None, :]
     pos = same & ~torch.eye(n, dtype=torch.bool, device=labels.device)
@@ -39,7 +43,10 @@ def tuple_masks(
         pos &= mags[:, None] != mags[None, :]
     if same_patient and patients is not None:
         pos &= patients[:, None] == patients[None, :]
-    return pos, ~same
+    neg = ~same
+    if ignore is not None:
+        pos, neg = pos & ~ignore, neg & ~ignore
+    return pos, neg
 
 
 def hardest(emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,10 +66,11 @@ def mine_triplets(
     margin: float = 1.0,
     cross_magnification: bool = True,
     same_patient: bool = False,
+    ignore: torch.Tensor | None = None,
 ) -> Tuples:
     """Indices (a, p, n) of the triplets of a batch chosen by ``strategy``."""
     with torch.no_grad():
-        pos, neg = tuple_masks(labels, mags, patients, cross_magnification, same_patient)
+        pos, neg = tuple_masks(labels, mags, patients, cross_magnification, same_patient, ignore)
         if strategy == "hard":
             hp, hn = hardest(emb, pos, neg)
             ok = pos.any(dim=1) & neg.any(dim=1)
@@ -88,10 +96,11 @@ def mine_pairs(
     margin: float = 1.0,
     cross_magnification: bool = True,
     same_patient: bool = False,
+    ignore: torch.Tensor | None = None,
 ) -> Tuples:
     """Indices (i, j) and same-class flags y of the pairs of a batch chosen by ``strategy``."""
     with torch.no_grad():
-        pos, neg = tuple_masks(labels, mags, patients, cross_magnification, same_patient)
+        pos, neg = tuple_masks(labels, mags, patients, cross_magnification, same_patient, ignore)
         if strategy == "hard":
             hp, hn = hardest(emb, pos, neg)
             ap = torch.nonzero(pos.any(dim=1)).flatten()
@@ -143,6 +152,7 @@ class CrossMagnificationMiner:
         labels: torch.Tensor,
         magnifications: torch.Tensor | None = None,
         patients: torch.Tensor | None = None,
+        ignore: torch.Tensor | None = None,
     ) -> Tuples:
         args = (
             embeddings,
@@ -153,6 +163,7 @@ class CrossMagnificationMiner:
             self.margin,
             self.cross_magnification,
             self.same_patient,
+            ignore,
         )
         if self.kind == "triplet":
             tuples = mine_triplets(*args)
@@ -194,11 +205,24 @@ class MetricLoss(nn.Module):
         mags: torch.Tensor | None = None,
         patients: torch.Tensor | None = None,
         tuples: Tuples | None = None,
+        ignore: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if emb.ndim != 2 or len(emb) != len(labels):
             raise ValueError(f"embeddings {tuple(emb.shape)} and labels {tuple(labels.shape)} do not match")
+        return self.loss(emb, labels, mags, patients, tuples, ignore)
+
+    def loss(
+        self,
+        emb: torch.Tensor,
+        labels: torch.Tensor,
+        mags: torch.Tensor | None,
+        patients: torch.Tensor | None,
+        tuples: Tuples | None,
+        ignore: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The mean over the mined (or given) tuples of ``compute``."""
         if tuples is None:
-            tuples = self.miner(emb, labels, mags, patients)
+            tuples = self.miner(emb, labels, mags, patients, ignore)
         # the losses gather from the batch's distance matrix, not from the embeddings: a batch of 128 can
         # mine a million triplets, and [T, d] gathers would cost gigabytes where [T] gathers cost megabytes
         terms = self.compute(squared_distances(emb), *tuples)
@@ -242,7 +266,45 @@ class PairLoss(MetricLoss):
         return 0.5 * (y * dij + (1 - y) * torch.relu(self.margin - d).pow(2))
 
 
-METRIC_LOSSES: dict[str, type[MetricLoss]] = {"pair": PairLoss, "triplet": TripletLoss}
+class InfoNCELoss(MetricLoss):
+    """NT-Xent / InfoNCE on cosine similarities s / tau: for every positive pair (a, p),
+    -log(exp(s_ap) / (exp(s_ap) + sum over the anchor's negatives n of exp(s_an))), averaged over the pairs.
+
+    Positives and negatives follow the miner's rules (every valid pair: InfoNCE weighs the hard ones itself);
+    this is pytorch-metric-learning's ``NTXentLoss`` on the same pairs. ``margin`` is unused.
+    """
+
+    kind = "pair"
+
+    def __init__(self, temperature: float = 0.1, cross_magnification: bool = True, same_patient: bool = False, **_):
+        super().__init__(1.0, "all", cross_magnification, same_patient)
+        self.temperature = temperature
+
+    def loss(
+        self,
+        emb: torch.Tensor,
+        labels: torch.Tensor,
+        mags: torch.Tensor | None,
+        patients: torch.Tensor | None,
+        tuples: Tuples | None,
+        ignore: torch.Tensor | None,
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            pos, neg = tuple_masks(
+                labels, mags, patients, self.miner.cross_magnification, self.miner.same_patient, ignore
+            )
+        unit = torch.nn.functional.normalize(emb, dim=1)
+        s = unit @ unit.T / self.temperature
+        a, p = torch.nonzero(pos, as_tuple=True)
+        self.num_tuples = len(a)
+        if len(a) == 0:
+            return emb.sum() * 0.0
+        # log(exp(s_ap) + sum_n exp(s_an)) - s_ap, with each anchor's log-sum over its negatives computed once
+        neg_lse = torch.logsumexp(torch.where(neg, s, torch.full_like(s, -torch.inf)), dim=1)
+        return (torch.logaddexp(s[a, p], neg_lse[a]) - s[a, p]).mean()
+
+
+METRIC_LOSSES: dict[str, type[MetricLoss]] = {"pair": PairLoss, "triplet": TripletLoss, "infonce": InfoNCELoss}
 
 
 def make_metric_loss(name: str, **kwargs) -> MetricLoss | None:
@@ -251,6 +313,8 @@ def make_metric_loss(name: str, **kwargs) -> MetricLoss | None:
         return None
     if name not in METRIC_LOSSES:
         raise ConfigError(f"loss.metric: unknown metric loss {name!r} (known: none, {', '.join(METRIC_LOSSES)})")
+    if name != "infonce":
+        kwargs.pop("temperature", None)  # the margin losses have none
     return METRIC_LOSSES[name](**kwargs)
 
 
@@ -263,6 +327,7 @@ __all__ = [
     "MetricLoss",
     "TripletLoss",
     "PairLoss",
+    "InfoNCELoss",
     "METRIC_LOSSES",
     "make_metric_loss",
 ]

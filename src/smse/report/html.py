@@ -10,7 +10,7 @@ import numpy as np
 
 from smse.data.records import canonical_path, mag_name
 from smse.errors import CheckpointError
-from smse.io import write_text
+from smse.io import writable_folder, write_text
 from smse.report import plots
 from smse.report.pages import png_uri, render
 from smse.retrieval import search
@@ -173,6 +173,59 @@ def _similarity(m: dict) -> dict | None:
     return {"rows": rows, "guide": guide_rows, "threshold": threshold, "references": guide["references"]}
 
 
+def _localisation_rows(located: dict | None) -> list[list]:
+    """The pooled localisation of each representation, within the slide and over all tiles."""
+    rows: list[list] = []
+    for key, loc in (located or {}).items():
+        for scope, r in loc["pooled"].items():
+            rows.append(
+                [
+                    "SMSE embedding" if key == "embedding" else "frozen backbone features (baseline)",
+                    "own slide" if scope == "slide" else "all tiles",
+                    f"{pct(r['top_1'])} ({pct(r['chance_top_1'])})",
+                    f"{pct(r['top_5'])} ({pct(r['chance_top_5'])})",
+                    f"{r['median_rank']:g} ({r['chance_median_rank']:g})",
+                    r["queries"],
+                ]
+            )
+    return rows
+
+
+def _write_label_free_report(
+    run: Path, files: RunFiles, m: dict, history: list[dict], out: Path, projection_seed: int
+) -> Path:
+    """The report of a label-free run: localisation, the embedding map by slide and magnification, curves."""
+    test = files.read_embeddings(files.test_embeddings)
+    if test is None:
+        raise CheckpointError(f"{run}: no {files.test_embeddings.name} in eval/; run `smse evaluate {run}` again")
+    test = _finite_rows(test, "test")
+    coords, method = _project(test["embeddings"], projection_seed)
+    groups = test["slides"].tolist() if "slides" in test else test["patients"].tolist()
+    figs = {
+        "curves": plots.training_curves(history, out / "training-curves.png"),
+        "map": plots.embedding_map(
+            coords, groups, [mag_name(int(v)) for v in test["magnifications"]], method, out / "embedding-map.png"
+        )
+        if method != "none"
+        else None,
+    }
+    spread = m["spread"]
+    page = render(
+        "label_free.html.j2",
+        title=f"smse report: {run.name}",
+        heading=f"smse report: {run}",
+        subtitle=f"label-free (same-spot positives); {m['images']} test tiles of {m['slides']} slides; checkpoint "
+        f"{m['checkpoint']} (epoch {m['epoch']})",
+        localisation=_localisation_rows(m.get("localisation")),
+        figs={k: _uri(v) for k, v in figs.items()},
+        spread=[f"{pct(spread['first_axis_share'])}%", f"{spread['effective_rank']:.1f}"],
+        probe=_probe_card(m["magnification_probe"]),
+        config_text=files.config.read_text() if files.config.exists() else "",
+    )
+    write_text(files.report, page)
+    return files.report
+
+
 def write_report(run: str | Path, projection_seed: int = 0) -> Path:
     """Write ``run/report/report.html`` and its PNGs from what train and evaluate left in ``run``."""
     run = Path(run)
@@ -180,9 +233,10 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
     m = files.read_metrics()
     if m is None:
         raise CheckpointError(f"{run}: no eval/metrics.json; run `smse evaluate {run}` first")
-    out = files.report_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(files.report_dir, "report folder")  # a read-only run, a file at report/: named
     history = files.read_history()
+    if m.get("label_free"):
+        return _write_label_free_report(run, files, m, history, out, projection_seed)
     classes = m["classes"]
     # confusion matrices: the task's own, plus true tumour type x predicted class (binary task)
     # or the 8-type predictions collapsed to benign/malignant (type task)

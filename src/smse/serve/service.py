@@ -103,12 +103,15 @@ def reference_index(run: str | Path, model: Model, reference: str | Path | None 
     """
     backend = model.config.eval.knn_backend
     if reference is None:
-        return ReferenceIndex.from_run(run, model, backend), "the run's training and validation images"
+        index = ReferenceIndex.from_run(run, model, backend)
+        return _fits(index, model, RunFiles(find_checkpoint(Path(run)).parent).reference), (
+            "the run's training and validation images"
+        )
     reference = Path(reference)
     if not reference.exists():
         raise DataError(f"--reference {reference}: no such file or folder")
-    if reference.suffix == ".npz":
-        return ReferenceIndex.load(reference, backend), str(reference)
+    if reference.suffix.lower() == ".npz":
+        return _fits(ReferenceIndex.load(reference, backend), model, reference), str(reference)
     from smse.evaluate import embed_folder
 
     checkpoint = find_checkpoint(Path(run))
@@ -120,7 +123,23 @@ def reference_index(run: str | Path, model: Model, reference: str | Path | None 
     else:
         log.info("embedding the reference images of %s into %s", reference, cache)
         embed_folder(checkpoint, reference, cache, progress=False)
-    return ReferenceIndex.load(cache, backend), str(reference)
+    return _fits(ReferenceIndex.load(cache, backend), model, cache), str(reference)
+
+
+def _fits(index: ReferenceIndex, model: Model, path: Path) -> ReferenceIndex:
+    """``index``, refused unless its embeddings have the model's dimension (another model's would fail every query).
+
+    Raises:
+        DataError: naming the file and both dimensions.
+    """
+    dim = int(model.module.heads.embed.out_features)
+    if index.embeddings.shape[1] != dim:
+        raise DataError(
+            f"{path}: embeddings of dimension {index.embeddings.shape[1]}, but the model of {model.source} embeds "
+            f"in {dim}: they come from another model; embed the reference images with this run "
+            "(smse embed RUN DATA), or give the images themselves as --reference"
+        )
+    return index
 
 
 class Service:

@@ -26,6 +26,11 @@ DEFAULT_SIZE = (4000, 3000)  # level-0 pixels (width, height)
 DEFAULT_MPP = 0.5  # microns per pixel: a scan with a 20x objective
 GLASS = np.array([238.0, 236.0, 240.0])  # bare glass under the scanner's light
 CHUNK = 512  # level-0 pixels rendered at a time
+#: microns per pixel a synthetic scan may have: the tissue is drawn in micrometres, so coarser pixels cover more
+#: tissue and take longer to draw; finer ones than any optics would only magnify the noise
+MPP_RANGE = (0.05, 10.0)
+#: memory a slide takes while it is drawn and written, in bytes per level-0 pixel (measured: about 48)
+BYTES_PER_PIXEL = 64
 TIFF_TILE = 256
 
 
@@ -155,8 +160,11 @@ def plan_slides(
         raise ConfigError(f"--patients: at least 1 slide, got {n}")
     if min(size) < 64:
         raise ConfigError(f"--size: a slide of at least 64x64 pixels, got {size[0]}x{size[1]}")
-    if not mpp > 0:
-        raise ConfigError(f"--mpp: microns per pixel must be positive, got {mpp}")
+    if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:  # NaN fails too
+        raise ConfigError(
+            f"--mpp: microns per level-0 pixel from {MPP_RANGE[0]:g} (beyond any scanner) to {MPP_RANGE[1]:g} "
+            f"(a 1x objective), got {mpp}"
+        )
     weights = parse_proportions(proportions)
     classes = [c for c in ("B", "M") if any(weights[t] > 0 for t in TYPES if TYPE_CLASS[t] == c)]
     per_class = {c: len(range(i, n, len(classes))) for i, c in enumerate(classes)}
@@ -239,9 +247,15 @@ def generate_slides(
     """
     root = Path(out)
     plan = plan_slides(patients, seed, (size[0], size[1]), mpp, proportions)
+    need, have = size[0] * size[1] * BYTES_PER_PIXEL, _memory()
+    if need > have:
+        raise ConfigError(
+            f"--size {size[0]}x{size[1]}: a slide is drawn whole in memory, about {need / 2**30:.1f} GiB, and this "
+            f"machine has {have / 2**30:.1f} GiB available; choose a smaller --size"
+        )
+    workers = min(workers or min(len(plan), os.cpu_count() or 1), max(1, int(have // need)))  # as many as fit
     folder = root / "slides"
     folder.mkdir(parents=True, exist_ok=True)
-    workers = workers or min(len(plan), os.cpu_count() or 1)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(write_slide, plan, [folder] * len(plan)))
@@ -272,6 +286,21 @@ def generate_slides(
         },
     )
     return root
+
+
+def _memory() -> int:
+    """Bytes of memory available to a new allocation: the kernel's estimate where it gives one, else all of it."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no limit known
+        return 2**63
 
 
 def load_slides(root: str | os.PathLike) -> list[SynthSlide]:

@@ -45,7 +45,11 @@ def read_labels(path: str | os.PathLike) -> dict[str, SlideLabel]:
     several slides).
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a path longer than the system looks up
+        raise DataError(f"--labels: cannot look up a path of {len(os.fsencode(path))} bytes ({exc.strerror})") from None
+    if not found:
         raise DataError(f"{path}: label file not found")
     out: dict[str, SlideLabel] = {}
     reader = csv.DictReader(io.StringIO(read_text(path), newline=""))

@@ -58,10 +58,22 @@ def _openslide() -> Backend:
 
 
 def _tiffslide() -> Backend:
+    import zlib
+
     import tifffile
     import tiffslide
 
-    not_a_slide = (tifffile.TiffFileError, ValueError, KeyError, IndexError, NotImplementedError, OSError)
+    # RuntimeError: the decoders' errors (imagecodecs' DeflateError, JpegError, ...) on a file cut short or corrupt
+    not_a_slide = (
+        tifffile.TiffFileError,
+        ValueError,
+        KeyError,
+        IndexError,
+        NotImplementedError,
+        OSError,
+        RuntimeError,
+        zlib.error,
+    )
     return Backend(
         "tiffslide", tiffslide.TiffSlide, not_a_slide, lambda x, ds: math.ceil(x * ds)
     )  # tiffslide truncates location / downsample
@@ -91,6 +103,21 @@ def _backend(name: str | None) -> Backend:
         if lib is not None:
             return lib
     raise ConfigError(f"no slide reader: {name or ' or '.join(BACKENDS)} does not import; pip install 'smse[wsi]'")
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, raising SlideError for a path the system refuses to look up (longer than it allows).
+
+    Raises:
+        SlideError: naming the path (shortened) and its length.
+    """
+    try:
+        return path.is_file()
+    except OSError as exc:
+        shown = str(path) if len(str(path)) <= 120 else f"{str(path)[:60]}...{str(path)[-40:]}"
+        raise SlideError(
+            f"{shown}: cannot look up this path of {len(os.fsencode(path))} bytes ({exc.strerror})"
+        ) from None
 
 
 def _positive(value: Any) -> float | None:
@@ -130,7 +157,7 @@ class Slide:
     def __init__(self, path: str | os.PathLike, backend: str | None = None, mpp: float | None = None):
         self.path = Path(path)
         self.name = self.path.stem
-        if not self.path.is_file():
+        if not _is_file(self.path):
             raise SlideError(f"{self.path}: slide file not found")
         lib = _backend(backend)
         self.backend = lib.name
@@ -210,7 +237,10 @@ class Slide:
         try:
             region = self._handle.read_region(location, level, (width, height))
         except self._lib.not_a_slide as exc:
-            raise SlideError(f"{self.path}: cannot read level {level} at ({x}, {y}): {exc}") from None
+            raise SlideError(
+                f"{self.path}: cannot read level {level} at ({x}, {y}); the file is cut short or corrupt? "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
         return _rgb(region, self.path)
 
     def thumbnail(self, max_side: int = 1024) -> tuple[np.ndarray, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,33 +15,80 @@ from PIL import Image
 
 from smse.api import Model, load_model
 from smse.data.records import mag_name
-from smse.errors import ConfigError, SlideError
+from smse.errors import CheckpointError, ConfigError, SlideError
 from smse.io import atomic_path, writable_folder, write_csv, write_json, write_text
 from smse.report.pages import png_uri, render
+from smse.runfiles import RunFiles, tiles_json
 from smse.runtime import resolve_device
 from smse.wsi.reader import open_slide
 from smse.wsi.tiles import TilePlan, TileSpec, plan_tiles
 
 TOP_LOCATIONS = 6
 
+log = logging.getLogger(__name__)
 
-def tiling_of_run(model: Model) -> TileSpec:
-    """The tiling of a run's training tiles (``tiles.json`` beside its manifest), else the default tiling.
+
+def tiling_of_run(model: Model) -> TileSpec | None:
+    """The tiling a run's model was trained with, None where the run does not know it (trained on images).
 
     Tiles of a slide to classify should cover the fields the model learnt from: same tile size,
-    same magnifications.
+    same magnifications. The run records the tiling of its ``smse tiles`` data (``tiling.json``, at
+    training); a run from before that record falls back on the ``tiles.json`` beside its manifest,
+    which may have moved or been re-tiled since, and says so.
+
+    Raises:
+        CheckpointError: naming the file, when the recorded tiling is not a valid one.
     """
-    root = Path(model.config.data.root)
-    meta = root.parent / "tiles.json"
-    if root.suffix.lower() != ".csv" or not meta.is_file():
-        return TileSpec()
-    tiling = json.loads(meta.read_text())["tiling"]
-    return TileSpec(
-        magnifications=tuple(tiling["magnifications"]),
-        size=tuple(tiling["size"]),
-        grid=tiling["grid"],
-        min_tissue=tiling["min_tissue"],
-    )
+    checkpoint = Path(model.source)  # "<model>" for a model built in Python: no run to ask
+    files = RunFiles(checkpoint.parent)
+    tiling = files.read_tiling() if checkpoint.is_file() else None
+    source = files.tiling
+    if tiling is None:
+        meta = tiles_json(model.config.data.root)
+        if meta is None:
+            return None
+        log.warning(
+            "%s does not record the tiling its model was trained with (trained before smse recorded it); taking "
+            "it from %s, which may have been re-tiled since",
+            checkpoint.parent,
+            meta,
+        )
+        try:
+            tiling = json.loads(meta.read_text())["tiling"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"{meta}: not the tiles.json of smse tiles ({exc!r}); give --tile and --magnifications"
+            ) from None
+        source = meta
+    try:
+        return TileSpec(
+            magnifications=tuple(int(m) for m in tiling["magnifications"]),
+            size=(int(tiling["size"][0]), int(tiling["size"][1])),
+            grid=tiling["grid"],
+            min_tissue=tiling["min_tissue"],
+        )
+    except (ConfigError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"{source}: not a valid tiling ({exc}); give --tile and --magnifications") from None
+
+
+def _check_against_training(spec: TileSpec, trained: TileSpec | None) -> None:
+    """Warn where the tiles to classify are not the kind the model was trained on (the user's explicit choice)."""
+    if trained is None:
+        return
+    if spec.size != trained.size:
+        log.warning(
+            "--tile %dx%d: the model was trained on %dx%d tiles; its probabilities on other fields of view may not "
+            "mean what they did in training",
+            *spec.size,
+            *trained.size,
+        )
+    unseen = sorted(set(spec.magnifications) - set(trained.magnifications))
+    if unseen:
+        log.warning(
+            "--magnifications: the model was trained on %s tiles, not on %s",
+            ", ".join(mag_name(m) for m in trained.magnifications),
+            ", ".join(mag_name(m) for m in unseen),
+        )
 
 
 def _positive_class(model: Model, positive: str | None) -> str:
@@ -229,7 +277,9 @@ def predict_slide(
         raise ConfigError(f"--threshold: a probability in [0, 1], got {threshold}")
     model = load_model(run, which, resolve_device(device))
     positive = _positive_class(model, positive)
-    spec = dataclasses.replace(spec or tiling_of_run(model), **(overrides or {}))
+    trained = tiling_of_run(model)
+    spec = dataclasses.replace(spec or trained or TileSpec(), **(overrides or {}))
+    _check_against_training(spec, trained)
     with open_slide(slide_path, backend, mpp) as slide:
         out = writable_folder(out if out is not None else f"{slide.name}-prediction", "--out")
         plan = plan_tiles(slide, spec)

@@ -18,6 +18,10 @@ from smse.wsi.tissue import TissueMap, tissue_mask
 
 #: BreakHis images are 700x460 pixels (width x height) at every magnification
 DEFAULT_SIZE = (700, 460)
+#: 1000X is 0.1 um/px, finer than any scanner: a higher one would tile a slide into billions of grid cells
+MAX_MAGNIFICATION = 1000
+#: a tile side beyond this would not fit in memory a batch at a time (BreakHis: 700)
+MAX_TILE_SIDE = 8192
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +49,21 @@ class TileSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.magnifications or any(m <= 0 for m in self.magnifications):
-            raise ConfigError(f"--magnifications: positive magnifications such as 40X,100X, got {self.magnifications}")
+        if not self.magnifications or any(not 0 < m <= MAX_MAGNIFICATION for m in self.magnifications):
+            raise ConfigError(
+                f"--magnifications: magnifications from 1X to {MAX_MAGNIFICATION}X such as 40X,100X, "
+                f"got {self.magnifications}"
+            )
         if len(set(self.magnifications)) != len(self.magnifications):
             raise ConfigError(f"--magnifications: {self.magnifications} repeats a magnification")
-        if min(self.size) < 8:
-            raise ConfigError(f"--tile: at least 8x8 pixels, got {self.size[0]}x{self.size[1]}")
-        if self.grid is not None and self.grid <= 0:
-            raise ConfigError(f"--grid: a positive magnification, got {self.grid}")
+        if min(self.size) < 8 or max(self.size) > MAX_TILE_SIDE:
+            raise ConfigError(
+                f"--tile: from 8x8 to {MAX_TILE_SIDE}x{MAX_TILE_SIDE} pixels, got {self.size[0]}x{self.size[1]}"
+            )
+        if self.grid is not None and not 0 < self.grid <= MAX_MAGNIFICATION:
+            raise ConfigError(f"--grid: a magnification from 1X to {MAX_MAGNIFICATION}X, got {self.grid}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ConfigError(f"--seed: a whole number of at least 0, got {self.seed!r}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ConfigError(f"--min-tissue: a share in [0, 1], got {self.min_tissue}")
         if self.max_locations is not None and self.max_locations < 1:
@@ -73,12 +84,27 @@ class TileSpec:
         }
 
 
-def parse_magnifications(text: str) -> tuple[int, ...]:
-    """``40X,100X,200X,400X`` (or ``40,100``) -> (40, 100, 200, 400)."""
-    try:
-        return tuple(int(float(v.strip().upper().removesuffix("X"))) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"--magnifications: expected a list such as 40X,100X,200X,400X, got {text!r}") from None
+def parse_magnifications(text: str, option: str = "--magnifications") -> tuple[int, ...]:
+    """``40X,100X,200X,400X`` (or ``40,100``) -> (40, 100, 200, 400).
+
+    Raises:
+        ConfigError: naming ``option``, for anything but whole magnifications from 1X to ``MAX_MAGNIFICATION``
+            (``inf``, ``nan``, ``1e400``, ``40.5``, ``-40`` included).
+    """
+    out = []
+    for v in text.split(","):
+        if not v.strip():
+            continue
+        try:
+            number = float(v.strip().upper().removesuffix("X"))
+        except ValueError:
+            raise ConfigError(f"{option}: expected a list such as 40X,100X,200X,400X, got {text!r}") from None
+        if not (math.isfinite(number) and number == int(number) and 1 <= number <= MAX_MAGNIFICATION):
+            raise ConfigError(
+                f"{option}: whole magnifications from 1X to {MAX_MAGNIFICATION}X such as 40X,100X, got {v.strip()!r}"
+            )
+        out.append(int(number))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

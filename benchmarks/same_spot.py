@@ -1,0 +1,192 @@
+"""Same-spot positives: does a tile find its own spot at another magnification, and what do classes lose?
+
+Part 1, a real slide (``../shared/data/wsi-sample/cmu-1-small-region.svs``, Aperio SVS at 0.499 um/px):
+tiled at 100X, 200X and 400X (224 x 224 px, one location per 400X field), split into two spatially
+disjoint halves (top: training, bottom: test) with a gap of one 100X tile between them, so that no test
+tile overlaps a training tile. Label-free same-spot training (pair and InfoNCE, frozen EfficientNet-Lite0
+features) against the frozen features themselves; localisation top-1 / top-5 / median rank of the test
+half's tiles, within the slide, with chance beside them.
+
+Part 2, synthetic slides (``smse synth --wsi``, labelled; slide-disjoint split, 3 seeds): class positives,
+same-spot positives and both; the patient-level accuracy of the k-NN classifier, localisation top-1 and
+the magnification probe, mean and spread over the seeds.
+
+Run: python benchmarks/same_spot.py [--seeds 3] [--part real synthetic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import OUT, ROOT, machine  # noqa: E402
+
+from smse.config import load_config  # noqa: E402
+from smse.pipeline import run_pipeline  # noqa: E402
+from smse.synth.wsi import generate_slides  # noqa: E402
+from smse.wsi import TileSpec, write_tiles  # noqa: E402
+
+REAL = ROOT.parent / "shared" / "data" / "wsi-sample" / "cmu-1-small-region.svs"
+#: the shipped breakhis config's frozen-feature mode (pair loss, neighbourhood term, 128 dims), no validation
+FROZEN = ["model.freeze_backbone=true", "model.views=2", "data.split.val_fraction=0"]
+
+
+def halves(tiles: Path) -> Path:
+    """The manifest with a split column: top half train, bottom half test, a 100X tile's height between them."""
+    with open(tiles / "manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    ys = sorted({float(r["y"]) for r in rows})
+    middle = (ys[0] + ys[-1]) / 2
+    gap = 224 * 1.0 / 0.499  # a 100X tile (224 px at 1 um/px) in level-0 px: no test tile overlaps a training tile
+    kept = []
+    for r in rows:
+        y = float(r["y"])
+        if y < middle - gap / 2:
+            kept.append({**r, "split": "train", "patient": f"{r['slide']}-top"})
+        elif y > middle + gap / 2:
+            kept.append({**r, "split": "test", "patient": f"{r['slide']}-bottom"})
+    out = tiles / "halves.csv"
+    with open(out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*rows[0].keys(), "split"])
+        writer.writeheader()
+        writer.writerows(kept)
+    counts = {s: sum(r["split"] == s for r in kept) for s in ("train", "test")}
+    print(
+        f"# real slide: {len(rows)} tiles; train (top) {counts['train']}, test (bottom) {counts['test']}, "
+        f"{len(rows) - len(kept)} in the gap left out"
+    )
+    return out
+
+
+def pooled(loc: dict, scope: str = "slide") -> str:
+    r = loc["pooled"][scope]
+    return (
+        f"{100 * r['top_1']:.1f} ({100 * r['chance_top_1']:.1f}) | {100 * r['top_5']:.1f} "
+        f"({100 * r['chance_top_5']:.1f}) | {r['median_rank']:g} ({r['chance_median_rank']:g}) | {r['queries']}"
+    )
+
+
+def real(work: Path, epochs: int) -> None:
+    if not REAL.exists():
+        print(f"# real slide not found at {REAL}: part 1 skipped")
+        return
+    started = time.perf_counter()
+    tiles = work / "real-tiles"
+    write_tiles([REAL], tiles, TileSpec(magnifications=(100, 200, 400), size=(224, 224), grid=400), progress=False)
+    manifest = halves(tiles)
+    print("| representation | top-1 (chance) | top-5 (chance) | median rank (chance) | queries |")
+    print("|---|---|---|---|---|")
+    baseline_done = False
+    for metric in ("pair", "triplet", "infonce"):
+        cfg = load_config(
+            "breakhis",
+            [
+                f"data.root={manifest}",
+                f"out={work / f'real-{metric}'}",
+                "data.image_size=[224, 224]",
+                "sampler.positives=same-spot",
+                f"loss.metric={metric}",
+                f"train.epochs={epochs}",
+                *FROZEN,
+            ],
+        )
+        _, m = run_pipeline(cfg, report=False, progress=False)
+        assert m is not None
+        loc = m["localisation"]
+        if not baseline_done:
+            print(f"| frozen EfficientNet-Lite0 features (baseline) | {pooled(loc['frozen_features'])} |")
+            baseline_done = True
+        print(f"| same-spot, label-free ({metric}) | {pooled(loc['embedding'])} |", flush=True)
+    print(f"# part 1: {time.perf_counter() - started:.0f} s")
+
+
+def synthetic(work: Path, seeds: int, epochs: int) -> None:
+    started = time.perf_counter()
+    data = work / "synth"
+    generate_slides(data, patients=12, seed=0, size=(1600, 1200), proportions="balanced", workers=1)
+    slides = sorted((data / "slides").iterdir())
+    write_tiles(
+        slides,
+        data / "tiles",
+        TileSpec(magnifications=(100, 200, 400), size=(64, 64), grid=400, max_locations=150),
+        labels=data / "labels.csv",
+        progress=False,
+    )
+    manifest = data / "tiles" / "manifest.csv"
+    variants = {
+        "class positives": ["sampler.positives=class"],
+        "same-spot positives": ["sampler.positives=same-spot"],
+        "both (same-spot weight 1)": ["sampler.positives=both"],
+    }
+    print(
+        "# synthetic: 12 slides (balanced types), 64 x 64 tiles at 100X/200X/400X (150 locations a slide), "
+        f"{seeds} slide-disjoint splits"
+    )
+    print(
+        "| positives | patient-level accuracy (k-NN) | localisation top-1 (chance) | frozen top-1 | "
+        "magnification probe |"
+    )
+    print("|---|---|---|---|---|")
+    for name, overrides in variants.items():
+        rows = []
+        for seed in range(seeds):
+            cfg = load_config(
+                "breakhis",
+                [
+                    f"data.root={manifest}",
+                    f"out={work / f'synth-{len(rows)}-{name[:5]}-{seed}'}",
+                    "data.image_size=[64, 64]",
+                    f"data.split.seed={seed}",
+                    f"seed={seed}",
+                    "data.split.test_fraction=0.34",
+                    f"train.epochs={epochs}",
+                    *FROZEN,
+                    *overrides,
+                ],
+            )
+            _, m = run_pipeline(cfg, report=False, progress=False)
+            assert m is not None
+            loc = m["localisation"]
+            rows.append(
+                [
+                    m["head"]["all"]["patient_accuracy"],
+                    loc["embedding"]["pooled"]["slide"]["top_1"],
+                    loc["embedding"]["pooled"]["slide"]["chance_top_1"],
+                    loc["frozen_features"]["pooled"]["slide"]["top_1"],
+                    m["magnification_probe"]["balanced_accuracy"],
+                ]
+            )
+        r, sd = np.mean(rows, axis=0), np.std(rows, axis=0)
+        print(
+            f"| {name} | {100 * r[0]:.1f} ± {100 * sd[0]:.1f} | {100 * r[1]:.1f} ± {100 * sd[1]:.1f} "
+            f"({100 * r[2]:.1f}) | {100 * r[3]:.1f} | {100 * r[4]:.1f} ± {100 * sd[4]:.1f} |",
+            flush=True,
+        )
+    print(f"# part 2: {time.perf_counter() - started:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--part", nargs="+", default=["real", "synthetic"], choices=["real", "synthetic"])
+    args = parser.parse_args()
+    print(f"# same-spot positives; {date.today()}; {machine()}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+        if "real" in args.part:
+            real(Path(tmp), args.epochs)
+        if "synthetic" in args.part:
+            synthetic(Path(tmp), args.seeds, args.epochs)
+
+
+if __name__ == "__main__":
+    main()
