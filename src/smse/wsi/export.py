@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from smse.data.records import mag_name
+from smse.data.records import UNLABELLED, mag_name
 from smse.errors import ConfigError, DataError, OutputError, SlideError
 from smse.io import describe, read_text, writable_folder, write_csv, write_json
 from smse.wsi.reader import magnification_mpp, open_slide
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = ("path", "label", "patient", "magnification", "slide", "x", "y", "tumor_type")
 #: tile file formats: PIL format name and save options
 FORMATS = {"jpg": ("JPEG", {"quality": 95}), "png": ("PNG", {"compress_level": 1})}
-UNLABELLED = "unlabelled"
 
 
 @dataclass(frozen=True)
