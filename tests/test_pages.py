@@ -38,3 +38,25 @@ def test_both_pages_share_the_base_page():
     page = render("slide.html.j2", **SLIDE)
     assert page.count('id="selfcheck"') == 1 and "window.__errors" in page and ".kpi{" in page
     assert "(40X tile: nothing to show for this run)" in page  # the shared image macro
+
+
+def test_the_report_and_the_page_colour_classes_and_magnifications_alike():
+    """Catches: the report painting a class or a magnification in another colour than the page does, or giving
+    methods a colour that also means a class or a magnification."""
+    import json
+    import re
+    from pathlib import Path
+
+    from smse.report import plots
+
+    app = (Path(plots.__file__).parents[1] / "serve" / "static" / "app.js").read_text()
+    page_palette = json.loads(re.search(r"const PALETTE = (\[[^\]]*\]);", app).group(1))
+    page_mags = dict(
+        re.findall(r"(\d+): \"(#[0-9a-f]{6})\"", re.search(r"const MAG_COLOURS = \{([^}]*)\}", app).group(1))
+    )
+    assert plots.PALETTE == page_palette
+    assert {k.removesuffix("X"): v for k, v in plots.MAG_COLOURS.items()} == {
+        k: v for k, v in page_mags.items() if k != "0"
+    }
+    meanings = [set(plots.PALETTE), set(plots.MAG_COLOURS.values()), set(plots.METHOD_COLOURS)]
+    assert all(not (a & b) for i, a in enumerate(meanings) for b in meanings[i + 1 :])

@@ -13,7 +13,12 @@ from PIL import Image
 from smse.data.records import mag_name
 from smse.tables import MIN_PATIENTS
 
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+#: one colour scheme per meaning, never shared between meanings in neighbouring plots: classes and types take
+#: the page's palette, magnifications the page's magnification colours, methods (model, k-NN, baseline) shades of
+#: the report's purple and grey
+PALETTE = ["#2a9d8f", "#d1495b", "#3d5a80", "#edae49", "#7b4b94", "#00798c", "#8d6346", "#66a182"]
+MAG_COLOURS = {"40X": "#e69f00", "100X": "#56b4e9", "200X": "#009e73", "400X": "#cc79a7"}
+METHOD_COLOURS = ["#3b2a55", "#9a8ab5", "#8d8d8d"]
 
 
 def _subplots(*args, figsize=None, **kwargs):
@@ -77,7 +82,7 @@ def magnification_bars(results: dict[str, dict], path: Path) -> Path:
             ci = np.array([(m.get("intervals") or {}).get(key, [np.nan, np.nan]) for m in cells], dtype=float) * 100
             err = np.abs(np.vstack([np.array(vals) - ci[:, 0], ci[:, 1] - np.array(vals)]))
             few = [m.get("patients", MIN_PATIENTS) < MIN_PATIENTS for m in cells]
-            colours = ["#bbbbbb" if f else PALETTE[methods.index(method)] for f in few]
+            colours = ["#dddddd" if f else METHOD_COLOURS[methods.index(method) % len(METHOD_COLOURS)] for f in few]
             bars = ax.bar(
                 x + (k - len(methods) + 0.5) * width,
                 vals,
@@ -114,7 +119,8 @@ def embedding_map(coords: np.ndarray, labels: Sequence[str], mags: Sequence[str]
         levels = sorted(set(values), key=lambda v: (len(v), v))
         for i, level in enumerate(levels):
             sel = np.array([v == level for v in values])
-            ax.scatter(coords[sel, 0], coords[sel, 1], s=10, alpha=0.75, color=PALETTE[i % len(PALETTE)], label=level)
+            colour = MAG_COLOURS.get(level, "#999999") if ax is axes[1] else PALETTE[i % len(PALETTE)]
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=10, alpha=0.75, color=colour, label=level)
         ax.set(title=f"{method} of test embeddings, {title}", xticks=[], yticks=[])
         ax.legend(fontsize=8, markerscale=2)
     return _save(fig, path)
@@ -186,7 +192,7 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], positive
         return None
     fig, ax = _subplots(figsize=(4.8, 4.4))
     for k, (name, (fpr, tpr, auc)) in enumerate(curves.items()):
-        ax.plot(fpr, tpr, color=PALETTE[k % len(PALETTE)], label=f"{name} (AUC {auc:.3f})", lw=1.6)
+        ax.plot(fpr, tpr, color=METHOD_COLOURS[k % len(METHOD_COLOURS)], label=f"{name} (AUC {auc:.3f})", lw=1.6)
     ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--", label="chance")
     ax.set(
         xlabel="false positive rate (1 - specificity)",
@@ -207,8 +213,8 @@ def reliability_diagram(calibration: dict | None, path: Path) -> Path | None:
     ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--", label="perfectly calibrated")
     t = calibration["temperature"]
     for key, name, colour in (
-        ("reliability_uncalibrated", f"uncalibrated (ECE {100 * calibration['ece_uncalibrated']:.1f}%)", "#d62728"),
-        ("reliability", f"T = {t:.2f} (ECE {100 * calibration['ece']:.1f}%)", "#1f77b4"),
+        ("reliability_uncalibrated", f"uncalibrated (ECE {100 * calibration['ece_uncalibrated']:.1f}%)", "#8d8d8d"),
+        ("reliability", f"T = {t:.2f} (ECE {100 * calibration['ece']:.1f}%)", METHOD_COLOURS[0]),
     ):
         r = calibration[key]
         pts = [(c, a, n) for c, a, n in zip(r["confidence"], r["accuracy"], r["count"]) if n]
