@@ -50,7 +50,7 @@ def test_a_checkpoint_with_another_classifier_loads_and_says_what_it_left(tmp_pa
     del state["conv1.0.weight"]
     path = tmp_path / "donor.safetensors"
     save_file(state, str(path))
-    with caplog.at_level(logging.INFO, logger="smse.models.backbones"):
+    with caplog.at_level(logging.DEBUG, logger="smse.models.backbones"):
         backbone = create_backbone("resnet10t", checkpoint_path=str(path))
     text = caplog.text
     assert "classifier tensors left out: fc.bias, fc.weight" in text

@@ -130,7 +130,7 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str)
         k for k in result.missing_keys if not any(k == c or k.startswith(c + ".") for c in classifier)
     ]
     if dropped:
-        log.info("%s: classifier tensors left out: %s", source, ", ".join(dropped))
+        log.debug("%s: classifier tensors left out: %s", source, ", ".join(dropped))
     if result.missing_keys:
         log.warning(
             "%s: %d tensor(s) of the model are not in the file and keep their initial values: %s",
