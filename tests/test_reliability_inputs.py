@@ -117,6 +117,20 @@ def test_a_fold_file_that_omits_images_counts_and_names_them(tiny_tree, tmp_path
     )
 
 
+def test_fold_file_entries_not_under_the_root_are_counted(tiny_tree, tmp_path):
+    """Catches: a fold file naming images the data root does not hold (a subset of the archive, a wrong root)
+    without a word: they are counted, with an example, in the summary line that data.json keeps."""
+    records = load_data(DataConfig(root=str(tiny_tree)), split=False).records
+    fold = fold_file(tmp_path / "dsfold1.txt", records)
+    with open(fold, "a") as handle:
+        handle.write("SOB_B_A-14-99999-40-001.png|40|1|train\nSOB_B_A-14-99999-40-002.png|40|1|test\n")
+    cfg = tiny_config(tiny_tree, tmp_path / "run", "data.split.method=fold-file", f"data.split.fold_file={fold}")
+    data = load_data(cfg.data)
+    assert data.not_found == ["SOB_B_A-14-99999-40-001.png", "SOB_B_A-14-99999-40-002.png"]
+    assert "the fold file lists 2 images not found here (e.g. SOB_B_A-14-99999-40-001.png)" in data.summary_line()
+    assert len(data.records) == len(records)  # nothing of the tree is lost
+
+
 # -- 3. the same image, the same answer ------------------------------------------------------------
 
 

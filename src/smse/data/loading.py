@@ -46,6 +46,8 @@ class LoadedData:
     sizes: Counter = field(default_factory=Counter)
     #: the images of ``skipped`` that were readable but that the split leaves out (a fold file that omits them)
     left_out: list[tuple[str, str]] = field(default_factory=list)
+    #: file names a fold file lists that are not under the data root (a subset of the archive, or a wrong root)
+    not_found: list[str] = field(default_factory=list)
 
     def summary_line(self) -> str:
         by_label = Counter(r.label for r in self.records)
@@ -67,6 +69,8 @@ class LoadedData:
                 f"{len(self.left_out)} of {len(self.records) + len(self.left_out)} images left out: "
                 + ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
             )
+        if self.not_found:
+            parts.append(f"the fold file lists {len(self.not_found)} images not found here (e.g. {self.not_found[0]})")
         if self.duplicates.groups:
             parts.append(self.duplicates.summary())
         return "; ".join(parts)
@@ -141,6 +145,17 @@ def _count_left_out(data: LoadedData, found: list[Record], cfg: DataConfig) -> N
         if method == "fold-file"
         else f"given no split by data.split.method={method}"
     )
+    if method == "fold-file" and cfg.split.fold_file:
+        present = {Path(r.path).name for r in found}
+        data.not_found = sorted(set(read_fold_file(cfg.split.fold_file, cfg.split.fold)) - present)
+        if data.not_found:
+            logger.info(
+                "%s: %d images the fold file lists are not under %s (e.g. %s): a subset of the archive?",
+                cfg.split.fold_file,
+                len(data.not_found),
+                cfg.root,
+                data.not_found[0],
+            )
     data.left_out = [(r.path, why) for r in found if r.path not in used]
     if not data.left_out:
         return
