@@ -70,7 +70,8 @@ class LoadedData:
                 + ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
             )
         if self.not_found:
-            parts.append(f"the fold file lists {len(self.not_found)} images not found here (e.g. {self.not_found[0]})")
+            missing = f"{len(self.not_found):,}"
+            parts.append(f"the fold file lists {missing} images not found here (e.g. {self.not_found[0]})")
         if self.duplicates.groups:
             parts.append(self.duplicates.summary())
         return "; ".join(parts)
