@@ -10,6 +10,7 @@ from smse.data.samplers import SpotSampler
 from smse.errors import ConfigError, DataError
 from smse.losses.metric import InfoNCELoss
 from smse.spots import Spots, check_positives, localisation
+from smse.wsi import TileSpec
 
 
 def tile(slide, x, y, mag, label="unlabelled"):
@@ -130,13 +131,57 @@ def test_bad_same_spot_input_is_named(tmp_path):
 def unlabelled_tiles(tmp_path_factory):
     """Three small synthetic slides cut into 32 x 32 tiles at 100X and 400X, without labels."""
     from smse.synth.wsi import generate_slides
-    from smse.wsi import TileSpec, write_tiles
+    from smse.wsi import write_tiles
 
     root = tmp_path_factory.mktemp("spots")
-    generate_slides(root, patients=3, seed=0, size=(1200, 900), workers=1)
+    generate_slides(root, patients=4, seed=0, size=(1200, 900), workers=1)
     slides = sorted((root / "slides").iterdir())
     write_tiles(slides, root / "tiles", TileSpec(magnifications=(100, 400), size=(32, 32), grid=400), progress=False)
     return root / "tiles" / "manifest.csv"
+
+
+def tiny_tile_config(manifest, out, *overrides):
+    from smse.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"data.root={manifest}",
+            f"out={out}",
+            "data.image_size=[32, 32]",
+            "model.backbone=paper-cnn",
+            "model.pretrained=false",
+            "model.embedding_dim=32",
+            "model.views=1",
+            "sampler.batch_size=64",
+            "train.device=cpu",
+            "data.split.test_fraction=0.34",
+            "data.split.val_fraction=0",
+            *overrides,
+        ],
+    )
+
+
+@pytest.mark.slow
+def test_labelled_tiles_train_with_both_positives_and_report_localisation(unlabelled_tiles, tmp_path):
+    """Catches: the same-spot term missing under ``both``, or a labelled run whose tiles carry slide,x,y without
+    localisation in its metrics, results table and report."""
+    from smse.pipeline import run_pipeline
+    from smse.runfiles import RunFiles
+    from smse.wsi import write_tiles
+
+    root = unlabelled_tiles.parents[1]
+    spec = TileSpec(magnifications=(100, 400), size=(32, 32), grid=400, max_locations=60)
+    write_tiles(sorted((root / "slides").iterdir()), tmp_path / "t", spec, labels=root / "labels.csv", progress=False)
+    cfg = tiny_tile_config(
+        tmp_path / "t" / "manifest.csv", tmp_path / "run", "sampler.positives=both", "train.epochs=2"
+    )
+    run, metrics = run_pipeline(cfg, progress=False)
+    last = RunFiles(run).read_history()[-1]
+    assert last["loss_same_spot"] > 0 and last["loss_metric"] >= 0 and last["loss_classification"] > 0
+    assert metrics["localisation"]["embedding"]["pooled"]["slide"]["queries"] > 0
+    assert "own slide" in RunFiles(run).results.read_text()
+    assert 'id="localisation"' in RunFiles(run).report.read_text()
 
 
 @pytest.mark.slow

@@ -106,7 +106,11 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
     files.eval.mkdir(parents=True, exist_ok=True)
     files.write_metrics(out)
     files.write_results(
-        results_table(result_rows(out)) + "\n\n" + table_note([p["images"] for p in out["patients"]]) + "\n"
+        results_table(result_rows(out))
+        + "\n\n"
+        + table_note([p["images"] for p in out["patients"]])
+        + "\n"
+        + ("\n" + localisation_table(located, len(test)) if located else "")
     )
     files.write_predictions(
         class_map.names,

@@ -340,6 +340,7 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
         table_note=table_note([p["images"] for p in m["patients"]]),
         data_note=files.read_json(files.data, {}).get("summary", ""),
         figs={k: _uri(v) for k, v in figs.items()},
+        localisation=_localisation_rows(m.get("localisation")),
         calibration=m.get("calibration"),
         similarity=_similarity(m),
         patients=patients,
