@@ -225,4 +225,21 @@ def test_label_free_same_spot_training_finds_its_own_spot(unlabelled_tiles, tmp_
     assert ours["median_rank"] < frozen["median_rank"] / 2 and ours["top_5"] > frozen["top_5"]
     files = RunFiles(run)
     assert "own slide" in files.results.read_text() and files.report.exists()
+    from smse.predict import predict
+
+    tile = next(unlabelled_tiles.parent.rglob("*_100X.jpg"))
+    (row,) = predict(run, [tile], out_csv=tmp_path / "p.csv")
+    header = (tmp_path / "p.csv").read_text().splitlines()[0].split(",")
+    assert "predicted" not in header and not any(c.startswith("p_") for c in header) and "nn1_path" in header
+    assert "predicted" not in row
     assert "same_spot" in files.read_history()[-1] or "loss_same_spot" in files.read_history()[-1]
+
+
+def test_class_positives_on_unlabelled_tiles_are_refused_before_any_work(unlabelled_tiles, tmp_path):
+    """Catches: the refusal coming after the features were computed and the run folder written."""
+    from smse.engine import train
+
+    for overrides in (["sampler.positives=class"], ["sampler.positives=same-spot", "loss.metric=none"]):
+        with pytest.raises(ConfigError, match=r"sampler.positives: 'class' needs labels|loss.metric: unlabelled"):
+            train(tiny_tile_config(unlabelled_tiles, tmp_path / "run", *overrides), progress=False)
+        assert not (tmp_path / "run").exists()

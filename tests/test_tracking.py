@@ -90,3 +90,24 @@ def test_tracking_is_off_by_default_and_a_missing_package_is_named(synth_data, t
     monkeypatch.setitem(sys.modules, "mlflow", None)
     with pytest.raises(ConfigError, match=r"log.mlflow: MLflow is not installed; pip install 'smse\[mlflow\]'"):
         Tracker(tiny_config(synth_data, tmp_path / "run", "log.mlflow=sqlite:///x.db"), tmp_path / "run")
+
+
+def test_an_mlflow_uri_that_cannot_work_is_refused_by_name_before_any_work():
+    """Catches: a folder path or an unknown scheme reaching MLflow after the features were computed (a traceback)."""
+    from smse.config import load_config
+    from smse.errors import ConfigError
+
+    for uri in ("./relative/dir", "garbage://x", "file:///tmp/mlruns"):
+        with pytest.raises(ConfigError, match=r"log.mlflow: .* is not a tracking URI smse can log to; give sqlite:///"):
+            load_config(None, [f"log.mlflow={uri}"])
+    assert load_config(None, ["log.mlflow=sqlite:///m.db"]).log.mlflow == "sqlite:///m.db"
+
+
+def test_localisation_reaches_the_trackers_with_the_test_metrics():
+    """Catches: a label-free run whose only test figures (localisation) are never logged."""
+    from smse.tracking import test_metrics
+
+    pooled = {"slide": {"top_1": 0.25, "top_5": 0.5, "median_rank": 3.0}}
+    got = test_metrics({"localisation": {"embedding": {"pooled": pooled}, "frozen_features": {"pooled": pooled}}})
+    assert got["test/localisation/embedding/slide/top_1"] == 0.25
+    assert got["test/localisation/frozen_features/slide/median_rank"] == 3.0

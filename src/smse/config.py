@@ -185,6 +185,10 @@ class EvalConfig:
     knn_backend: KnnBackend = "torch"
 
 
+#: the schemes of MLflow tracking stores (a plain folder is MLflow's retired file store)
+MLFLOW_SCHEMES = ("sqlite", "http", "https", "databricks", "postgresql", "mysql", "mssql")
+
+
 @dataclass
 class LogConfig:
     """Where a run is tracked besides its own folder (off by default)."""
@@ -309,6 +313,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.image_size: expected [height, width] of 16 to 8192 px, got {cfg.data.image_size}")
     if cfg.data.split.method == "fold-file" and not cfg.data.split.fold_file:
         raise ConfigError("data.split.fold_file: required when data.split.method is fold-file")
+    if cfg.log.mlflow and cfg.log.mlflow.split("://", 1)[0] not in MLFLOW_SCHEMES:
+        raise ConfigError(
+            f"log.mlflow: {cfg.log.mlflow!r} is not a tracking URI smse can log to; give sqlite:///mlflow.db "
+            "(a local store that works offline) or a server's http(s)://host:port (MLflow no longer writes "
+            "folders of files)"
+        )
     if cfg.data.magnifications is not None and min(cfg.data.magnifications, default=1) < 1:
         raise ConfigError(f"data.magnifications: must be positive, got {cfg.data.magnifications}")
     return cfg

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from smse.checkpoint import save_checkpoint
 from smse.config import Config, to_dict
 from smse.data.loading import LoadedData, load_data
+from smse.data.records import ClassMap
 from smse.data.samplers import Batch, MagnificationBalancedSampler, OfflineTupleSampler, SpotSampler
 from smse.errors import ConfigError, TrainingDiverged
 from smse.losses import NeighbourhoodLoss, Objective, make_classification_loss, make_metric_loss
@@ -80,6 +81,8 @@ def train(
     dist.init(resolve_device(cfg.train.device, dist.local_rank))
     data = data or load_data(cfg.data)
     check_resume_data(state, data.records, run)  # before any features are computed for data it would refuse
+    labelled = ClassMap.from_records(data.records, cfg.data.task).labelled
+    check_positives(data.records, cfg.sampler.positives, labelled, cfg.loss.metric)  # before features and files
     seed_everything(cfg.seed, cfg.train.deterministic)
     prep = prepare(cfg, dist, progress and dist.main, data)
     if dist.main:
@@ -303,12 +306,14 @@ def build_objective(prep: Prepared, train_idx: np.ndarray) -> Objective:
     """Classification loss (class balance from the training images) + metric loss + neighbourhood term, weighted."""
     cfg, L = prep.cfg, prep.cfg.loss
     counts = _class_counts(prep, train_idx).tolist()
-    check_positives(prep.records, cfg.sampler.positives, prep.class_map.labelled)
+    check_positives(prep.records, cfg.sampler.positives, prep.class_map.labelled, L.metric)
     classification_weight = L.classification_weight
     if not prep.class_map.labelled:
-        if L.metric == "none":
-            raise ConfigError("loss.metric: unlabelled tiles train with a metric loss only (pair, triplet or infonce)")
-        log.info("unlabelled tiles: training the embedding with the same-spot %s loss alone", L.metric)
+        log.info(
+            "unlabelled tiles: no classifier; the embedding trains on the same-spot %s loss%s",
+            L.metric,
+            " and the neighbourhood term" if L.structure_weight > 0 else "",
+        )
         classification_weight = 0.0
     return Objective(
         make_classification_loss(L.classification, counts, L.alpha, L.gamma, L.balance, L.ohem_keep),

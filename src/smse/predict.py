@@ -79,9 +79,10 @@ def predict(
             raise RuntimeError("ReferenceIndex.search returned no out_of_distribution flags")
         label_of = hits.labels if class_map.task == "binary" else hits.tumor_types
         for q, (row, p) in enumerate(zip(ok, probs)):
-            row["predicted"] = class_map.names[int(p.argmax())]
             row["out_of_distribution"] = int(ood[q])
-            row.update({f"p_{c}": float(v) for c, v in zip(class_map.names, p)})
+            if class_map.labelled:  # a label-free model has neighbours, no class
+                row["predicted"] = class_map.names[int(p.argmax())]
+                row.update({f"p_{c}": float(v) for c, v in zip(class_map.names, p)})
             for r in range(hits.indices.shape[1]):
                 row[f"nn{r + 1}_path"] = str(hits.paths[q, r])
                 row[f"nn{r + 1}_label"] = str(label_of[q, r])
@@ -89,9 +90,11 @@ def predict(
                 row[f"nn{r + 1}_distance"] = float(hits.distances[q, r])
     if out_csv:
         k = min(k, len(index.embeddings))  # a k above the reference set's size gives every reference
+        classes = list(class_map.names) if class_map.labelled else []
         columns = (
-            ["path", "magnification", "predicted"]
-            + [f"p_{c}" for c in class_map.names]
+            ["path", "magnification"]
+            + (["predicted"] if classes else [])
+            + [f"p_{c}" for c in classes]
             + ["out_of_distribution"]
             + [f"nn{r}_{f}" for r in range(1, k + 1) for f in ("path", "label", "magnification", "distance")]
             + ["error"]

@@ -92,12 +92,14 @@ class Spots:
         return torch.from_numpy((slide[:, None] == slide[None, :]) & near & (spot[:, None] != spot[None, :]))
 
 
-def check_positives(records: Sequence[Record], positives: str, labelled: bool) -> None:
-    """Refuse a configuration that cannot train: class positives on unlabelled tiles.
+def check_positives(records: Sequence[Record], positives: str, labelled: bool, metric: str = "pair") -> None:
+    """Refuse a configuration that cannot train: class positives, or no metric loss, on unlabelled tiles.
 
     Raises:
-        ConfigError: naming ``sampler.positives``.
+        ConfigError: naming ``sampler.positives`` or ``loss.metric``.
     """
+    if not labelled and metric == "none":
+        raise ConfigError("loss.metric: unlabelled tiles train with a metric loss only (pair, triplet or infonce)")
     if positives in ("class", "both") and not labelled:
         raise ConfigError(
             f"sampler.positives: {positives!r} needs labels, and these {len(records)} images are unlabelled "

@@ -48,6 +48,10 @@ def test_metrics(metrics: dict) -> dict[str, float]:
             for key in ("image_accuracy", "patient_accuracy", "balanced_accuracy", "roc_auc", "patients", "images"):
                 if isinstance(m.get(key), (int, float)) and math.isfinite(m[key]):
                     out[f"test/{method}/{mag}/{key}"] = float(m[key])
+    for rep, loc in (metrics.get("localisation") or {}).items():
+        for scope, r in loc["pooled"].items():
+            for key in ("top_1", "top_5", "median_rank"):
+                out[f"test/localisation/{rep}/{scope}/{key}"] = float(r[key])
     probe = (metrics.get("probe") or {}).get("results", {}).get("all", {})
     for key in ("image_accuracy", "patient_accuracy"):
         if key in probe:
@@ -115,10 +119,10 @@ class Tracker:
             import mlflow
         except ImportError:
             raise ConfigError("log.mlflow: MLflow is not installed; pip install 'smse[mlflow]'") from None
-        mlflow.set_tracking_uri(uri)
-        client = mlflow.MlflowClient()
         saved = self.files.read_json(self.files.tracking, {})
         try:
+            mlflow.set_tracking_uri(uri)
+            client = mlflow.MlflowClient()
             run_id = saved.get("mlflow_run") if saved.get("mlflow") == uri else None
             if run_id is None:
                 experiment = client.get_experiment_by_name(self.cfg.log.mlflow_experiment)
