@@ -80,8 +80,11 @@ def projector_rows(
     if len(rows) > limit:
         log.info("projector: a seeded sample of %d of the %d test images", limit, len(rows))
         rows = np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+    located = "slides" in arrays  # tiles: their slide and centre too
     labels = [
-        f"{arrays['labels'][i]} {arrays['tumor_types'][i]} {mag_name(int(arrays['magnifications'][i]))}" for i in rows
+        f"{arrays['labels'][i]} {arrays['tumor_types'][i]} {mag_name(int(arrays['magnifications'][i]))}"
+        + (f" {arrays['slides'][i]}@{arrays['xs'][i]:g},{arrays['ys'][i]:g}" if located else "")
+        for i in rows
     ]
     thumbs = np.zeros((len(rows), THUMBNAIL_SIDE, THUMBNAIL_SIDE, 3), dtype=np.uint8)
     for j, i in enumerate(rows):
