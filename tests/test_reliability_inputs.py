@@ -339,3 +339,19 @@ def test_cv_checks_every_fold_file_before_the_first_fold_trains(tiny_tree, tmp_p
     with pytest.raises(DataError, match=r"dsfold3.txt:1: expected filename\|mag\|fold\|grp"):
         cross_validate(cfg, 3)
     assert not out.exists()
+
+
+def test_resume_after_image_files_were_deleted_names_them_as_gone(synth_data, tmp_path):
+    """Catches: the saved split read with its files checked, so a deleted image stops the resume with
+    "split.csv:N: image not found" instead of the list of what changed."""
+    import shutil
+
+    from smse.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    run = train(tiny_config(data, tmp_path / "run", "train.epochs=1"), progress=False)
+    victim = sorted(data.rglob("*.png"))[0]
+    victim.unlink()
+    with pytest.raises(DataError, match=r"the data changed since this run started \(1 image\(s\) gone, e\.g\. "):
+        train(tiny_config(data, run, "train.epochs=2"), progress=False)

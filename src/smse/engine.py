@@ -216,6 +216,7 @@ def _write_run_files(run: Path, prep: Prepared) -> None:
     run.mkdir(parents=True, exist_ok=True)
     files = RunFiles(run)
     files.write_config(prep.cfg)
+    files.write_tiling(prep.cfg.data.root)
     files.write_versions(versions())
     files.write_split(prep.records)
     files.write_data(
@@ -306,7 +307,6 @@ def build_objective(prep: Prepared, train_idx: np.ndarray) -> Objective:
     """Classification loss (class balance from the training images) + metric loss + neighbourhood term, weighted."""
     cfg, L = prep.cfg, prep.cfg.loss
     counts = _class_counts(prep, train_idx).tolist()
-    check_positives(prep.records, cfg.sampler.positives, prep.class_map.labelled, L.metric)
     classification_weight = L.classification_weight
     if not prep.class_map.labelled:
         log.info(

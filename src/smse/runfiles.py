@@ -153,10 +153,24 @@ class RunFiles:
         return self.read_json(self.metrics)
 
     def read_split(self):
-        """The records of ``split.csv`` with their splits, or None when the run has none."""
+        """The records of ``split.csv`` with their splits, or None when the run has none.
+
+        Raises:
+            DataError: naming split.csv's line of an image that is no longer there.
+        """
         from smse.data.manifest import read_manifest
 
         return read_manifest(self.split)[0] if self.split.exists() else None
+
+    def read_split_as_saved(self) -> tuple[list, list[str]]:
+        """The records of ``split.csv`` whose images are still there, and the paths of those that are gone
+        (``[], []`` when the run has none): what resuming compares the data with."""
+        from smse.data.manifest import read_manifest
+
+        if not self.split.exists():
+            return [], []
+        records, skipped = read_manifest(self.split, skip_bad=True)
+        return records, [path for path, _ in skipped]
 
     def read_checked_split(self):
         """``split.csv`` as the run trained on it, or None when the run has none: refused when it is not the split
@@ -286,7 +300,10 @@ class RunFiles:
         from smse.config import save_config
 
         save_config(cfg, self.config)
-        tiles = tiles_json(cfg.data.root)
+
+    def write_tiling(self, data_root: str | os.PathLike) -> None:
+        """``tiling.json``: the tiling of the ``smse tiles`` output the run trains on (nothing for other data)."""
+        tiles = tiles_json(data_root)
         if tiles is not None:  # tiles of smse tiles: their tiling belongs to the run, not to a folder that may move
             try:
                 tiling = json.loads(read_text(tiles))["tiling"]

@@ -139,7 +139,7 @@ def check_resume_data(state: dict | None, records: Sequence[Record], run: Path) 
     """
     if state is None or state.get("data") == split_fingerprint(records):
         return
-    changes = _changes(RunFiles(run).read_split() or [], records)
+    changes = _changes(*RunFiles(run).read_split_as_saved(), records)
     if "data" not in state and not changes:
         return  # a run from before the fingerprint was saved, with the very same split
     raise DataError(
@@ -148,14 +148,15 @@ def check_resume_data(state: dict | None, records: Sequence[Record], run: Path) 
     )
 
 
-def _changes(saved: Sequence[Record], records: Sequence[Record]) -> list[str]:
-    """What differs between a run's saved split and ``records``, in a few phrases with examples."""
-    if not saved:
+def _changes(saved: Sequence[Record], gone: Sequence[str], records: Sequence[Record]) -> list[str]:
+    """What differs between a run's saved split (its records, and the paths of its images no longer on disk) and
+    ``records``, in a few phrases with examples."""
+    if not saved and not gone:
         return []
     old = {r.path: {f: str(getattr(r, f) or "") for f in SPLIT_FIELDS} for r in saved}
     new = {r.path: {f: str(getattr(r, f) or "") for f in SPLIT_FIELDS} for r in records}
     out = []
-    added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    added, removed = sorted(set(new) - set(old)), sorted((set(old) - set(new)) | set(gone))
     if added:
         out.append(f"{len(added)} image(s) added, e.g. {added[0]}")
     if removed:

@@ -179,26 +179,44 @@ def _ranks_summary(rank: np.ndarray, candidates: np.ndarray, ks: tuple[int, ...]
 NAMES = {"embedding": "SMSE embedding", "frozen_features": "frozen backbone features (baseline)"}
 
 
-def localisation_table(located: dict, images: int) -> str:
-    """Markdown: localisation of each representation, within the slide and over all tiles, pooled and per pair."""
-    lines = [
-        "| representation | magnifications | scope | top-1 (chance) | top-5 (chance) | median rank (chance) "
-        "| queries |",
-        "|---|---|---|---|---|---|---|",
+def localisation_grid(located: dict | None, pairs: bool = True) -> tuple[list[str], list[list[str]]]:
+    """The localisation table as a header and rows of cells: each representation, pooled over the magnification
+    pairs (and, with ``pairs``, per ordered pair), within the slide and over all tiles."""
+    from smse.tables import pct
+
+    head = [
+        "representation",
+        "magnifications",
+        "scope",
+        "top-1 (chance)",
+        "top-5 (chance)",
+        "median rank (chance)",
+        "queries",
     ]
-    for key, loc in located.items():
-        rows = [("pooled", loc["pooled"])] + list(loc["pairs"].items())
-        for pair, scopes in rows:
+    rows = []
+    for key, loc in (located or {}).items():
+        for pair, scopes in [("pooled", loc["pooled"])] + (list(loc["pairs"].items()) if pairs else []):
             for scope in ("slide", "all"):
                 r = scopes.get(scope)
-                if not r:
-                    continue
-                lines.append(
-                    f"| {NAMES.get(key, key)} | {pair} | {'own slide' if scope == 'slide' else 'all tiles'} "
-                    f"| {100 * r['top_1']:.1f} ({100 * r['chance_top_1']:.1f}) "
-                    f"| {100 * r['top_5']:.1f} ({100 * r['chance_top_5']:.1f}) "
-                    f"| {r['median_rank']:g} ({r['chance_median_rank']:g}) | {r['queries']} |"
-                )
+                if r:
+                    rows.append(
+                        [
+                            NAMES.get(key, key),
+                            pair,
+                            "own slide" if scope == "slide" else "all tiles",
+                            f"{pct(r['top_1'])} ({pct(r['chance_top_1'])})",
+                            f"{pct(r['top_5'])} ({pct(r['chance_top_5'])})",
+                            f"{r['median_rank']:g} ({r['chance_median_rank']:g})",
+                            str(r["queries"]),
+                        ]
+                    )
+    return head, rows
+
+
+def localisation_table(located: dict, images: int) -> str:
+    """Markdown: ``localisation_grid`` with every pair of magnifications, and what it measures."""
+    head, rows = localisation_grid(located)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     return (
         "\n".join(lines)
         + f"\n\nCross-magnification localisation on {images} test tiles: each tile at one magnification ranks the "
@@ -207,4 +225,4 @@ def localisation_table(located: dict, images: int) -> str:
     )
 
 
-__all__ = ["Spots", "check_positives", "grid_magnification", "localisation", "localisation_table"]
+__all__ = ["Spots", "check_positives", "grid_magnification", "localisation", "localisation_grid", "localisation_table"]

@@ -110,7 +110,11 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str)
             (naming it and both shapes).
     """
     classifier = _classifier_prefixes(module)
-    dropped = [k for k in state if any(k == c or k.startswith(c + ".") for c in classifier)]
+
+    def of_classifier(key: str) -> bool:
+        return any(key == c or key.startswith(c + ".") for c in classifier)
+
+    dropped = [k for k in state if of_classifier(k)]
     state = {k: v for k, v in state.items() if k not in dropped}
     own = module.state_dict()
     wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
@@ -126,25 +130,16 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str)
             f"in the file, {next(iter(own), '-')} in the model)"
         )
     result = module.load_state_dict(state, strict=False)
-    result.missing_keys[:] = [
-        k for k in result.missing_keys if not any(k == c or k.startswith(c + ".") for c in classifier)
-    ]
+    missing = [k for k in result.missing_keys if not of_classifier(k)]
     if dropped:
         log.debug("%s: classifier tensors left out: %s", source, ", ".join(dropped))
-    if result.missing_keys:
-        log.warning(
-            "%s: %d tensor(s) of the model are not in the file and keep their initial values: %s",
-            source,
-            len(result.missing_keys),
-            ", ".join(result.missing_keys[:5]) + (" ..." if len(result.missing_keys) > 5 else ""),
-        )
-    if result.unexpected_keys:
-        log.warning(
-            "%s: %d tensor(s) in the file are not in the model and were ignored: %s",
-            source,
-            len(result.unexpected_keys),
-            ", ".join(result.unexpected_keys[:5]) + (" ..." if len(result.unexpected_keys) > 5 else ""),
-        )
+    for keys, what in (
+        (missing, "of the model are not in the file and keep their initial values"),
+        (result.unexpected_keys, "in the file are not in the model and were ignored"),
+    ):
+        if keys:
+            shown = ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
+            log.warning("%s: %d tensor(s) %s: %s", source, len(keys), what, shown)
 
 
 def load_local_checkpoint(module: nn.Module, path: str | Path) -> None:

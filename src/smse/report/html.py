@@ -15,6 +15,7 @@ from smse.report import plots
 from smse.report.pages import png_uri, render
 from smse.retrieval import search
 from smse.runfiles import RunFiles
+from smse.spots import localisation_grid
 from smse.tables import pct, result_rows, results_grid, table_note
 
 logger = logging.getLogger(__name__)
@@ -173,24 +174,6 @@ def _similarity(m: dict) -> dict | None:
     return {"rows": rows, "guide": guide_rows, "threshold": threshold, "references": guide["references"]}
 
 
-def _localisation_rows(located: dict | None) -> list[list]:
-    """The pooled localisation of each representation, within the slide and over all tiles."""
-    rows: list[list] = []
-    for key, loc in (located or {}).items():
-        for scope, r in loc["pooled"].items():
-            rows.append(
-                [
-                    "SMSE embedding" if key == "embedding" else "frozen backbone features (baseline)",
-                    "own slide" if scope == "slide" else "all tiles",
-                    f"{pct(r['top_1'])} ({pct(r['chance_top_1'])})",
-                    f"{pct(r['top_5'])} ({pct(r['chance_top_5'])})",
-                    f"{r['median_rank']:g} ({r['chance_median_rank']:g})",
-                    r["queries"],
-                ]
-            )
-    return rows
-
-
 def _write_label_free_report(
     run: Path, files: RunFiles, m: dict, history: list[dict], out: Path, projection_seed: int
 ) -> Path:
@@ -216,7 +199,7 @@ def _write_label_free_report(
         heading=f"smse report: {run}",
         subtitle=f"label-free (same-spot positives); {m['images']} test tiles of {m['slides']} slides; checkpoint "
         f"{m['checkpoint']} (epoch {m['epoch']})",
-        localisation=_localisation_rows(m.get("localisation")),
+        localisation=localisation_grid(m.get("localisation"), pairs=False),
         figs={k: _uri(v) for k, v in figs.items()},
         spread=[f"{pct(spread['first_axis_share'])}%", f"{spread['effective_rank']:.1f}"],
         probe=_probe_card(m["magnification_probe"]),
@@ -340,7 +323,7 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
         table_note=table_note([p["images"] for p in m["patients"]]),
         data_note=files.read_json(files.data, {}).get("summary", ""),
         figs={k: _uri(v) for k, v in figs.items()},
-        localisation=_localisation_rows(m.get("localisation")),
+        localisation=localisation_grid(m.get("localisation"), pairs=False),
         calibration=m.get("calibration"),
         similarity=_similarity(m),
         patients=patients,
