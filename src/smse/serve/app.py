@@ -128,6 +128,7 @@ class ImageResult(BaseModel):
     predicted: str | None = None
     probabilities: dict[str, float] | None = None
     map: list[float] | None = None
+    out_of_distribution: bool | None = None
     neighbours: list[Neighbour] | None = None
     by_magnification: list[MagnificationGroup] | None = None
 
@@ -135,8 +136,26 @@ class ImageResult(BaseModel):
 class Case(BaseModel):
     images: int
     predicted: str
+    out_of_distribution: int = 0  # how many of the case's images are out of distribution
     probabilities: dict[str, float]
     neighbour_vote: dict[str, int]
+
+
+class ValidationFit(BaseModel):
+    images: int
+    patients: int | None = None
+    ece_before: float | None = None
+    ece_after: float | None = None
+
+
+class Calibration(BaseModel):
+    """Whether the probabilities are calibrated (temperature scaling on the validation patients), and on what."""
+
+    calibrated: bool
+    temperature: float
+    reason: str
+    validation: ValidationFit | None = None
+    text: str
 
 
 class Prediction(BaseModel):
@@ -145,6 +164,7 @@ class Prediction(BaseModel):
     k: int
     images: list[ImageResult]
     case: Case
+    calibration: Calibration
 
 
 PREDICT_BODY = {
@@ -226,6 +246,27 @@ def create_app(
     @app.get("/api/health", summary="Model, classes, reference set, limits and version")
     def health() -> dict:
         return service.health()
+
+    @app.get("/api/about", summary="How far to trust the model: test accuracy with n and 95% intervals, calibration")
+    def about() -> JSONResponse:
+        """The page's "About this model" panel, read from the run folder on each call.
+
+        - ``calibration``: ``calibrated``, ``temperature`` (T; 1: none), ``reason`` (``fitted``, ``unrecorded``,
+          ``no_validation_patients``, ``not_fitted``, ``no_classes``), ``validation`` (``images``, ``patients``,
+          ``ece_before``, ``ece_after`` of the validation images T was fitted on) and ``text``; the same object
+          comes with every ``/api/predict`` answer.
+        - ``evaluation``: null until ``smse evaluate RUN``; else from ``eval/metrics.json``: ``checkpoint``,
+          ``epoch``, the test set's ``images`` and ``patients``, ``confidence`` (0.95), ``head`` (the classifier)
+          and ``knn`` (the nearest-reference vote, with ``k``), each with ``image_accuracy`` and
+          ``patient_accuracy`` as ``{"value", "interval": [low, high]}`` and ``interval_method``; and
+          ``calibration`` on the test images: ``images``, ``temperature``, ``ece``, ``ece_uncalibrated``, and the
+          reliability diagram's bins ``reliability`` / ``reliability_uncalibrated`` (``edges``, and per bin
+          ``confidence``, ``accuracy``, ``count``).
+        - ``evaluation_note``: why there is no evaluation, or that it is of another checkpoint than the one
+          served; else null.
+        - ``run``: the run folder, or null for a checkpoint outside one.
+        """
+        return JSONResponse(service.about())
 
     @app.get("/api/reference/map", summary="2-D map (PCA) of the reference embeddings")
     def reference_map() -> Response:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import logging
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from smse.checkpoint import find_checkpoint
 from smse.data.breakhis import parse_name
 from smse.data.images import read_image
 from smse.errors import ConfigError, DataError, ImageError
+from smse.metrics import CONFIDENCE
 from smse.runfiles import RunFiles
 
 log = logging.getLogger(__name__)
@@ -142,6 +145,157 @@ def _fits(index: ReferenceIndex, model: Model, path: Path) -> ReferenceIndex:
     return index
 
 
+def run_folder(model: Model) -> Path | None:
+    """The run folder of ``model``'s checkpoint (the folder that holds its ``split.csv``, ``run.json`` or
+    ``eval/``), or None for a checkpoint file outside a run folder."""
+    folder = Path(model.source).parent
+    files = RunFiles(folder)
+    return folder if any(p.exists() for p in (files.split, files.summary, files.eval)) else None
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None (an interval of no images): JSON, not ``NaN``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def _validation_counts(files: RunFiles) -> tuple[int, int] | None:
+    """(images, patients) of the validation split in ``split.csv``; None when the run has no readable one."""
+    try:
+        with open(files.split, newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.DictReader(handle) if row.get("split") == "val"]
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return None
+    return len(rows), len({row.get("patient") for row in rows})
+
+
+def _read_json(files: RunFiles, path: Path) -> tuple[Any, str | None]:
+    """A run file's JSON (None when absent) and, when it cannot be read, why."""
+    try:
+        return files.read_json(path), None
+    except (OSError, ValueError) as exc:
+        return None, f"{path.name} cannot be read ({type(exc).__name__})"
+
+
+def calibration_of(model: Model, run: Path | None) -> dict:
+    """How far to trust the class probabilities: the temperature the model divides its logits by, and its fit.
+
+    Returns:
+        ``calibrated`` (bool); ``temperature`` (T; 1: none); ``reason``: ``fitted`` (on the validation patients,
+        recorded in ``run.json``), ``unrecorded`` (T is not 1 but the run folder does not say what it was fitted
+        on), ``no_validation_patients`` (T = 1 because the run had none), ``not_fitted`` (T = 1, the run records
+        no fit) or ``no_classes`` (a label-free model); ``validation``: ``images``, ``patients`` (None when
+        ``split.csv`` disagrees) and ``ece_before`` / ``ece_after`` (expected calibration error of the
+        validation images with T = 1 and with T), or None; ``text``: the sentence the page shows.
+    """
+    t = float(model.module.heads.temperature)
+    files = RunFiles(run) if run is not None else None
+    summary = _read_json(files, files.summary)[0] if files is not None else None
+    fit = summary.get("calibration") if isinstance(summary, dict) else None
+    counts = _validation_counts(files) if files is not None else None
+    out: dict[str, Any] = {"calibrated": False, "temperature": t, "reason": "not_fitted", "validation": None}
+    if not model.class_map.labelled:
+        out.update(reason="no_classes", text="No class probabilities: this model is label-free.")
+    elif isinstance(fit, dict) and math.isclose(float(fit.get("temperature", math.nan)), t, rel_tol=1e-4):
+        images = int(fit.get("val_images", 0))
+        patients = counts[1] if counts and counts[0] == images else None
+        before, after = finite(fit.get("val_ece_before")), finite(fit.get("val_ece_after"))
+        out.update(
+            calibrated=True,
+            reason="fitted",
+            validation={"images": images, "patients": patients, "ece_before": before, "ece_after": after},
+        )
+        out["text"] = (
+            f"Probabilities calibrated by temperature scaling: T = {t:.2f}, fitted on {images} validation images"
+            + (f" of {patients} patients" if patients is not None else "")
+            + (
+                f" (expected calibration error there {100 * before:.1f}% before, {100 * after:.1f}% after)"
+                if before is not None and after is not None
+                else ""
+            )
+            + "."
+        )
+    elif not math.isclose(t, 1.0, rel_tol=1e-6):
+        out.update(
+            calibrated=True,
+            reason="unrecorded",
+            text=f"Probabilities calibrated by temperature scaling: T = {t:.2f} (the run folder does not record "
+            "the validation images it was fitted on).",
+        )
+    elif (counts is not None and counts[0] == 0) or (counts is None and model.config.data.split.val_fraction == 0):
+        out.update(
+            reason="no_validation_patients",
+            text="Probabilities not calibrated: the run had no validation patients (T = 1).",
+        )
+    else:
+        out["text"] = (
+            "Probabilities not calibrated (T = 1): the run records no temperature fit (trained before calibration "
+            "existed, or stopped before it)."
+        )
+    return out
+
+
+def _accuracy(block: dict) -> dict:
+    """Image- and patient-level accuracy of one ``metrics.json`` block, each with its 95% interval."""
+    intervals = block.get("intervals") or {}
+    return {
+        level: {"value": block.get(level), "interval": intervals.get(level)}
+        for level in ("image_accuracy", "patient_accuracy")
+    } | {"interval_method": intervals.get("method")}
+
+
+def evaluation_of(model: Model, run: Path | None) -> tuple[dict | None, str | None]:
+    """The served run's test results from ``eval/metrics.json`` (see ``Service.about``), and a note for the
+    page: why there are none, or that they belong to another checkpoint than the one served."""
+    if run is None:
+        return None, "The served checkpoint is not in a run folder: there are no test results to show."
+    files = RunFiles(run)
+    metrics, unreadable = _read_json(files, files.metrics)
+    if unreadable:
+        return None, f"The run's test results are unreadable: eval/{unreadable}; run smse evaluate again."
+    if not isinstance(metrics, dict):
+        return None, (
+            "This run has not been evaluated yet (no eval/metrics.json): run smse evaluate on it to see its test "
+            "accuracy and calibration here."
+        )
+    if metrics.get("label_free"):
+        return None, "This model is label-free: its evaluation scores no class, so there is no accuracy to show."
+    head = (metrics.get("head") or {}).get("all")
+    if not isinstance(head, dict) or not head.get("images"):
+        return None, "eval/metrics.json holds no test accuracy: run smse evaluate on this run again."
+    knn = (metrics.get("knn") or {}).get("all")
+    calibration = metrics.get("calibration")
+    if isinstance(calibration, dict):
+        keys = ("images", "temperature", "ece", "ece_uncalibrated", "reliability", "reliability_uncalibrated")
+        calibration = {k: calibration.get(k) for k in keys}
+    evaluation = {
+        "checkpoint": metrics.get("checkpoint"),
+        "epoch": metrics.get("epoch"),
+        "images": int(head["images"]),
+        "patients": int(head.get("patients", 0)),
+        "confidence": CONFIDENCE,
+        "head": _accuracy(head),
+        "knn": _accuracy(knn) | {"k": metrics.get("knn_k")} if isinstance(knn, dict) else None,
+        "calibration": calibration if isinstance(calibration, dict) and calibration.get("images") else None,
+    }
+    note = None
+    epoch, t = model.metadata.get("epoch"), float(model.module.heads.temperature)
+    evaluated_t = (calibration or {}).get("temperature")
+    if (epoch is not None and metrics.get("epoch") is not None and int(epoch) != int(metrics["epoch"])) or (
+        isinstance(evaluated_t, (int, float)) and not math.isclose(float(evaluated_t), t, rel_tol=1e-4)
+    ):
+        note = (
+            f"These test results are of the {metrics.get('checkpoint')} checkpoint of epoch {metrics.get('epoch')}, "
+            f"not of the served one (epoch {epoch}, T = {t:.2f}): run smse evaluate again for the served model."
+        )
+    return finite(evaluation), note
+
+
 class Service:
     """One model and one reference set shared by all requests; decoding and inference run under one lock."""
 
@@ -170,6 +324,8 @@ class Service:
             subset = {name: values[rows] for name, values in index.metadata.items()}
             self.groups.append((mag, rows, ReferenceIndex(index.embeddings[rows], index.backend, **subset)))
         self.map = ReferenceMap(index.embeddings)
+        self.run = run_folder(model)
+        self.calibration = calibration_of(model, self.run)
 
     @classmethod
     def from_run(
@@ -202,6 +358,31 @@ class Service:
             "limits": asdict(self.limits),
         }
 
+    def about(self) -> dict:
+        """How far to trust what the page shows: the served run's test accuracy with counts and intervals, and
+        the calibration of its probabilities (read from the run folder on each call, so a later ``smse evaluate``
+        shows without a restart).
+
+        Returns:
+            ``run`` (the run folder, or None); ``calibration`` (``calibration_of``, also in every prediction);
+            ``evaluation``: None before ``smse evaluate``, else ``checkpoint``, ``epoch``, ``images`` and
+            ``patients`` (the test set's n), ``confidence`` (0.95), ``head`` (the classifier that gives the
+            probabilities) and ``knn`` (the nearest-reference vote, with its ``k``), each with
+            ``image_accuracy`` and ``patient_accuracy`` as ``{"value", "interval": [low, high]}`` and
+            ``interval_method``, and ``calibration`` (test ``images``, ``temperature``, ``ece``,
+            ``ece_uncalibrated``, ``reliability`` and ``reliability_uncalibrated``: the reliability diagram's bins,
+            ``edges`` and per bin ``confidence``, ``accuracy`` and ``count``) or None; ``evaluation_note``: why
+            there is no evaluation, or that it is of another checkpoint than the one served, else None.
+            Unmeasured values (an interval of no images) are None, never NaN.
+        """
+        evaluation, note = evaluation_of(self.model, self.run)
+        return {
+            "run": str(self.run) if self.run is not None else None,
+            "calibration": self.calibration,
+            "evaluation": evaluation,
+            "evaluation_note": note,
+        }
+
     def reference_map(self) -> dict:
         """Every reference's map position with what to colour it by."""
         meta = self.index.metadata
@@ -219,7 +400,9 @@ class Service:
         return self.model.transform(image)
 
     def predict(self, uploads: Sequence[Upload], k: int = 5) -> dict:
-        """Class probabilities, neighbours (overall and per magnification) and map position of each upload.
+        """Class probabilities, neighbours (overall and per magnification), map position and out-of-distribution
+        flag of each upload; the case's mean and neighbour vote; and ``calibration`` (``calibration_of``: whether
+        the probabilities are calibrated, and on how many validation images).
 
         An unreadable upload gets an ``error`` entry and the others go on; when none is readable the
         first ``ImageError`` is raised.
@@ -282,7 +465,14 @@ class Service:
             "probabilities": {c: float(p) for c, p in zip(names, mean)},
             "neighbour_vote": vote,
         }
-        return {"classes": list(names), "task": self.model.class_map.task, "k": k, "images": items, "case": case}
+        return {
+            "classes": list(names),
+            "task": self.model.class_map.task,
+            "k": k,
+            "images": items,
+            "case": case,
+            "calibration": self.calibration,
+        }
 
     def _neighbours(self, hits, q: int, rows: np.ndarray | None, top: set[int]) -> list[dict]:
         out = []
@@ -333,7 +523,11 @@ __all__ = [
     "ReferenceMap",
     "Service",
     "Upload",
+    "calibration_of",
+    "evaluation_of",
+    "finite",
     "magnification_from_name",
     "parse_magnification",
     "reference_index",
+    "run_folder",
 ]

@@ -5,8 +5,10 @@ const PALETTE = ["#2a9d8f", "#d1495b", "#3d5a80", "#edae49", "#7b4b94", "#00798c
 // distinct hues (Okabe & Ito's colour-blind-safe set), not shades of one blue
 const MAG_COLOURS = {40: "#e69f00", 100: "#56b4e9", 200: "#009e73", 400: "#cc79a7", 0: "#999999"};
 const MAGS = [40, 100, 200, 400];
+// the reliability diagram's colours, as the report's (report/plots.py: METHOD_COLOURS[0] calibrated, grey uncalibrated)
+const CALIBRATED_COLOUR = "#3b2a55", UNCALIBRATED_COLOUR = "#8d8d8d";
 
-const state = {health: null, map: null, queue: [], result: null, token: sessionStorage.getItem("smse-token") || "",
+const state = {health: null, about: null, map: null, queue: [], result: null, token: sessionStorage.getItem("smse-token") || "",
                thumbs: new Map(), colourBy: "class", seq: 0};
 const $ = (id) => document.getElementById(id);
 
@@ -26,6 +28,12 @@ function el(tag, attrs = {}, ...children) {
 
 const pct = (p) => `${(100 * p).toFixed(p >= 0.995 || p < 0.005 ? 0 : 1)}%`;
 const magName = (m) => (m ? `${m}X` : "unknown");
+const known = (v) => v !== null && v !== undefined && Number.isFinite(v);
+const count = (n, what) => `${Number(n).toLocaleString()} ${what}${n === 1 ? "" : "s"}`;
+const ece = (v) => (known(v) ? `${(100 * v).toFixed(1)}%` : "not measured");
+// a proportion with its 95% interval: "83.3% [62.5%, 100%]"
+const withInterval = (a) => (a && known(a.value) ? pct(a.value) + (a.interval && known(a.interval[0]) &&
+  known(a.interval[1]) ? ` [${pct(a.interval[0])}, ${pct(a.interval[1])}]` : " (no interval)") : "not measured");
 const classColour = (name) => PALETTE[Math.max(0, state.health.model.classes.indexOf(name)) % PALETTE.length];
 
 function setStatus(text, kind = "") {
@@ -75,6 +83,7 @@ async function start() {
     `${Math.round(h.limits.max_file_bytes / 2 ** 20)} MiB. BreakHis-style names give the magnification.`;
   $("footer").textContent = `References: ${h.reference.source}. Distances are squared L2 in the embedding; ` +
     `the map is a ${h.map.method} of the reference embeddings with the queries projected onto it.`;
+  loadAbout();
   state.map = await (await api("/api/reference/map")).json();
   $("map-method").textContent = `${state.map.method}, ${state.map.x.length.toLocaleString()} images`;
   drawMap();
@@ -167,24 +176,54 @@ function bars(probabilities, predicted) {
     el("span", {class: `bar-value${name === predicted ? " best" : ""}`, text: pct(p)}))));
 }
 
+// whether the probabilities beside it are calibrated (temperature scaling on the validation patients)
+function calibrationNote(cal, full = false) {
+  if (!cal || cal.reason === "no_classes") return null;
+  let text = cal.text;
+  if (!full) {
+    const v = cal.validation;
+    text = cal.reason === "no_validation_patients" ? "Not calibrated: the run had no validation patients (T = 1)."
+      : !cal.calibrated ? "Not calibrated (T = 1)."
+      : `Calibrated: T = ${cal.temperature.toFixed(2)}` + (v ? `, fitted on ${count(v.images, "validation image")}` : "") + ".";
+  }
+  return el("p", {class: `calib muted${cal.calibrated ? "" : " uncalibrated"}`}, text, " ",
+    el("a", {href: "#about", text: "About this model"}));
+}
+
+// the classes of an image's k nearest references, as counts: "malignant 4 of 5, benign 1 of 5"
+function imageVote(neighbours) {
+  const votes = new Map();
+  for (const n of neighbours) votes.set(n.class, (votes.get(n.class) || 0) + 1);
+  return el("p", {class: "vote small"}, `Its ${neighbours.length} nearest references: `,
+    [...votes].sort((a, b) => b[1] - a[1]).map(([name, n], i) => [i ? ", " : "",
+      el("b", {style: {color: classColour(name)}, text: name}), ` ${n} of ${neighbours.length}`]));
+}
+
 function renderCase(result) {
   const c = result.case;
   const votes = Object.values(c.neighbour_vote).reduce((a, b) => a + b, 0);
   $("case-body").className = "case";
-  $("case-body").replaceChildren(
+  // (replaceChildren writes a null argument out as the text "null": the parts that may be absent are filtered)
+  $("case-body").replaceChildren(...[
     el("div", {class: "verdict"},
       el("span", {class: "chip big", style: {background: classColour(c.predicted)}, text: c.predicted}),
       el("span", {class: "muted", text: `mean over ${c.images} image${c.images > 1 ? "s" : ""}`})),
     bars(c.probabilities, c.predicted),
+    calibrationNote(result.calibration, true),
     el("p", {class: "vote"}, `Nearest-reference vote (${votes} neighbours): `,
       Object.entries(c.neighbour_vote).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1])
-        .map(([name, n], i) => [i ? ", " : "", el("b", {style: {color: classColour(name)}, text: name}), ` ${n}`])),
+        .map(([name, n], i) => [i ? ", " : "", el("b", {style: {color: classColour(name)}, text: name}),
+          ` ${n} of ${votes}`]),
+      el("span", {class: "muted", text: ` (the ${result.k} nearest references of ` +
+        (c.images > 1 ? `each of ${c.images} images)` : "the image)")})),
+    c.out_of_distribution ? el("p", {class: "ood", role: "note", text: `${c.out_of_distribution} of ` +
+      `${count(c.images, "image")} out of distribution: their class and neighbours are less reliable.`}) : null,
     el("table", {class: "images"}, el("tbody", {}, result.images.map((r, i) => el("tr", {},
       el("td", {}, el("a", {href: `#result-${i + 1}`, class: "number", text: String(i + 1)})),
       el("td", {text: r.magnification ? `${r.magnification}X` : "?"}),
       r.error ? el("td", {colspan: 2, class: "error", text: "unreadable"}) : [
         el("td", {}, el("span", {class: "chip", style: {background: classColour(r.predicted)}, text: r.predicted})),
-        el("td", {class: "num", text: pct(r.probabilities[r.predicted])})])))));
+        el("td", {class: "num", text: pct(r.probabilities[r.predicted])})]))))].filter((part) => part));
 }
 
 async function thumbURL(id) {
@@ -216,11 +255,19 @@ function neighbourFigure(n, queryMag) {
 function distanceGuide() {
   const g = state.health && state.health.distance_guide;
   if (!g) return null;
-  const median = (part) => (part.quantiles.length ? part.quantiles[2].toPrecision(2) : "-");
+  const median = (part) => (part.quantiles.length ? `${part.quantiles[2].toPrecision(2)} ` +
+    `(${count(part.pairs, "pair")})` : "not measured (no pairs)");
   return el("p", {class: "guide muted"}, "Reading d (median between references of other patients): same type " +
     `${median(g.same_type)}, same class ${median(g.same_class)}, other class ${median(g.other_class)}` +
     (g.ood_threshold === null ? "" : `; an image whose 5th nearest lies beyond ${g.ood_threshold.toPrecision(3)} ` +
-     "is out of distribution") + ".");
+     `is out of distribution (95th percentile over ${count(g.references, "reference")})`) + ".");
+}
+
+function oodDistance(r) {
+  const g = state.health && state.health.distance_guide;
+  const fifth = r.neighbours.length >= 5 ? r.neighbours[4].distance : null;
+  return g && known(g.ood_threshold) && known(fifth)
+    ? ` (5th nearest at d = ${fifth.toPrecision(3)}, beyond ${g.ood_threshold.toPrecision(3)})` : "";
 }
 
 async function renderResults(result) {
@@ -238,9 +285,11 @@ async function renderResults(result) {
           el("div", {class: "verdict"}, el("span", {class: "chip big", style: {background: classColour(r.predicted)}, text: r.predicted}),
             el("span", {class: "muted", text: pct(r.probabilities[r.predicted])})),
           bars(r.probabilities, r.predicted),
+          calibrationNote(result.calibration),
+          imageVote(r.neighbours),
           r.out_of_distribution ? el("p", {class: "ood", role: "note", text: "Out of distribution: this image's " +
-            "nearest references are farther than references usually are from each other. Class and neighbours " +
-            "are less reliable for this image."}) : null,
+            "nearest references are farther than references usually are from each other" + oodDistance(r) +
+            ". Class and neighbours are less reliable for this image."}) : null,
           distanceGuide()]));
     if (r.error) {
       return el("article", {class: "result failed", id: `result-${i + 1}`}, head,
@@ -266,6 +315,96 @@ async function renderResults(result) {
   });
   $("results").replaceChildren(...cards);
   await Promise.all(pending);
+}
+
+// ---------- about this model: test accuracy with n and 95% intervals, calibration ----------
+
+async function loadAbout() {
+  try {
+    state.about = await (await api("/api/about")).json();
+  } catch (error) {
+    $("about-body").replaceChildren(`Not available: ${error.message}`);
+    return;
+  }
+  renderAbout(state.about);
+}
+
+function renderAbout(about) {
+  const ev = about.evaluation, cal = about.calibration;
+  const text = [];
+  if (ev) {
+    const rows = [["classifier (the probabilities above)", ev.head]];
+    if (ev.knn) rows.push([`nearest-reference vote (k = ${ev.knn.k})`, ev.knn]);
+    const method = ev.head.interval_method;
+    text.push(el("h4", {text: "Accuracy on the test patients"}),
+      el("table", {class: "accuracy"},
+        el("thead", {}, el("tr", {}, el("th", {}),
+          el("th", {text: `patient level (n = ${count(ev.patients, "patient")})`}),
+          el("th", {text: `image level (n = ${count(ev.images, "image")})`}))),
+        el("tbody", {}, rows.map(([name, a]) => el("tr", {}, el("th", {text: name}),
+          el("td", {text: withInterval(a.patient_accuracy)}), el("td", {text: withInterval(a.image_accuracy)}))))),
+      el("p", {class: "muted small", text: `Test set: n = ${count(ev.images, "image")} of ` +
+        `${count(ev.patients, "patient")} the model never saw in training (the ${ev.checkpoint} checkpoint, ` +
+        `epoch ${ev.epoch}). [low, high]: ${Math.round(100 * ev.confidence)}% interval` +
+        (method ? ` (${method}${method === "patient bootstrap" ? ": a patient's images are resampled together" : ""})`
+          : "") + "."}));
+  }
+  if (about.evaluation_note) text.push(el("p", {class: ev ? "stale" : "note", text: about.evaluation_note}));
+  if (cal && cal.reason !== "no_classes") {
+    text.push(el("h4", {text: "Are the probabilities right?"}), el("p", {class: "calib-text", text: cal.text}));
+    if (ev && ev.calibration) {
+      const c = ev.calibration;
+      text.push(el("p", {text: `On the n = ${count(c.images, "test image")} the expected calibration error is ` +
+        `${ece(c.ece)}` + (Math.abs(c.temperature - 1) > 1e-6 ? ` (uncalibrated, T = 1: ${ece(c.ece_uncalibrated)})` : "") +
+        ": of the images given a probability of about p, a share of about p should be right. Temperature scaling " +
+        "changes no class, only the confidence."}));
+    }
+  }
+  const figure = ev && ev.calibration ? reliabilityFigure(ev.calibration) : null;
+  $("about-body").className = "about-body";
+  $("about-body").replaceChildren(el("div", {class: "about-text"}, text), ...(figure ? [figure] : []));
+}
+
+// accuracy against confidence per bin, as the report's reliability diagram draws it from the same metrics
+function reliabilityFigure(c) {
+  const W = 300, H = 250, L = 38, R = 10, T = 10, B = 34;
+  const sx = (v) => (L + (W - L - R) * v).toFixed(1), sy = (v) => (H - B - (H - T - B) * v).toFixed(1);
+  const calibrated = Math.abs(c.temperature - 1) > 1e-6;
+  const series = calibrated
+    ? [[c.reliability_uncalibrated, `uncalibrated, T = 1 (ECE ${ece(c.ece_uncalibrated)})`, UNCALIBRATED_COLOUR],
+       [c.reliability, `calibrated, T = ${c.temperature.toFixed(2)} (ECE ${ece(c.ece)})`, CALIBRATED_COLOUR]]
+    : [[c.reliability, `not calibrated, T = 1 (ECE ${ece(c.ece)})`, CALIBRATED_COLOUR]];
+  const ticks = [0, 0.25, 0.5, 0.75, 1];
+  const drawn = series.map(([bins, , colour], s) => {
+    const pts = (bins ? bins.count : []).map((n, b) => [bins.confidence[b], bins.accuracy[b], n])
+      .filter(([x, y, n]) => n > 0 && known(x) && known(y));
+    return el("g", {class: "series"},
+      pts.length > 1 ? el("path", {d: pts.map(([x, y], i) => `${i ? "L" : "M"}${sx(x)},${sy(y)}`).join(""),
+        fill: "none", stroke: colour, "stroke-width": 1.6}) : null,
+      pts.map(([x, y, n]) => el("g", {},
+        el("circle", {cx: sx(x), cy: sy(y), r: 3.5, fill: colour}),
+        el("text", {x: (+sx(x) + 5).toFixed(1), y: (+sy(y) + (s ? -5 : 12)).toFixed(1), class: "count", fill: colour,
+                    text: String(n)}))));
+  });
+  const svg = el("svg", {viewBox: `0 0 ${W} ${H}`, role: "img", id: "reliability",
+                         "aria-label": `reliability diagram of ${c.images} test images`},
+    el("rect", {x: L, y: T, width: W - L - R, height: H - T - B, class: "plot-bg"}),
+    ticks.map((v) => el("g", {class: "tick"},
+      el("line", {x1: sx(v), x2: sx(v), y1: sy(0), y2: sy(0) + 4}),
+      el("line", {x1: L - 4, x2: L, y1: sy(v), y2: sy(v)}),
+      el("text", {x: sx(v), y: sy(0) + 14, "text-anchor": "middle", text: String(v)}),
+      el("text", {x: L - 6, y: +sy(v) + 3, "text-anchor": "end", text: String(v)}))),
+    el("line", {x1: sx(0), y1: sy(0), x2: sx(1), y2: sy(1), class: "diagonal"}),
+    drawn,
+    el("text", {x: (L + W - R) / 2, y: H - 3, "text-anchor": "middle", class: "axis",
+                text: "confidence (probability of the predicted class)"}),
+    el("text", {x: 10, y: (T + H - B) / 2, "text-anchor": "middle", class: "axis",
+                transform: `rotate(-90 10 ${(T + H - B) / 2})`, text: "accuracy"}));
+  return el("figure", {class: "reliability"}, svg,
+    el("div", {class: "legend"}, series.map(([, name, colour]) => el("span", {}, el("i", {style: {background: colour}}), name)),
+      el("span", {}, el("i", {class: "dash"}), "perfectly calibrated")),
+    el("figcaption", {text: `Reliability diagram on the n = ${count(c.images, "test image")}: accuracy against ` +
+      "confidence per bin of confidence; the number by each point is how many images it holds (few images: noisy)."}));
 }
 
 // ---------- the map ----------
