@@ -12,6 +12,7 @@ SLIDE = dict(
     kpis=[("k", "v")],
     tiles=3,
     heatmap=png_uri(b"\x89PNG"),
+    attention=None,
     positive="malignant",
     threshold="0.5",
     per_magnification=[["40X", "0.5", "10%", 0, "1"]],

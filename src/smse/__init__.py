@@ -28,6 +28,8 @@ _EXPORTS = {
     "load_model": "smse.api",
     "train": "smse.api",
     "RunFiles": "smse.runfiles",
+    "train_slides": "smse.mil.train",
+    "SlideConfig": "smse.mil.train",
 }
 __all__ = ["__version__", *_EXPORTS]
 

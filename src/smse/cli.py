@@ -13,7 +13,7 @@ from typing import Protocol, cast
 import typer
 
 from smse.errors import ConfigError, OutputError, SmseError
-from smse.runfiles import RunFiles
+from smse.runfiles import RunFiles, SlideRunFiles
 
 HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, context_settings=HELP)
@@ -406,27 +406,50 @@ def synth(
         False, "--wsi", help="Write pyramidal whole-slide TIFFs and labels.csv instead of images."
     ),
     mpp: float = typer.Option(0.5, help="With --wsi: microns per level-0 pixel (0.5 = a 20x scan)."),
+    tumour_fraction: str | None = typer.Option(
+        None,
+        "--tumour-fraction",
+        help="With --wsi: LO-HI (such as 0.05-0.3) or one share; malignant slides become benign tissue with tumour "
+        "regions covering a share of the tissue drawn from [LO, HI], their masks in masks/<slide>-tumour.png.",
+    ),
 ) -> None:
-    """Generate the synthetic BreakHis-shaped H&E dataset (or, with --preview, a contact sheet; with --wsi, slides)."""
+    """Generate the synthetic BreakHis-shaped H&E dataset (or, with --preview, a contact sheet; with --wsi, slides).
+
+    With --wsi --tumour-fraction, malignant slides are mostly benign tissue with tumour regions of known extent
+    (for multiple-instance learning and heat maps), and every slide's tumour mask is written beside the slides.
+    """
     import time
 
     start = time.perf_counter()
     if wsi:
         from smse.errors import ConfigError
-        from smse.synth.wsi import DEFAULT_SIZE, generate_slides
+        from smse.synth.wsi import DEFAULT_SIZE, generate_slides, parse_tumour_fraction
 
         if preview_path is not None:
             raise ConfigError("--preview: a contact sheet of the image set; leave out --wsi")
+        fraction = parse_tumour_fraction(tumour_fraction) if tumour_fraction is not None else None
         n = patients or 8
         wh = _size(size) if size else DEFAULT_SIZE
         root = generate_slides(
-            out or Path("smse-wsi"), patients=n, seed=seed, size=wh, mpp=mpp, proportions=proportions, workers=workers
+            out or Path("smse-wsi"),
+            patients=n,
+            seed=seed,
+            size=wh,
+            mpp=mpp,
+            proportions=proportions,
+            workers=workers,
+            tumour_fraction=fraction,
         )
+        masks = f", tumour masks in {root / 'masks'}" if fraction is not None else ""
         typer.echo(
             f"wrote {n} slides of {wh[0]}x{wh[1]} px at {mpp:g} um/px under {root / 'slides'} and their labels in "
-            f"{root / 'labels.csv'} in {time.perf_counter() - start:.1f} s"
+            f"{root / 'labels.csv'}{masks} in {time.perf_counter() - start:.1f} s"
         )
         return
+    if tumour_fraction is not None:
+        from smse.errors import ConfigError  # a local name in this function (imported above for --wsi)
+
+        raise ConfigError(f"--tumour-fraction {tumour_fraction}: tumour regions are drawn on slides; add --wsi")
     from smse.synth import generate, preview
 
     wh = _size(size or "192x128")
@@ -517,6 +540,37 @@ def tiles(
         typer.echo(f"warning: {line}")
 
 
+@app.command("train-slides", context_settings={"allow_extra_args": True})
+def train_slides(
+    run: Path = typer.Argument(..., help="Tile run whose model embeds the tiles (folder or checkpoint)."),
+    manifest: Path = typer.Argument(..., help="Tile manifest of smse tiles (tiles with slide,x,y)."),
+    labels: Path = typer.Option(..., help="CSV slide,label[,patient][,tumor_type]: one label per slide."),
+    out: Path = typer.Option(..., help="Slide run folder to write."),
+    overrides: list[str] | None = typer.Argument(
+        None,
+        help="Settings as field=value: pool=attention|multimag|mean|max, epochs, lr, weight_decay, hidden, "
+        "attention_hidden, dropout, batch_slides, folds, seed, loss, alpha, gamma, positive.",
+    ),
+    which: str = typer.Option("best", help="best or last checkpoint of the tile run."),
+) -> None:
+    """Learn slide labels from a slide's tiles: attention pooling over a tile run's embeddings, cross-validated.
+
+    Every method (the chosen pool, the other pools, and the mean and max of the tile classifier's
+    probabilities) is scored out of fold on the same patient-disjoint folds; the chosen model is then
+    fitted on every slide and saved for smse predict-slide --slide-model.
+    """
+    from smse.mil.train import results_lines
+    from smse.mil.train import train_slides as run_train_slides
+
+    metrics = run_train_slides(run, manifest, labels, out, overrides or [], which)
+    typer.echo(
+        f"{metrics['slides']} slides of {metrics['patients']} patients, {metrics['folds']}-fold CV (out of fold):"
+    )
+    for line in results_lines(metrics):
+        typer.echo(f"  {line}")
+    typer.echo(f"slide run folder: {out} (report: {SlideRunFiles(out).report})")
+
+
 @app.command("predict-slide")
 def predict_slide(
     run: Path = typer.Argument(..., help="Run folder (or checkpoint file)."),
@@ -533,6 +587,9 @@ def predict_slide(
     mpp: float | None = typer.Option(None, help=MPP_HELP),
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
     which: str = typer.Option("best", help="best or last checkpoint."),
+    slide_model: Path | None = typer.Option(
+        None, help="Slide run folder of smse train-slides: score the slide with it and draw attention.png."
+    ),
 ) -> None:
     """Classify every tile of a slide: heat map PNG, per-tile CSV, slide score and an HTML page."""
     from smse.wsi.slide_predict import predict_slide as run_predict_slide
@@ -558,6 +615,7 @@ def predict_slide(
         mpp=mpp,
         backend=backend,
         which=which,
+        slide_model=slide_model,
     )
     pos = result["positive"]
     typer.echo(
@@ -565,6 +623,11 @@ def predict_slide(
         f"{100 * result['share_above_threshold']:.1f}% of {result['tiles']} tiles (at {result['locations']} "
         f"locations) >= {result['threshold']:g}; prediction {result['predicted']}"
     )
+    bag = result.get("slide_model")
+    if bag is not None:
+        typer.echo(
+            f"slide model ({bag['pool']}): P({bag['positive']}) {bag['probability']:.3f}; prediction {bag['predicted']}"
+        )
     for name, path in result["files"].items():
         typer.echo(f"{name}: {path}")
 

@@ -340,6 +340,15 @@ def from_dict(data: dict) -> Config:
     return validate(_build(Config, data))
 
 
+def build_checked(cls: type, data: dict, prefix: str = "") -> Any:
+    """Any config dataclass from a dict: unknown fields, types, choices and ranges refused naming the field."""
+    obj = _build(cls, data, prefix)
+    for name, bounds, value in _ranged_fields(obj, prefix):
+        if value is not None and value not in bounds:
+            raise ConfigError(f"{name}: must be {bounds}, got {value!r}")
+    return obj
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -428,6 +437,7 @@ __all__ = [
     "Config",
     "validate",
     "from_dict",
+    "build_checked",
     "to_dict",
     "to_flat",
     "packaged_configs",

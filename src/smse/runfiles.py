@@ -332,6 +332,136 @@ class RunFiles:
         return self.reference
 
 
+@dataclass(frozen=True)
+class SlideRunFiles:
+    """The files of a slide-level run (``smse train-slides``)::
+
+    SLIDES/
+      config.json           the slide model's settings, the tile run, its checkpoint's fingerprint, the data
+      embeddings.npz        the tiles' embeddings under the tile run's model (kept: a rerun reuses them)
+      split.csv             slide, patient, label and cross-validation fold
+      history.json          loss per epoch of the final fit
+      slide-model.pt        the final model (fitted on every slide): weights, settings, classes, fingerprint
+      eval/metrics.json     every method's out-of-fold slide metrics, with counts and intervals
+      eval/predictions.csv  every slide's out-of-fold probability under every method
+      eval/attention.csv    every tile's out-of-fold attention under the chosen model
+      report/report.html    the report
+    """
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings.npz"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split.csv"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.json"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "slide-model.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "eval" / "metrics.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "eval" / "predictions.csv"
+
+    @property
+    def attention(self) -> Path:
+        return self.root / "eval" / "attention.csv"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report" / "report.html"
+
+    def read_config(self) -> dict | None:
+        return json.loads(read_text(self.config, CheckpointError)) if self.config.is_file() else None
+
+    def write_config(self, config: dict) -> None:
+        write_json(self.config, config)
+
+    def write_split(self, rows: Iterable[Sequence]) -> None:
+        write_csv(self.split, ["slide", "patient", "label", "fold"], rows)
+
+    def write_history(self, history: list[dict]) -> None:
+        write_json(self.history, history)
+
+    def write_metrics(self, metrics: dict) -> None:
+        self.metrics.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.metrics, metrics)
+
+    def write_predictions(self, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+        self.predictions.parent.mkdir(parents=True, exist_ok=True)
+        write_csv(self.predictions, header, rows)
+
+    def write_attention(self, rows: Iterable[Sequence]) -> None:
+        self.attention.parent.mkdir(parents=True, exist_ok=True)
+        write_csv(self.attention, ["slide", "x", "y", "magnification", "attention", "fold"], rows)
+
+    def write_report(self, html: str) -> Path:
+        self.report.parent.mkdir(parents=True, exist_ok=True)
+        write_text(self.report, html)
+        return self.report
+
+    def write_model(self, state: dict) -> None:
+        """``slide-model.pt``, atomically: an interrupt leaves the previous model whole."""
+        import torch
+
+        with atomic_path(self.model) as tmp:
+            try:
+                torch.save(state, tmp)
+            except RuntimeError as exc:
+                raise OutputError(f"{self.model}: cannot write ({describe_error(exc)})") from None
+
+    def read_model(self) -> dict:
+        """The saved slide model.
+
+        Raises:
+            CheckpointError: naming the file when it is missing, truncated or not a slide model.
+        """
+        import torch
+
+        if not self.model.is_file():
+            raise CheckpointError(f"{self.model}: no slide model here (train one with smse train-slides)")
+        try:
+            state = torch.load(self.model, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: torch raises several kinds
+            raise CheckpointError(f"{self.model}: not a readable slide model ({describe_error(exc)})") from None
+        if not isinstance(state, dict) or state.get("format") != SLIDE_MODEL_FORMAT:
+            raise CheckpointError(f"{self.model}: not a slide model of smse train-slides")
+        return state
+
+
+#: the format tag inside ``slide-model.pt``
+SLIDE_MODEL_FORMAT = "smse-slide-model-1"
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes: which checkpoint embedded a set of tiles."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def tiles_json(root: str | os.PathLike | None) -> Path | None:
     """The ``tiles.json`` beside a manifest written by ``smse tiles``, or None for other data."""
     if root is None or Path(root).suffix.lower() != ".csv":
@@ -370,4 +500,12 @@ def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
-__all__ = ["RunFiles", "load_embeddings", "save_embeddings", "tiles_json"]
+__all__ = [
+    "RunFiles",
+    "SlideRunFiles",
+    "SLIDE_MODEL_FORMAT",
+    "file_fingerprint",
+    "load_embeddings",
+    "save_embeddings",
+    "tiles_json",
+]

@@ -186,7 +186,9 @@ def gallery(queries: list[dict], path: Path, thumb: tuple[int, int] = (150, 100)
     return _save(fig, path)
 
 
-def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], positive: str, path: Path) -> Path | None:
+def roc_curves(
+    curves: dict[str, tuple[np.ndarray, np.ndarray, float]], positive: str, path: Path, unit: str = "test images"
+) -> Path | None:
     """ROC curves (false positive rate, true positive rate, AUC) of each method, ``positive`` the positive class."""
     if not curves:
         return None
@@ -199,7 +201,7 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], positive
         ylabel=f"true positive rate ({positive} recall)",
         xlim=(0, 1),
         ylim=(0, 1.01),
-        title=f"ROC, {positive} as positive, test images",
+        title=f"ROC, {positive} as positive, {unit}",
     )
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)

@@ -101,25 +101,44 @@ def _positive_class(model: Model, positive: str | None) -> str:
 
 def classify_tiles(
     model: Model, plan: TilePlan, batch_size: int = 32, progress: bool = False
-) -> tuple[list, np.ndarray]:
-    """Every tile of ``plan`` classified, a batch at a time: [(x, y, magnification)] and probabilities [N, C]."""
+) -> tuple[list, np.ndarray, np.ndarray]:
+    """Every tile of ``plan`` through the model, a batch at a time: [(x, y, magnification)], probabilities [N, C]
+    and embeddings [N, d]."""
     keys: list[tuple[int, int, int]] = []
     probs: list[np.ndarray] = []
+    embs: list[np.ndarray] = []
     batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        emb, prob = model.infer(batch, len(batch))
+        embs.append(emb)
+        probs.append(prob)
+        batch.clear()
+
     for (x, y), tiles in plan.tiles(progress):
         for mag, tile in tiles.items():
             keys.append((x, y, mag))
             batch.append(tile)
         if len(batch) >= batch_size:  # whole locations: a flush may pass batch_size by a few tiles, in one forward
-            probs.append(model.predict_proba(batch, len(batch)))
-            batch = []
+            flush()
     if batch:
-        probs.append(model.predict_proba(batch, len(batch)))
-    return keys, np.concatenate(probs) if probs else np.zeros((0, len(model.classes)), np.float32)
+        flush()
+    if not probs:
+        return keys, np.zeros((0, len(model.classes)), np.float32), np.zeros((0, 0), np.float32)
+    return keys, np.concatenate(probs), np.concatenate(embs)
 
 
-def heat_map(plan: TilePlan, location_prob: np.ndarray, positive: str, title: str, path: Path) -> Path:
-    """Two panels: the thumbnail with the tissue outline and the grid cells tiled; the probability heat map over it."""
+def _panels(
+    plan: TilePlan,
+    panels: list[tuple[str, np.ndarray | None]],
+    vmax: float,
+    label: str,
+    title: str,
+    path: Path,
+    cmap_name: str = "turbo",
+) -> Path:
+    """Panels over the slide's thumbnail: a None panel shows the tissue outline and the cells tiled; the others colour
+    each location by its value (0 to ``vmax``), with one colour bar."""
     import matplotlib
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -138,31 +157,59 @@ def heat_map(plan: TilePlan, location_prob: np.ndarray, positive: str, title: st
     x0, x1 = max(xs.min() - pad, -0.5), min(xs.max() + pad, w - 0.5)
     y0, y1 = max(ys.min() - pad, -0.5), min(ys.max() + pad, h - 0.5)
     grey = (0.35 * thumb.mean(axis=2, keepdims=True) + 0.65 * 255).repeat(3, axis=2).astype(np.uint8)
-    fig_w = 13.0
+    fig_w = 6.5 * len(panels)
     aspect = float(np.clip((y1 - y0) / (x1 - x0), 0.3, 1.6))
-    fig = Figure(figsize=(fig_w, (fig_w - 1.2) / 2 * aspect + 0.9), constrained_layout=True)  # no pyplot state
-    axes = fig.subplots(1, 2)
-    cmap = matplotlib.colormaps["turbo"]
-    axes[0].imshow(thumb)
-    axes[0].contour(plan.tissue.mask.astype(float), levels=[0.5], colors="#00a651", linewidths=1.2)
-    axes[0].set_title(f"thumbnail: tissue outline (green), {len(plan)} locations tiled (boxes)", fontsize=10)
-    axes[1].imshow(grey)
-    axes[1].set_title(f"P({positive}) per location, mean over its magnifications", fontsize=10)
-    for (x, y), p in zip(plan.locations, location_prob):
-        cx, cy = x / scale, y / scale
-        axes[0].add_patch(Rectangle((cx - cw / 2, cy - ch / 2), cw, ch, fill=False, lw=0.5, ec="#333333", alpha=0.6))
-        axes[1].add_patch(Rectangle((cx - cw / 2, cy - ch / 2), cw, ch, color=cmap(float(p)), alpha=0.7, lw=0))
-    for ax in axes:
+    fig = Figure(figsize=(fig_w, (6.5 - 0.6) * aspect + 0.9), constrained_layout=True)  # no pyplot state
+    axes = list(np.atleast_1d(fig.subplots(1, len(panels))))
+    cmap = matplotlib.colormaps[cmap_name]
+    norm = Normalize(0, vmax)
+    for ax, (name, values) in zip(axes, panels):
+        ax.set_title(name, fontsize=10)
+        if values is None:
+            ax.imshow(thumb)
+            ax.contour(plan.tissue.mask.astype(float), levels=[0.5], colors="#00a651", linewidths=1.2)
+            for x, y in plan.locations:
+                cx, cy = x / scale, y / scale
+                ax.add_patch(Rectangle((cx - cw / 2, cy - ch / 2), cw, ch, fill=False, lw=0.5, ec="#333", alpha=0.6))
+        else:
+            ax.imshow(grey)
+            for (x, y), v in zip(plan.locations, values):
+                cx, cy = x / scale, y / scale
+                colour = cmap(norm(float(v)))
+                ax.add_patch(Rectangle((cx - cw / 2, cy - ch / 2), cw, ch, color=colour, alpha=0.7, lw=0))
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlim(x0, x1)
         ax.set_ylim(y1, y0)
-    bar = fig.colorbar(ScalarMappable(cmap=cmap, norm=Normalize(0, 1)), ax=axes[1], fraction=0.04, pad=0.02)
-    bar.set_label(f"P({positive})")
+    coloured = [ax for ax, (_, v) in zip(axes, panels) if v is not None]
+    bar = fig.colorbar(ScalarMappable(cmap=cmap, norm=norm), ax=coloured, fraction=0.04, pad=0.02)
+    bar.set_label(label)
     fig.suptitle(title, fontsize=12)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     return path
+
+
+def heat_map(plan: TilePlan, location_prob: np.ndarray, positive: str, title: str, path: Path) -> Path:
+    """Two panels: the thumbnail with the tissue outline and the grid cells tiled; the probability heat map over it."""
+    outline = f"thumbnail: tissue outline (green), {len(plan)} locations tiled (boxes)"
+    panels = [(outline, None), (f"P({positive}) per location, mean over its magnifications", location_prob)]
+    return _panels(plan, panels, 1.0, f"P({positive})", title, path)
+
+
+def attention_map(plan: TilePlan, attention: np.ndarray, title: str, path: Path) -> Path:
+    """The slide model's attention per location: over all magnifications, then one panel per magnification.
+
+    ``attention`` [L, M] sums to 1 over the slide's tiles; it is shown times the number of locations, so that
+    1 is a location's share under uniform attention (mean pooling) and 10 is ten times that.
+    """
+    relative = attention * len(plan)
+    total = relative.sum(1)
+    mags = list(plan.sources)
+    panels: list[tuple[str, np.ndarray | None]] = [("attention per location, all magnifications", total)]
+    panels += [(f"{mag_name(m)} tiles", relative[:, j]) for j, m in enumerate(mags)]
+    vmax = float(np.quantile(total, 0.99)) if len(total) else 1.0
+    return _panels(plan, panels, max(vmax, 1e-9), "attention x locations (1 = uniform)", title, path, "magma")
 
 
 def _png(image: np.ndarray, width: int) -> str:
@@ -173,7 +220,7 @@ def _png(image: np.ndarray, width: int) -> str:
     return png_uri(buffer.getvalue())
 
 
-def _page(result: dict, plan: TilePlan, location_prob: np.ndarray, heat: Path) -> str:
+def _page(result: dict, plan: TilePlan, location_prob: np.ndarray, heat: Path, attention: Path | None = None) -> str:
     """The HTML page: score, heat map, the most suspicious locations at every magnification, slide facts."""
     slide = result["slide_info"]
     pos = result["positive"]
@@ -183,6 +230,13 @@ def _page(result: dict, plan: TilePlan, location_prob: np.ndarray, heat: Path) -
         ("slide prediction (mean probabilities)", result["predicted"]),
         ("tiles / locations", f"{result['tiles']} / {result['locations']}"),
     ]
+    bag = result.get("slide_model")
+    if bag is not None:
+        kpis = [
+            (f"slide model ({bag['pool']}): P({bag['positive']})", f"{bag['probability']:.3f}"),
+            ("slide prediction (slide model)", bag["predicted"]),
+            *kpis,
+        ]
     mags = list(plan.sources)
     by_mag = {m: result["per_magnification"][mag_name(m)] for m in mags}
     per_mag = [
@@ -233,6 +287,7 @@ def _page(result: dict, plan: TilePlan, location_prob: np.ndarray, heat: Path) -
         kpis=kpis,
         tiles=result["tiles"],
         heatmap=png_uri(heat.read_bytes()),
+        attention=png_uri(attention.read_bytes()) if attention is not None else None,
         positive=pos,
         threshold=f"{result['threshold']:g}",
         per_magnification=per_mag,
@@ -256,8 +311,12 @@ def predict_slide(
     which: str = "best",
     device: str = "auto",
     progress: bool = True,
+    slide_model: str | os.PathLike | None = None,
 ) -> dict:
     """Tile a slide, classify every tile, and write ``tiles.csv``, ``score.json``, ``heatmap.png`` and ``report.html``.
+
+    With ``slide_model`` (a folder of ``smse train-slides``), the slide is also scored by that model from its
+    tiles' embeddings, and ``attention.png`` shows where it looked (per location, per magnification).
 
     Args:
         run: run folder (or checkpoint file).
@@ -269,6 +328,7 @@ def predict_slide(
         positive: the class scored (default ``malignant`` where the model has it, else its last class).
         mpp: microns per level-0 pixel for a slide whose metadata lacks it.
         backend: ``openslide`` or ``tiffslide``.
+        slide_model: a slide run folder whose model learnt from this run's embeddings.
 
     Returns:
         The slide score: mean probability, share of tiles above the threshold, per magnification, paths.
@@ -280,6 +340,13 @@ def predict_slide(
     trained = tiling_of_run(model)
     spec = dataclasses.replace(spec or trained or TileSpec(), **(overrides or {}))
     _check_against_training(spec, trained)
+    bag_model = None
+    if slide_model is not None:
+        from smse.checkpoint import find_checkpoint
+        from smse.mil.predict import check_tile_model, load_slide_model
+
+        bag_model = load_slide_model(slide_model)
+        check_tile_model(bag_model[1], find_checkpoint(Path(run), which), slide_model)
     with open_slide(slide_path, backend, mpp) as slide:
         out = writable_folder(out if out is not None else f"{slide.name}-prediction", "--out")
         plan = plan_tiles(slide, spec)
@@ -288,7 +355,7 @@ def predict_slide(
                 f"{slide.path}: no tissue found (no location with {100 * spec.min_tissue:.0f}% tissue "
                 "in every tile); check the slide or lower --min-tissue"
             )
-        keys, probs = classify_tiles(model, plan, batch_size, progress)
+        keys, probs, embs = classify_tiles(model, plan, batch_size, progress)
         col = model.classes.index(positive)
         p_pos = probs[:, col]
         mags = np.array([k[2] for k in keys])
@@ -315,18 +382,48 @@ def predict_slide(
             "tiling": spec.to_dict(),
             "slide_info": slide.describe(),
         }
+        tile_attention = None
+        if bag_model is not None:
+            from smse.mil.predict import score_slide
+
+            xs, ys = np.array([k[0] for k in keys], float), np.array([k[1] for k in keys], float)
+            scored = score_slide(bag_model[0], bag_model[1], slide.name, embs, xs, ys, mags)
+            tile_attention = scored.pop("attention")
+            result["slide_model"] = {"folder": str(slide_model), **scored}
+            location_att = tile_attention.reshape(len(plan), len(plan.sources))
+            attention_map(
+                plan,
+                location_att,
+                f"{slide.name}: {scored['pool']} slide model, P({scored['positive']}) {scored['probability']:.3f} "
+                f"({scored['predicted']})",
+                out / "attention.png",
+            )
+        extra = ["attention"] if tile_attention is not None else []
         write_csv(
             out / "tiles.csv",
-            ["slide", "x", "y", "magnification", *(f"p_{c}" for c in model.classes)],
-            ([slide.name, x, y, m, *(f"{v:.6f}" for v in row)] for (x, y, m), row in zip(keys, probs)),
+            ["slide", "x", "y", "magnification", *(f"p_{c}" for c in model.classes), *extra],
+            (
+                [
+                    slide.name,
+                    x,
+                    y,
+                    m,
+                    *(f"{v:.6f}" for v in row),
+                    *([f"{tile_attention[i]:.6g}"] if tile_attention is not None else []),
+                ]
+                for i, ((x, y, m), row) in enumerate(zip(keys, probs))
+            ),
         )
         title = (
             f"{slide.name}: mean P({positive}) {result['mean_probability']:.3f}, "
             f"{100 * result['share_above_threshold']:.0f}% of {len(keys)} tiles >= {threshold:g}"
         )
         heat = heat_map(plan, location_prob, positive, title, out / "heatmap.png")
-        write_text(out / "report.html", _page(result, plan, location_prob, heat))
-    result["files"] = {name: str(out / name) for name in ("tiles.csv", "heatmap.png", "report.html", "score.json")}
+        write_text(
+            out / "report.html", _page(result, plan, location_prob, heat, out / "attention.png" if bag_model else None)
+        )
+    names = ["tiles.csv", "heatmap.png", *(["attention.png"] if bag_model is not None else []), "report.html"]
+    result["files"] = {name: str(out / name) for name in [*names, "score.json"]}
     write_json(out / "score.json", result)
     return result
 
