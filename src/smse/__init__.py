@@ -21,6 +21,7 @@ _EXPORTS = {
     "Config": "smse.config",
     "load_config": "smse.config",
     "Hits": "smse.api",
+    "Index": "smse.index",
     "Model": "smse.api",
     "ReferenceIndex": "smse.api",
     "Run": "smse.api",

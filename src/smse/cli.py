@@ -21,6 +21,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.", context_s
 app.add_typer(data_app, name="data")
 config_app = typer.Typer(no_args_is_help=True, help="Show configs.", context_settings=HELP)
 app.add_typer(config_app, name="config")
+INDEX_HELP = "Build, grow and inspect an archive index for similar-case search."
+index_app = typer.Typer(no_args_is_help=True, help=INDEX_HELP, context_settings=HELP)
+app.add_typer(index_app, name="index")
 
 
 def _version(value: bool) -> None:
@@ -212,6 +215,140 @@ def embed(
     from smse.evaluate import embed_folder
 
     typer.echo(f"wrote {embed_folder(run, data, out)}")
+
+
+SOURCES_HELP = "BreakHis folders, manifest CSVs, or tile folders of smse tiles (whole-slide images: tile them first)."
+
+
+def _index_params(**values: int | None) -> dict[str, int]:
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _echo_index(info: dict, slides: int = 20) -> None:
+    from smse.index import info_lines
+
+    for line in info_lines(info, slides):
+        typer.echo(line)
+
+
+@index_app.command("build")
+def index_build(
+    run: Path = typer.Argument(..., help="Run folder (or checkpoint file) whose model embeds the tiles."),
+    sources: list[Path] = typer.Argument(..., help=SOURCES_HELP),
+    out: Path = typer.Option(..., "--out", file_okay=False, help="Index folder to write."),
+    kind: str = typer.Option("auto", help="auto (flat below 200,000 vectors, ivfpq from there), flat, ivfpq or hnsw."),
+    nlist: int | None = typer.Option(None, help="ivfpq: inverted lists (default 4 sqrt(n), at most 1/39 of 50,000)."),
+    pq_m: int | None = typer.Option(None, "--pq-m", help="ivfpq: PQ sub-quantisers, a divisor of the dimension."),
+    nprobe: int | None = typer.Option(None, help="ivfpq: lists scanned per query (default nlist / 40, 8 to 64)."),
+    rerank: int | None = typer.Option(None, help="ivfpq: candidates re-ranked exactly (default 256; 0: off)."),
+    which: str = typer.Option("best", help="best or last checkpoint."),
+) -> None:
+    """Embed sources with a run's model into an index folder (resumes a killed build; see smse index info)."""
+    from smse.index import Index
+
+    params = _index_params(nlist=nlist, m=pq_m, nprobe=nprobe, rerank=rerank)
+    index = Index.build(run, sources, out, kind=kind, params=params, which=which)
+    _echo_index(index.info(), slides=10)
+
+
+@index_app.command("add")
+def index_add(
+    index: Path = typer.Argument(..., help="Index folder of smse index build."),
+    sources: list[Path] = typer.Argument(..., help=SOURCES_HELP),
+) -> None:
+    """Add the tiles of more sources (tiles already in the index are skipped); one add at a time."""
+    from smse.index import Index
+
+    archive = Index.open(index)
+    report = archive.add(sources)
+    typer.echo(
+        f"{index}: added {report['added']} tiles"
+        + (f", skipped {report['skipped']} already in the index" if report["skipped"] else "")
+        + f"; {len(archive)} tiles now"
+    )
+
+
+@index_app.command("remove")
+def index_remove(
+    index: Path = typer.Argument(..., help="Index folder of smse index build."),
+    slide: list[str] = typer.Option(..., "--slide", help="A slide to remove (repeat for several)."),
+) -> None:
+    """Remove every tile of the given slides."""
+    from smse.index import Index
+
+    archive = Index.open(index)
+    removed = archive.remove(slide)
+    typer.echo(f"{index}: removed {removed} tiles of {len(slide)} slide(s); {len(archive)} tiles now")
+
+
+@index_app.command("info")
+def index_info(
+    index: Path = typer.Argument(..., help="Index folder of smse index build."),
+    slides: int = typer.Option(20, min=0, help="Slides listed, most tiles first (0: all)."),
+    json_out: Path | None = typer.Option(None, "--json", dir_okay=False, help="Also write everything as JSON here."),
+) -> None:
+    """Print what an index holds: tiles by magnification, label and slide; kind, parameters, files and memory."""
+    from smse.index import Index
+    from smse.io import write_json
+
+    info = Index.open(index).info()
+    _echo_index(info, slides)
+    if json_out is not None:
+        write_json(json_out, info)
+        typer.echo(f"wrote {json_out}")
+
+
+@app.command("search")
+def search(
+    index: Path = typer.Argument(..., help="Index folder of smse index build."),
+    queries: list[Path] = typer.Argument(..., help="Query images (or folders of them); the index's model embeds them."),
+    k: int = typer.Option(10, help="Nearest tiles per query image (with --by slide: also the most slides)."),
+    magnification: str = typer.Option(
+        "any", help="any, same (each query's own, from its file name), or a list such as 40X,100X."
+    ),
+    by: str = typer.Option("tile", help="tile: nearest tiles per query; slide: slides ranked by their tiles' votes."),
+    output_format: str = typer.Option("csv", "--format", help="csv or json."),
+    out: Path | None = typer.Option(None, dir_okay=False, help="File to write (default: standard output)."),
+    exclude_slide: list[str] = typer.Option([], "--exclude-slide", help="A slide never returned (repeatable)."),
+    nprobe: int | None = typer.Option(None, help="ivfpq: lists scanned per query (default: the index's)."),
+) -> None:
+    """Find the archive's tiles, or slides, most similar to query images."""
+    import csv
+    import io as text_io
+
+    from smse.index import Index
+    from smse.io import write_csv, write_text
+    from smse.predict import expand_inputs
+
+    if output_format not in ("csv", "json"):
+        raise ConfigError(f"--format: csv or json, got {output_format!r}")
+    if by not in ("tile", "slide"):
+        raise ConfigError(f"--by: tile or slide, got {by!r}")
+    if k < 1:
+        raise ConfigError(f"--k: at least 1, got {k}")
+    archive = Index.open(index)
+    paths = [str(p) for p in expand_inputs(queries)]
+    result = archive.search(paths, k=k, magnification=magnification, by=by, exclude_slides=exclude_slide, nprobe=nprobe)
+    rows = result.rows()
+    if output_format == "json":
+        text = json.dumps(result.to_dict(), indent=2) + "\n"
+        if out is None:
+            typer.echo(text, nl=False)
+        else:
+            write_text(out, text)
+    else:
+        header = list(rows[0]) if rows else ["query_path"]
+        if out is None:
+            buffer = text_io.StringIO()
+            writer = csv.writer(buffer)
+            writer.writerow(header)
+            writer.writerows([row[c] for c in header] for row in rows)
+            typer.echo(buffer.getvalue(), nl=False)
+        else:
+            write_csv(out, header, ([row[c] for c in header] for row in rows))
+    found = f"{len(result.slides)} slides" if by == "slide" else f"{sum(len(t) for t in result.tiles)} tiles"
+    summary = f"{len(paths)} queries, {found} of {len(archive)} tiles" + (f"; wrote {out}" if out else "")
+    typer.echo(summary, err=out is None)  # beside CSV or JSON on standard output: on standard error
 
 
 @app.command()
