@@ -27,7 +27,7 @@ from smse.config import SEED_MAX, ClassificationLossName, apply_overrides, build
 from smse.errors import ConfigError, DataError
 from smse.losses.classification import make_classification_loss
 from smse.metrics import CONFIDENCE, accuracy_intervals, balanced_accuracy, roc_auc
-from smse.mil.bags import Bag, bags_from_embeddings, collate, describe
+from smse.mil.bags import Bag, bags_from_embeddings, collate, describe, match_labels
 from smse.mil.models import POOLS, Pool, SlideModel
 from smse.progress import progress
 from smse.runfiles import SLIDE_MODEL_FORMAT, SlideRunFiles, file_fingerprint, load_embeddings
@@ -215,6 +215,26 @@ def _rule_probs(scores: np.ndarray, positive: int) -> np.ndarray:
     return probs
 
 
+def _check_before_embedding(manifest: Path, labels: dict, where: str) -> None:
+    """The labels against the manifest's slides, before minutes of embedding: missing or unknown slides, one class.
+
+    Raises:
+        DataError: naming the slides, or the one label.
+    """
+    from smse.data.manifest import read_manifest
+
+    records, _ = read_manifest(manifest)
+    slides = list(dict.fromkeys(r.slide for r in records if r.slide))
+    if not slides:
+        raise DataError(
+            f"{manifest}: tiles without slide,x,y columns; slide-level learning needs the tiles of smse tiles"
+        )
+    matched = match_labels(slides, labels, where)
+    classes = {v.label for v in matched.values()}
+    if len(classes) < 2:
+        raise DataError(f"{where}: every slide has the same label ({classes.pop()}); slide learning needs two classes")
+
+
 def _embed(run: Path, manifest: Path, files: SlideRunFiles, fingerprint: str, progress_bar: bool) -> dict:
     """The tiles' embeddings under the run's model: reused from the slide run folder when made by that very model."""
     from smse.evaluate import embed_folder
@@ -264,6 +284,7 @@ def train_slides(
     if not manifest.is_file():
         raise DataError(f"{manifest}: tile manifest not found")
     slide_labels = read_labels(labels)
+    _check_before_embedding(manifest, slide_labels, str(labels))
     files = SlideRunFiles(writable_folder(out, "--out"))
     fingerprint = file_fingerprint(checkpoint)
     t0 = time.perf_counter()
