@@ -308,15 +308,21 @@ def test_an_add_that_fails_before_its_commit_changes_nothing(small_index, monkey
 
 
 def test_sources_are_checked_before_any_work(tmp_path):
-    """Catches: a whole-slide image or a missing source found only after minutes of embedding."""
+    """Catches: a slide that is not one, a missing source or a file that is no dataset found only after minutes of
+    embedding the sources before it."""
+    from smse.errors import SlideError
+
     checkpoint = tmp_path / "best.safetensors"
     checkpoint.write_bytes(b"weights")
     slide = tmp_path / "case.svs"
     slide.write_bytes(b"slide")
-    with pytest.raises(ConfigError, match="case.svs: whole-slide images are not index sources yet"):
+    with pytest.raises(SlideError, match="case.svs: not a whole-slide image"):
         Index.build(checkpoint, [slide], tmp_path / "ix")
     with pytest.raises(DataError, match="nope: no such file or folder"):
         Index.build(checkpoint, [tmp_path / "nope"], tmp_path / "ix")
+    (tmp_path / "notes.txt").write_text("not a dataset")
+    with pytest.raises(DataError, match="notes.txt: not a source"):
+        Index.build(checkpoint, [tmp_path / "notes.txt"], tmp_path / "ix")
     assert not (tmp_path / "ix" / "parts").exists()
 
 

@@ -217,7 +217,17 @@ def embed(
     typer.echo(f"wrote {embed_folder(run, data, out)}")
 
 
-SOURCES_HELP = "BreakHis folders, manifest CSVs, or tile folders of smse tiles (whole-slide images: tile them first)."
+SOURCES_HELP = (
+    "BreakHis folders, manifest CSVs, tile folders of smse tiles, or whole-slide images (SVS, NDPI, MRXS, pyramidal "
+    "TIFF, ...: tiled as the run's tiles were, one part per slide)."
+)
+LABELS_HELP = "CSV slide,label[,patient][,tumor_type] for the whole-slide images (default: label unknown)."
+MAX_TILES_HELP = "At most this many locations per whole slide (a seeded sample; a tile per magnification each)."
+SLIDE_MAGS_HELP = "Whole slides: magnifications such as 40X,100X (default: the run's training tiles', else all four)."
+SLIDE_TILE_HELP = "Whole slides: tile size WIDTHxHEIGHT in pixels (default: the run's training tiles', else 700x460)."
+SLIDE_GRID_HELP = "Whole slides: the magnification whose field spaces the locations (default: the lowest)."
+SLIDE_MPP_HELP = "Whole slides: microns per level-0 pixel, where their metadata lacks it (overrides the metadata)."
+SLIDE_BACKEND_HELP = "Whole slides: openslide or tiffslide (default: openslide when it imports)."
 
 
 def _index_params(**values: int | None) -> dict[str, int]:
@@ -231,6 +241,11 @@ def _echo_index(info: dict, slides: int = 20) -> None:
         typer.echo(line)
 
 
+def _main_process() -> bool:
+    """Whether this is the process that reports (the first of a ``torchrun`` job, or the only one)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @index_app.command("build")
 def index_build(
     run: Path = typer.Argument(..., help="Run folder (or checkpoint file) whose model embeds the tiles."),
@@ -242,30 +257,63 @@ def index_build(
     nprobe: int | None = typer.Option(None, help="ivfpq: lists scanned per query (default nlist / 40, 8 to 64)."),
     rerank: int | None = typer.Option(None, help="ivfpq: candidates re-ranked exactly (default 256; 0: off)."),
     which: str = typer.Option("best", help="best or last checkpoint."),
+    magnifications: str | None = typer.Option(None, help=SLIDE_MAGS_HELP),
+    tile: str | None = typer.Option(None, help=SLIDE_TILE_HELP),
+    grid: str | None = typer.Option(None, help=SLIDE_GRID_HELP),
+    min_tissue: float | None = typer.Option(None, help="Whole slides: least tissue share of every tile of a location."),
+    max_tiles: int | None = typer.Option(None, help=MAX_TILES_HELP),
+    labels: Path | None = typer.Option(None, help=LABELS_HELP),
+    mpp: float | None = typer.Option(None, help=SLIDE_MPP_HELP),
+    backend: str | None = typer.Option(None, help=SLIDE_BACKEND_HELP),
 ) -> None:
-    """Embed sources with a run's model into an index folder (resumes a killed build; see smse index info)."""
+    """Embed sources with a run's model into an index folder (resumes a killed build; runs under torchrun)."""
     from smse.index import Index
+    from smse.index.slides import SlideReading
+    from smse.wsi.tiles import parse_magnifications
 
     params = _index_params(nlist=nlist, m=pq_m, nprobe=nprobe, rerank=rerank)
-    index = Index.build(run, sources, out, kind=kind, params=params, which=which)
-    _echo_index(index.info(), slides=10)
+    tiling = {
+        k: v
+        for k, v in {
+            "magnifications": parse_magnifications(magnifications) if magnifications else None,
+            "size": _size(tile, "--tile") if tile else None,
+            "grid": _grid(grid),
+            "min_tissue": min_tissue,
+            "max_locations": max_tiles,
+        }.items()
+        if v is not None
+    }
+    reading = SlideReading(mpp=mpp, backend=backend)
+    index = Index.build(
+        run, sources, out, kind=kind, params=params, which=which, tiling=tiling, reading=reading, labels=labels
+    )
+    if _main_process():
+        _echo_index(index.info(), slides=10)
 
 
 @index_app.command("add")
 def index_add(
     index: Path = typer.Argument(..., help="Index folder of smse index build."),
     sources: list[Path] = typer.Argument(..., help=SOURCES_HELP),
+    max_tiles: int | None = typer.Option(None, help=MAX_TILES_HELP + " Default: the index's."),
+    labels: Path | None = typer.Option(None, help=LABELS_HELP),
+    mpp: float | None = typer.Option(None, help=SLIDE_MPP_HELP),
+    backend: str | None = typer.Option(None, help=SLIDE_BACKEND_HELP),
 ) -> None:
     """Add the tiles of more sources (tiles already in the index are skipped); one add at a time."""
     from smse.index import Index
+    from smse.index.slides import SlideReading
 
     archive = Index.open(index)
-    report = archive.add(sources)
-    typer.echo(
-        f"{index}: added {report['added']} tiles"
-        + (f", skipped {report['skipped']} already in the index" if report["skipped"] else "")
-        + f"; {len(archive)} tiles now"
+    report = archive.add(
+        sources, reading=SlideReading(mpp=mpp, backend=backend, max_locations=max_tiles), labels=labels
     )
+    if _main_process():
+        typer.echo(
+            f"{index}: added {report['added']} tiles"
+            + (f", skipped {report['skipped']} already in the index" if report["skipped"] else "")
+            + f"; {len(archive)} tiles now"
+        )
 
 
 @index_app.command("remove")
@@ -301,7 +349,12 @@ def index_info(
 @app.command("search")
 def search(
     index: Path = typer.Argument(..., help="Index folder of smse index build."),
-    queries: list[Path] = typer.Argument(..., help="Query images (or folders of them); the index's model embeds them."),
+    queries: list[Path] = typer.Argument(
+        ...,
+        help="Query images (or folders of them), whole slides (SLIDE.svs: its tiles are the case) or regions of "
+        "them (SLIDE.svs@x,y,w,h in level-0 pixels: the tiles whose centre lies in the box); the index's model "
+        "embeds them.",
+    ),
     k: int = typer.Option(10, help="Nearest tiles per query image (with --by slide: also the most slides)."),
     magnification: str = typer.Option(
         "any", help="any, same (each query's own, from its file name), or a list such as 40X,100X."
@@ -311,12 +364,16 @@ def search(
     out: Path | None = typer.Option(None, dir_okay=False, help="File to write (default: standard output)."),
     exclude_slide: list[str] = typer.Option([], "--exclude-slide", help="A slide never returned (repeatable)."),
     nprobe: int | None = typer.Option(None, help="ivfpq: lists scanned per query (default: the index's)."),
+    max_tiles: int | None = typer.Option(None, help=MAX_TILES_HELP + " For query slides; default: the index's."),
+    mpp: float | None = typer.Option(None, help=SLIDE_MPP_HELP),
+    backend: str | None = typer.Option(None, help=SLIDE_BACKEND_HELP),
 ) -> None:
-    """Find the archive's tiles, or slides, most similar to query images."""
+    """Find the archive's tiles, or slides, most similar to query images, slides or regions of slides."""
     import csv
     import io as text_io
 
     from smse.index import Index
+    from smse.index.slides import SlideReading, parse_slide_query
     from smse.io import write_csv, write_text
     from smse.predict import expand_inputs
 
@@ -326,9 +383,23 @@ def search(
         raise ConfigError(f"--by: tile or slide, got {by!r}")
     if k < 1:
         raise ConfigError(f"--k: at least 1, got {k}")
+    reading = SlideReading(mpp=mpp, backend=backend, max_locations=max_tiles)
     archive = Index.open(index)
-    paths = [str(p) for p in expand_inputs(queries)]
-    result = archive.search(paths, k=k, magnification=magnification, by=by, exclude_slides=exclude_slide, nprobe=nprobe)
+    paths = [
+        str(p)
+        for q in queries
+        for p in ([q] if parse_slide_query(q) is not None else expand_inputs([q]))  # a slide or region: as given
+    ]
+    result = archive.search(
+        paths,
+        k=k,
+        magnification=magnification,
+        by=by,
+        exclude_slides=exclude_slide,
+        nprobe=nprobe,
+        reading=reading,
+        progress=True,
+    )
     rows = result.rows()
     if output_format == "json":
         text = json.dumps(result.to_dict(), indent=2) + "\n"
@@ -347,7 +418,7 @@ def search(
         else:
             write_csv(out, header, ([row[c] for c in header] for row in rows))
     found = f"{len(result.slides)} slides" if by == "slide" else f"{sum(len(t) for t in result.tiles)} tiles"
-    summary = f"{len(paths)} queries, {found} of {len(archive)} tiles" + (f"; wrote {out}" if out else "")
+    summary = f"{len(result.queries)} queries, {found} of {len(archive)} tiles" + (f"; wrote {out}" if out else "")
     typer.echo(summary, err=out is None)  # beside CSV or JSON on standard output: on standard error
 
 
@@ -402,8 +473,14 @@ def serve(
         64.0, help="Pixels per image, in millions (larger images are refused before decoding)."
     ),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    index: Path | None = typer.Option(
+        None,
+        "--index",
+        file_okay=False,
+        help="Archive index folder of smse index build with this run: the page also ranks its slides like the case.",
+    ),
 ) -> None:
-    """Serve a web page and a JSON API: classify images, show the most similar reference cases."""
+    """Serve a web page and a JSON API: classify images, show the most similar reference cases (and archive slides)."""
     from smse.serve import is_loopback
 
     if not is_loopback(host) and not token:
@@ -430,9 +507,13 @@ def serve(
     )
     torch_device = _device(device)
     _check_port(host, port)
-    web = create_app(run, reference, token, limits, torch_device)
+    web = create_app(run, reference, token, limits, torch_device, index=index)
     service = web.state.service
     typer.echo(f"model: {service.model!r}; {len(service.index)} reference images ({service.source})")
+    if service.archive is not None:
+        typer.echo(
+            f"archive: {service.archive.root}, {len(service.archive):,} tiles of {service.archive_slides:,} slides"
+        )
     url_host = f"[{host}]" if ":" in host else host
     typer.echo(
         f"page: http://{url_host}:{port}/   API docs: http://{url_host}:{port}/docs"

@@ -13,13 +13,13 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from smse.errors import CheckpointError, ConfigError, DataError, OutputError, RunLockedError
+from smse.errors import CheckpointError, ConfigError, DataError, OutputError, RunLockedError, SlideError
 from smse.index.search import (
     MagnificationFilter,
     SearchResult,
@@ -27,6 +27,20 @@ from smse.index.search import (
     magnification_from_name,
     parse_magnification_filter,
     rank_slides,
+)
+from smse.index.slides import (
+    SLIDE_SUFFIXES,
+    SlideReading,
+    check_slide,
+    embed_slide,
+    is_slide_file,
+    parse_slide_query,
+    parse_tile_path,
+    read_tile,
+    run_tiling,
+    slide_labels,
+    tiling_from_dict,
+    write_slide_part,
 )
 from smse.index.store import (
     COLUMNS,
@@ -48,6 +62,10 @@ from smse.index.store import (
 )
 from smse.io import read_text, writable_folder, write_json
 
+if TYPE_CHECKING:
+    from smse.runtime import Dist
+    from smse.wsi.tiles import TileSpec
+
 log = logging.getLogger(__name__)
 
 #: seconds an add, remove or build waits for another one on the same index before it is refused
@@ -57,8 +75,8 @@ CHUNK = 1 << 16
 #: searches of fewer queries run on one thread: faiss's OpenMP threads cost a single query more than they give
 #: (0.2 ms on one thread against 16 ms on two for a flat search of 20,000 vectors on a busy 2-core machine)
 FEW_QUERIES = 16
-#: file suffixes of whole-slide images (not yet sources: cut them into tiles with smse tiles first)
-SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif", ".tif", ".tiff")
+#: how long a process of a ``torchrun`` build waits at a barrier for the others (their share of the sources)
+PROCESS_WAIT = timedelta(hours=48)
 
 
 class IndexLockedError(RunLockedError):
@@ -70,11 +88,17 @@ def _now() -> str:
 
 
 @contextmanager
-def _locked(files: IndexFiles) -> Iterator[None]:
-    """Hold ``INDEX/.lock``; refuse after ``LOCK_TIMEOUT`` seconds when another process holds it."""
+def _locked(files: IndexFiles, dist: Dist | None = None) -> Iterator[None]:
+    """Hold ``INDEX/.lock`` (the first process of a ``torchrun`` job holds it for all: the others wait for it);
+    refuse after ``LOCK_TIMEOUT`` seconds when another process holds it."""
     from filelock import FileLock, Timeout
 
+    dist = dist or _alone()
     writable_folder(files.root, "index folder")
+    if not dist.main:
+        dist.barrier()  # the first process holds the lock
+        yield
+        return
     lock = FileLock(str(files.lock), timeout=LOCK_TIMEOUT)
     try:
         lock.acquire()
@@ -84,9 +108,41 @@ def _locked(files: IndexFiles) -> Iterator[None]:
             "wait for it to finish, then run again; nothing was changed"
         ) from None
     try:
+        dist.barrier()
         yield
     finally:
         lock.release()
+
+
+def _alone() -> Dist:
+    """The place of a process run alone (no ``torchrun``)."""
+    from smse.runtime import Dist
+
+    return Dist()
+
+
+@contextmanager
+def _processes() -> Iterator[Dist]:
+    """This process's place in a ``torchrun`` job (world 1 alone). When torchrun started several processes and no
+    process group is open, one is opened (gloo: only barriers cross it, on any device) with a wait of
+    ``PROCESS_WAIT`` (a barrier waits for the slowest process's share of the sources), and closed after."""
+    from smse.runtime import Dist
+
+    dist = Dist.from_env()
+    opened = False
+    if dist.world > 1:
+        import torch.distributed
+
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo", timeout=PROCESS_WAIT)
+            opened = True
+    try:
+        yield dist
+    finally:
+        if opened:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
 
 
 def _columns(metadata: Mapping[str, Any], n: int) -> dict[str, Any]:
@@ -254,22 +310,38 @@ class Index:
         params: Mapping[str, Any] | None = None,
         which: str = "best",
         progress: bool = True,
+        *,
+        tiling: TileSpec | Mapping[str, Any] | None = None,
+        reading: SlideReading = SlideReading(),
+        labels: Any = None,
     ) -> Index:
         """Embed ``sources`` with the model of ``run`` and write an index folder at ``out``.
 
-        Sources: BreakHis folders, manifest CSVs, or tile folders of ``smse tiles`` (their ``manifest.csv``).
-        Each source is embedded to ``out/parts/<n>.npz`` first (``smse embed``'s format): a rerun after a kill
-        reuses the parts already written (same source, unchanged, same model), then the index is assembled.
+        Sources: BreakHis folders, manifest CSVs, tile folders of ``smse tiles`` (their ``manifest.csv``), or
+        whole-slide images (.svs, .ndpi, .mrxs, pyramidal .tiff, ...: ``smse.index.slides``), tiled as ``tiling``
+        says: a ``TileSpec``, or TileSpec fields replacing those of the run's training tiling (default: that
+        tiling, else ``TileSpec``'s defaults), kept in ``index.json`` for ``add`` and for slide queries.
+        ``reading``: the slides' resolution where their metadata lacks it, the backend, a cap on locations.
+        ``labels``: a label CSV (``slide,label[,patient][,tumor_type]``, as ``smse tiles --labels``) for the slides;
+        without it their label is unknown and each slide is its own patient.
+
+        Each source is embedded to ``out/parts/<n>.npz`` first (``smse embed``'s format; one part per slide): a
+        rerun after a kill reuses the parts already written (same source, unchanged, same model, same tiling),
+        then the index is assembled. Under ``torchrun`` each process embeds a share of the sources (largest first,
+        each to the process with the least bytes so far) into its own parts; after a barrier the first process
+        assembles the index (the index folder must be on a file system every process sees).
         ``kind``: ``auto`` (flat below ``FLAT_MAX`` vectors, else ivfpq), ``flat``, ``ivfpq`` or ``hnsw``;
         ``params`` override the kind's parameters (``smse.index.store.default_params``).
 
         Raises:
             OutputError: ``out`` already holds an index.
             CheckpointError: no such run or checkpoint.
-            ConfigError: a whole-slide image as a source, an unknown kind or parameter.
-            DataError: a source that is not a dataset; sources without images.
+            ConfigError: an unknown kind or parameter, a tiling field out of range.
+            DataError: a source that is not a dataset; sources without images; a slide that cannot be opened, of
+                unknown resolution, missing from ``labels``, or named like another slide.
             IndexLockedError: another process builds into ``out``.
         """
+        from smse.api import load_model
         from smse.checkpoint import find_checkpoint
         from smse.runfiles import file_fingerprint
 
@@ -279,31 +351,37 @@ class Index:
         fingerprint = file_fingerprint(checkpoint)
         sources = list(sources)
         if not sources:
-            raise DataError("sources: give at least one BreakHis folder, manifest CSV or tile folder")
+            raise DataError("sources: give at least one BreakHis folder, manifest CSV, tile folder or slide")
         resolved = [_resolve_source(s) for s in sources]  # every source checked before any work
-        with _locked(files):
-            parts = _embed_sources(files, checkpoint, fingerprint, resolved, progress)
-            emb, columns = _read_parts(files, parts)
-            from smse.api import load_model
+        from smse.wsi.tiles import TileSpec
 
-            model = load_model(checkpoint)
-            cls._create(
-                files,
-                emb,
-                columns,
-                {
-                    "run": str(Path(run).resolve()),
-                    "checkpoint": str(checkpoint),
-                    "fingerprint": fingerprint,
-                    "preprocessing": model.data_config,
-                    "classes": list(model.classes),
-                    "sources": [str(p) for p in resolved],
-                },
-                kind,
-                params,
-                skip_known=True,
-                progress=progress,
-            )
+        slides = _check_slides(resolved, reading, labels)
+        model = load_model(checkpoint)
+        spec = tiling if isinstance(tiling, TileSpec) else run_tiling(model, tiling)
+        with _processes() as dist, _locked(files, dist):
+            parts = _embed_sources(files, checkpoint, fingerprint, resolved, progress, spec, reading, slides, dist)
+            if dist.main:
+                emb, columns = _read_parts(files, parts)
+                cls._create(
+                    files,
+                    emb,
+                    columns,
+                    {
+                        "run": str(Path(run).resolve()),
+                        "checkpoint": str(checkpoint),
+                        "fingerprint": fingerprint,
+                        "preprocessing": model.data_config,
+                        "classes": list(model.classes),
+                        "sources": [str(p) for p in resolved],
+                        "tiling": spec.to_dict(),
+                        "slide_mpp": {str(p): reading.mpp for p in slides} if reading.mpp is not None else {},
+                    },
+                    kind,
+                    params,
+                    skip_known=True,
+                    progress=progress,
+                )
+            dist.barrier()  # the index is written: every process opens it
         return cls.open(out)
 
     @classmethod
@@ -423,29 +501,86 @@ class Index:
         log.info("%s: %d vectors, %s index %s", files.root, len(keep), kind, params)
 
     # ------------------------------------------------------------------------------------------------ add / remove
-    def add(self, sources: Sequence[str | os.PathLike], progress: bool = True) -> dict[str, int]:
+    def add(
+        self,
+        sources: Sequence[str | os.PathLike],
+        progress: bool = True,
+        *,
+        reading: SlideReading = SlideReading(),
+        labels: Any = None,
+    ) -> dict[str, int]:
         """Embed ``sources`` with the index's model and add their tiles (those whose path is not in the index yet).
 
-        The tiles' rows and vectors are committed together or not at all; a second add (or remove) on the same
-        index is refused while one runs. Returns ``{"added": n, "skipped": m}`` (m: tiles already in the index).
+        Sources as for ``build``; whole-slide images are tiled with the index's tiling (``index.json``), read as
+        ``reading`` says and labelled from ``labels``. The tiles' rows and vectors are committed together or not
+        at all; a second add (or remove) on the same index is refused while one runs. Under ``torchrun`` the
+        processes share the embedding as in ``build``; the first one adds. Returns ``{"added": n, "skipped": m}``
+        (m: tiles already in the index), on every process.
 
         Raises:
             IndexLockedError: another process writes the index.
             CheckpointError: the index's checkpoint is gone or was trained again (another fingerprint).
-            ConfigError, DataError: as for ``build``.
+            ConfigError, DataError: as for ``build``; a slide named like a slide of another file in the index.
         """
         sources = list(sources)
         if not sources:
-            raise DataError("sources: give at least one BreakHis folder, manifest CSV or tile folder")
+            raise DataError("sources: give at least one BreakHis folder, manifest CSV, tile folder or slide")
         resolved = [_resolve_source(s) for s in sources]
         checkpoint = self._checked_checkpoint()
-        with _locked(self.files):
-            parts = _embed_sources(self.files, checkpoint, self.fingerprint, resolved, progress)
-            emb, columns = _read_parts(self.files, parts)
-            report = self._add_locked(emb, columns, skip_known=True, progress=progress)
-            self.description["sources"] = [*self.description.get("sources", []), *map(str, resolved)]
-            self._write_description()
+        slides = _check_slides(resolved, reading, labels)
+        for path in slides:  # a slide id is one file's: another file of the same name would merge into it
+            others = [o for o in self.store.sources_of(path.stem) if o != str(path) and is_slide_file(o)]
+            if others:  # (its tiles of smse tiles, from a manifest, are the same slide's)
+                raise DataError(
+                    f"{path}: the index holds a slide {path.stem!r} from another file ({others[0]}); rename one, or "
+                    f"remove it first (smse index remove {self.root} --slide {path.stem})"
+                )
+        spec = self.tiling()
+        with _processes() as dist, _locked(self.files, dist):
+            parts = _embed_sources(
+                self.files, checkpoint, self.fingerprint, resolved, progress, spec, reading, slides, dist
+            )
+            report = {"added": 0, "skipped": 0}
+            if dist.main:
+                emb, columns = _read_parts(self.files, parts)
+                report = self._add_locked(emb, columns, skip_known=True, progress=progress)
+                self.description["sources"] = [*self.description.get("sources", []), *map(str, resolved)]
+                if reading.mpp is not None:
+                    self.description["slide_mpp"] = {
+                        **self.description.get("slide_mpp", {}),
+                        **{str(p): reading.mpp for p in slides},
+                    }
+                self._write_description()
+            if dist.world > 1:
+                import torch.distributed
+
+                shared = [report]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                report = shared[0]
+        if not dist.main:  # the first process changed the index: read it again
+            self._reopen()
         return report
+
+    def _reopen(self) -> None:
+        """Read the index's files again (another process changed them)."""
+        fresh = Index.open(self.root, self._mmap)
+        self.store.close()
+        self.description, self.store, self._faiss, self._full = (
+            fresh.description,
+            fresh.store,
+            fresh._faiss,
+            fresh._full,
+        )
+        self._selectors.clear()
+
+    def tiling(self) -> TileSpec:
+        """How whole slides are tiled for this index (``index.json``'s ``tiling``: the run's training tiling, else
+        ``TileSpec``'s defaults, as the index was built); an index without one (built from embeddings, or before
+        slides were sources) tiles as its run does."""
+        found = self.description.get("tiling")
+        if isinstance(found, Mapping):
+            return tiling_from_dict(found, str(self.files.description))
+        return run_tiling(self.model())
 
     def add_arrays(
         self,
@@ -608,6 +743,29 @@ class Index:
         """Embeddings of ``images`` (paths, PIL images, uint8 arrays or tensors) with the index's model."""
         return self.model().embed(images)
 
+    def tile_image(self, tile_id: int):
+        """The tile ``tile_id`` of the index as a PIL RGB image: an indexed image file is read, a tile of a whole
+        slide is cut again from the slide file its row records (at its centre and magnification, the index's tile
+        size). Paths come from the index's own rows only.
+
+        Raises:
+            KeyError: the index holds no tile ``tile_id``.
+            ImageError: the image file cannot be read any more.
+            SlideError: the slide file is gone or cannot be read.
+        """
+        from smse.data.images import read_image
+
+        row = self.store.rows([int(tile_id)]).get(int(tile_id))
+        if row is None:
+            raise KeyError(tile_id)
+        tile = parse_tile_path(row["path"])
+        if tile is None:
+            return read_image(row["path"])
+        found = self.description.get("tiling")
+        size = tuple(found["size"]) if isinstance(found, Mapping) and "size" in found else self.tiling().size
+        mpp = (self.description.get("slide_mpp") or {}).get(tile.file)
+        return read_tile(tile, (int(size[0]), int(size[1])), mpp)
+
     # ------------------------------------------------------------------------------------------------ search
     def search(
         self,
@@ -623,11 +781,16 @@ class Index:
         nprobe: int | None = None,
         ef_search: int | None = None,
         rerank: int | None = None,
+        reading: SlideReading = SlideReading(),
+        progress: bool = False,
     ) -> SearchResult:
         """The nearest index tiles of each query (``by="tile"``), or the slides they vote for (``by="slide"``).
 
         Args:
             queries: images (a path, a PIL image, a uint8 array, or a list of them), embedded with the index's model;
+                whole slides (``SLIDE.svs``: each of its tiles is a query, named by its ``tile_path``, of known
+                magnification) or regions of them (``SLIDE.svs@x,y,w,h``, level-0 pixels: the tiles whose centre
+                lies in the box), tiled as the index's slides are (``tiling``) and read as ``reading`` says;
                 or embeddings, a float array [n, d] (or [d]) of the index's model (``fingerprint``: that model's
                 checkpoint fingerprint, checked when given).
             k: neighbours per query tile; above the index's size, every tile is returned. With ``by="slide"`` it is
@@ -641,13 +804,17 @@ class Index:
             ef_search: hnsw: the search's candidate list length (default: the index's ``ef_search``).
             rerank: ivfpq: candidates re-ranked by exact distance (default: the index's ``rerank``; 0: approximate
                 distances only).
+            reading: query slides' resolution where their metadata lacks it, the backend, a cap on locations.
+            progress: show the embedding of query slides.
 
         Raises:
             ConfigError: ``k`` below 1, an unknown ``by`` or ``magnification``, ``same`` for a query of unknown
-                magnification, a search parameter below 1.
+                magnification, a search parameter below 1, a region that is not ``SLIDE@x,y,w,h``.
             CheckpointError: ``fingerprint`` is not the index's model, or its checkpoint changed since (images).
             DataError: an empty index; embeddings of another dimension or not finite.
             ImageError: a query that is not a readable image.
+            SlideError: a query slide that cannot be read, holds no tissue, or a region without tissue (naming
+                the query).
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ConfigError(f"k: the number of neighbours must be an integer of at least 1, got {k!r}")
@@ -656,7 +823,7 @@ class Index:
         mags = parse_magnification_filter(magnification)
         if len(self) == 0:
             raise DataError(f"{self.root}: the index holds no vectors (add sources with smse index add)")
-        vectors, query_names, name_mags = self._queries(queries, fingerprint)
+        vectors, query_names, name_mags = self._queries(queries, fingerprint, reading, progress)
         if names is not None:
             if len(names) != len(vectors):
                 raise ConfigError(f"names: {len(names)} names for {len(vectors)} queries")
@@ -727,8 +894,10 @@ class Index:
             result.slides = rank_slides(tiles, k)
         return result
 
-    def _queries(self, queries: Any, fingerprint: str | None) -> tuple[np.ndarray, list[str], list[int | None]]:
-        """Query embeddings, names and the magnifications their names give."""
+    def _queries(
+        self, queries: Any, fingerprint: str | None, reading: SlideReading = SlideReading(), progress: bool = False
+    ) -> tuple[np.ndarray, list[str], list[int | None]]:
+        """Query embeddings, names and magnifications (from image names; a slide's tiles' own), in query order."""
         try:
             import torch
 
@@ -751,11 +920,41 @@ class Index:
         items = list(queries) if isinstance(queries, (list, tuple)) else [queries]
         if not items:
             raise DataError("queries: no images given")
-        names = [str(x) if isinstance(x, (str, os.PathLike)) else f"<image {i}>" for i, x in enumerate(items)]
-        mags = [magnification_from_name(n) if isinstance(x, (str, os.PathLike)) else None for n, x in zip(names, items)]
-        vectors = np.asarray(self.embed(items), dtype=np.float32)
+        kinds = [parse_slide_query(x) if isinstance(x, (str, os.PathLike)) else None for x in items]
+        blocks: list[np.ndarray] = []
+        names: list[str] = []
+        mags: list[int | None] = []
+        images: list[int] = []
+
+        def flush() -> None:
+            if not images:
+                return
+            named = [str(items[i]) if isinstance(items[i], (str, os.PathLike)) else f"<image {i}>" for i in images]
+            blocks.append(np.asarray(self.embed([items[i] for i in images]), dtype=np.float32))
+            names.extend(named)
+            mags.extend(
+                magnification_from_name(n) if isinstance(items[i], (str, os.PathLike)) else None
+                for n, i in zip(named, images)
+            )
+            images.clear()
+
+        for i, kind in enumerate(kinds):
+            if kind is None:
+                images.append(i)
+                continue
+            flush()
+            tiles = embed_slide(
+                self.model(), kind.path, self.tiling(), reading, kind.region, query=kind.text, progress=progress
+            )
+            if not len(tiles.embeddings):
+                raise SlideError(f"{kind.text}: no tissue found, so no tiles to search with; check the slide")
+            blocks.append(tiles.embeddings)
+            names.extend(tiles.paths)
+            mags.extend(int(m) for m in tiles.magnifications)
+        flush()
+        vectors = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
         self._check_dim(vectors.shape[1], "queries")
-        return np.ascontiguousarray(vectors), names, mags
+        return np.ascontiguousarray(vectors, dtype=np.float32), names, mags
 
     def search_vectors(
         self,
@@ -877,6 +1076,7 @@ class Index:
             "fingerprint": self.fingerprint,
             "preprocessing": desc.get("preprocessing", {}),
             "sources": desc.get("sources", []),
+            "tiling": desc.get("tiling"),
             "created": desc.get("created"),
             "updated": desc.get("updated"),
             "files": sizes,
@@ -910,6 +1110,18 @@ def info_lines(info: Mapping[str, Any], slides: int = 20) -> list[str]:
         f"model: {info['run'] or '(embeddings given directly)'}, checkpoint fingerprint {info['fingerprint'][:12]}",
         f"parameters: {params}",
     ]
+    tiling = info.get("tiling")
+    if isinstance(tiling, Mapping):
+        from smse.data.records import mag_name
+
+        size = "x".join(str(v) for v in tiling.get("size", []))
+        mags = ", ".join(mag_name(int(m)) for m in tiling.get("magnifications", []))
+        cap = tiling.get("max_locations")
+        lines.append(
+            f"whole slides are tiled: {size} px tiles at {mags} on a {mag_name(int(tiling.get('grid') or 0))} grid, "
+            f"{100 * float(tiling.get('min_tissue', 0)):.0f}% tissue"
+            + (f", at most {cap} locations a slide" if cap else "")
+        )
 
     def table(title: str, counts: Mapping[Any, int], limit: int = 0) -> None:
         lines.extend(["", f"| {title} | tiles |", "|---|---:|"])
@@ -1034,12 +1246,11 @@ def _append(
 # sources
 # ---------------------------------------------------------------------------------------------------------------
 def _resolve_source(source: str | os.PathLike) -> Path:
-    """A source as the dataset ``embed_folder`` reads: a manifest CSV, a BreakHis folder, or a tile folder's
-    ``manifest.csv``.
+    """A source as the dataset ``embed_folder`` reads (a manifest CSV, a BreakHis folder, a tile folder's
+    ``manifest.csv``) or a whole-slide image file, resolved.
 
     Raises:
         DataError: naming a source that is not there or not a dataset.
-        ConfigError: naming a whole-slide image (not a source yet: tile it first).
     """
     path = Path(source)
     if not path.exists():
@@ -1048,14 +1259,32 @@ def _resolve_source(source: str | os.PathLike) -> Path:
         manifest = path / "manifest.csv"
         return (manifest if manifest.is_file() else path).resolve()
     suffix = path.suffix.lower()
-    if suffix == ".csv":
+    if suffix == ".csv" or is_slide_file(path):
         return path.resolve()
-    if suffix in SLIDE_SUFFIXES:
-        raise ConfigError(
-            f"{path}: whole-slide images are not index sources yet: cut it into tiles first "
-            f"(smse tiles {path} --out TILES, with the run's --tile and --magnifications), then give TILES"
-        )
-    raise DataError(f"{path}: not a source (a BreakHis folder, a manifest CSV, or a tile folder of smse tiles)")
+    raise DataError(
+        f"{path}: not a source (a BreakHis folder, a manifest CSV, a tile folder of smse tiles, or a whole-slide "
+        f"image: {', '.join(SLIDE_SUFFIXES)})"
+    )
+
+
+def _check_slides(sources: Sequence[Path], reading: SlideReading, labels: Any) -> dict[Path, tuple[str, str, str]]:
+    """The slides among ``sources``, each opened once (missing, foreign or of unknown resolution: refused before
+    any work), with their (label, patient, tumour type).
+
+    Raises:
+        SlideError: naming a slide that cannot be opened.
+        DataError: two slides of one name (the slide id), or a slide the label file lacks.
+    """
+    slides = list(dict.fromkeys(p for p in sources if is_slide_file(p)))
+    seen: dict[str, Path] = {}
+    for p in slides:
+        if p.stem in seen:
+            raise DataError(f"two slides have the id {p.stem!r}: {seen[p.stem]} and {p}; rename one")
+        seen[p.stem] = p
+        check_slide(p, reading)
+    if labels is not None and not slides:
+        log.warning("labels: no whole-slide image among the sources; the label file is not used")
+    return slide_labels(labels, slides)
 
 
 def _stamp(source: Path) -> str:
@@ -1076,12 +1305,49 @@ def _stamp(source: Path) -> str:
     return digest.hexdigest()
 
 
+def _size(source: Path) -> int:
+    """The bytes of a source: a file's size (a manifest's: its listed images are not counted), a folder's files'."""
+    if source.is_file():
+        return source.stat().st_size
+    total = 0
+    for dirpath, _, filenames in os.walk(source, followlinks=True):
+        for name in filenames:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def share(sizes: Sequence[int], world: int) -> list[int]:
+    """The process (0 to ``world`` - 1) that embeds each of the sources of ``sizes`` bytes: largest first, each to
+    the process with the fewest bytes so far (ties: the lower rank; equal sizes in the given order)."""
+    load = [0] * world
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda j: (-sizes[j], j)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = rank
+        load[rank] += sizes[i]
+    return owner
+
+
 def _embed_sources(
-    files: IndexFiles, checkpoint: Path, fingerprint: str, sources: Sequence[Path], progress: bool
+    files: IndexFiles,
+    checkpoint: Path,
+    fingerprint: str,
+    sources: Sequence[Path],
+    progress: bool,
+    spec: TileSpec,
+    reading: SlideReading,
+    slides: Mapping[Path, tuple[str, str, str]],
+    dist: Dist | None = None,
 ) -> list[int]:
-    """Each source's part number, embedding the sources that have no current part (``parts/<n>.npz`` and its note)."""
+    """Each source's part number, embedding the sources that have no current part (``parts/<n>.npz`` and its note,
+    written after it). Under ``torchrun``, every process plans the same part numbers from the notes it reads
+    before any process writes, embeds its ``share`` of the sources to embed, and waits for the others."""
     from smse.evaluate import embed_folder
 
+    dist = dist or _alone()
     files.parts.mkdir(parents=True, exist_ok=True)
     notes: dict[int, dict] = {}
     for note in files.parts.glob("*.json"):
@@ -1090,27 +1356,70 @@ def _embed_sources(
         except (ValueError, DataError):
             continue
     taken = {int(p.stem) for p in files.parts.glob("*.npz") if p.stem.isdigit()} | set(notes)
-    out = []
-    for j, source in enumerate(sources, start=1):
-        stamp = _stamp(source)
-        wanted = {"source": str(source), "stamp": stamp, "fingerprint": fingerprint}
+    plan: list[tuple[Path, int, dict, bool]] = []  # source, part, its note, to embed
+    for source in sources:
+        wanted: dict[str, Any] = {"source": str(source), "stamp": _stamp(source), "fingerprint": fingerprint}
+        if source in slides:
+            label, patient, tumor_type = slides[source]
+            wanted.update(
+                tiling=spec.to_dict(), reading=_reading_note(reading), slide_label=[label, patient, tumor_type]
+            )
         found = [
             n
-            for n, note in notes.items()
-            if all(note.get(key) == value for key, value in wanted.items()) and files.part(n).is_file()
+            for n, note in sorted(notes.items())
+            if all(note.get(key) == value for key, value in wanted.items())
+            and len(note) == len(wanted)
+            and (files.part(n).is_file() or any(p[1] == n for p in plan))
         ]
         if found:
-            log.info("source %d of %d, %s: embedded before (%s), reused", j, len(sources), source, files.part(found[0]))
-            out.append(found[0])
+            plan.append((source, found[0], wanted, False))
             continue
         n = max(taken, default=-1) + 1
         taken.add(n)
-        log.info("source %d of %d, %s: embedding to %s", j, len(sources), source, files.part(n))
-        embed_folder(checkpoint, source, files.part(n), progress=progress)
-        notes[n] = wanted
+        notes[n] = wanted  # a source given twice is embedded once
+        plan.append((source, n, wanted, True))
+    dist.barrier()  # every process has read the notes before any writes a part
+    todo = [item for item in plan if item[3]]
+    owners = share([_size(source) for source, *_ in todo], dist.world)
+    mine = [item for item, owner in zip(todo, owners) if owner == dist.rank]
+    for j, (source, n, _, _) in enumerate(plan, start=1):
+        if not any(source == item[0] for item in todo):
+            log.info("source %d of %d, %s: embedded before (%s), reused", j, len(plan), source, files.part(n))
+    model = None
+    for j, (source, n, wanted, _) in enumerate(mine, start=1):
+        where = f" (process {dist.rank} of {dist.world})" if dist.world > 1 else ""
+        log.info("source %d of %d%s, %s: embedding to %s", j, len(mine), where, source, files.part(n))
+        if source in slides:
+            if model is None:
+                model = _slide_model(checkpoint, dist)
+            tiles = embed_slide(model, source, spec, reading, progress=progress)
+            label, patient, tumor_type = slides[source]
+            write_slide_part(files.part(n), tiles, label, patient, tumor_type)
+            log.info("%s: %d tiles at %d locations", source, len(tiles.embeddings), tiles.locations)
+        else:
+            embed_folder(checkpoint, source, files.part(n), progress=progress)
         write_json(files.part_note(n), wanted)
-        out.append(n)
-    return out
+    dist.barrier()  # every part is written
+    return [n for _, n, _, _ in plan]
+
+
+def _reading_note(reading: SlideReading) -> dict:
+    """What of ``reading`` changes a slide's tiles (the resolution given, the cap on locations)."""
+    return {"mpp": reading.mpp, "max_locations": reading.max_locations}
+
+
+def _slide_model(checkpoint: Path, dist: Dist):
+    """The model that embeds slide tiles, on the device the run trained on (``cuda`` of this process's
+    ``torchrun`` rank where the run says ``cuda`` or ``auto`` and there is one)."""
+    from smse.api import load_model
+    from smse.runtime import resolve_device
+
+    model = load_model(checkpoint)
+    device = resolve_device(model.config.train.device, dist.local_rank)
+    if device != model.device:
+        model.module.to(device)
+        model.device = device
+    return model
 
 
 def _read_parts(files: IndexFiles, parts: Sequence[int]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -1146,4 +1455,4 @@ def _read_parts(files: IndexFiles, parts: Sequence[int]) -> tuple[np.ndarray, di
     return emb, columns
 
 
-__all__ = ["Index", "IndexLockedError", "LOCK_TIMEOUT", "info_lines"]
+__all__ = ["Index", "IndexLockedError", "LOCK_TIMEOUT", "PROCESS_WAIT", "info_lines", "share"]

@@ -9,8 +9,9 @@
       vectors.f32       ivfpq only: the full-precision vectors, float32 row ``id`` at byte ``id * d * 4``, read
                         memory-mapped to re-rank the approximate candidates exactly (rows of removed tiles stay
                         until the index is rebuilt)
-      parts/<n>.npz     the embeddings of the n-th source (``smse embed``'s format) and ``parts/<n>.json`` (its
-                        source, the source's stamp and the model's fingerprint): a killed build or add resumes
+      parts/<n>.npz     the embeddings of the n-th source (``smse embed``'s format; one per whole slide) and
+                        ``parts/<n>.json`` (its source, the source's stamp and the model's fingerprint; for a slide
+                        also the tiling, the resolution given and its label): a killed build or add resumes
       .lock             held while an add, a remove or a build writes the folder
 
 Why SQLite for the metadata: it is in Python's standard library (no new dependency), transactional (an add's
@@ -155,7 +156,8 @@ class IndexFiles:
 class MetadataStore:
     """The ``tiles`` and ``meta`` tables of ``metadata.sqlite``.
 
-    Writes run inside ``transaction()``; reads see the last commit.
+    Writes run inside ``transaction()``; reads see the last commit. The connection may be used from any thread,
+    by one thread at a time (callers that share it across threads hold a lock).
     """
 
     def __init__(self, path: str | os.PathLike, create: bool = False):
@@ -163,7 +165,8 @@ class MetadataStore:
         if not create and not self.path.is_file():
             raise DataError(f"{self.path}: no metadata store (the index folder is incomplete: rebuild it)")
         try:
-            self.con = sqlite3.connect(str(self.path), isolation_level=None, timeout=30)
+            # (any thread may use it, one at a time: the web page searches from a thread pool, under its lock)
+            self.con = sqlite3.connect(str(self.path), isolation_level=None, timeout=30, check_same_thread=False)
             if create:
                 self.con.executescript(SCHEMA)
             names = {row[0] for row in self.con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -236,6 +239,11 @@ class MetadataStore:
             sql = f"SELECT id FROM tiles WHERE {column} IN ({', '.join('?' * len(chunk))})"
             out.extend(row[0] for row in self.con.execute(sql, chunk))
         return np.array(sorted(out), dtype=np.int64)
+
+    def sources_of(self, slide: str) -> list[str]:
+        """The sources the tiles of ``slide`` came from, sorted."""
+        rows = self.con.execute("SELECT DISTINCT source FROM tiles WHERE slide = ?", (slide,)).fetchall()
+        return sorted(row[0] for row in rows)
 
     def all_ids(self) -> np.ndarray:
         return np.fromiter((row[0] for row in self.con.execute("SELECT id FROM tiles ORDER BY id")), dtype=np.int64)

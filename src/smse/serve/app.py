@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smse import __version__
-from smse.errors import DataError, ImageError
+from smse.errors import DataError, ImageError, SmseError
 from smse.serve import is_loopback
 from smse.serve.service import Limits, Service, Upload, parse_magnification
 
@@ -158,6 +158,41 @@ class Calibration(BaseModel):
     text: str
 
 
+class ArchiveRegion(BaseModel):
+    """A matching region of a hit slide: an archive tile (thumbnail: ``GET /api/archive/{id}/thumbnail``)."""
+
+    id: int
+    x: float | None = None
+    y: float | None = None
+    magnification: int
+    distance: float
+    image: int  # the upload it matched (0-based, among all uploads)
+    name: str
+
+
+class ArchiveSlide(BaseModel):
+    rank: int
+    slide: str
+    score: float
+    votes: int
+    best_distance: float
+    patient: str
+    label: str
+    tumor_type: str
+    matching_regions: int
+    regions: list[ArchiveRegion]
+
+
+class Archive(BaseModel):
+    """The archive's slides most like the case (``smse serve --index``), by the vote rule in ``rule``."""
+
+    tiles: int
+    slides_in_index: int
+    k: int
+    rule: str
+    slides: list[ArchiveSlide]
+
+
 class Prediction(BaseModel):
     classes: list[str]
     task: str
@@ -165,6 +200,7 @@ class Prediction(BaseModel):
     images: list[ImageResult]
     case: Case
     calibration: Calibration
+    archive: Archive | None = None
 
 
 PREDICT_BODY = {
@@ -207,6 +243,7 @@ def create_app(
     limits: Limits = Limits(),
     device: str = "cpu",
     service: Service | None = None,
+    index: str | Path | None = None,
 ) -> FastAPI:
     """The app serving ``run``'s model (or a ready ``service``).
 
@@ -218,11 +255,14 @@ def create_app(
             Without a token only local ``Host`` names are answered, so a web page elsewhere cannot reach the
             server through DNS rebinding.
         limits: files per request, bytes per file and per request, pixels per image, largest k.
+        index: an archive index folder built by the same checkpoint (``smse index build``): every prediction also
+            ranks its slides (``archive`` in the answer); an index of another model is refused
+            (``CheckpointError``).
     """
     if service is None:
         if run is None:
             raise TypeError("create_app: give the run to serve, or a ready service")
-        service = Service.from_run(run, reference, limits, device)
+        service = Service.from_run(run, reference, limits, device, index=index)
     limits = service.limits
     app = FastAPI(
         title="smse",
@@ -290,6 +330,27 @@ def create_app(
             raise ApiError(
                 404, "reference_unreadable", f"reference id {ref_id} ({Path(exc.path).name}): {exc.reason}"
             ) from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.get(
+        "/api/archive/{tile_id}/thumbnail",
+        summary="JPEG thumbnail of one archive tile (a matching region of a hit slide), by id",
+        responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "no archive, or unknown id"}},
+    )
+    async def archive_thumbnail(tile_id: str) -> Response:
+        """The tile is read from the file or the slide the archive's own metadata records: the client gives an id,
+        never a path."""
+        if service.archive is None:
+            raise ApiError(404, "no_archive", "this server searches no archive (start it with --index)")
+        if not (tile_id.isascii() and tile_id.isdigit()) or len(tile_id) > 18:
+            raise ApiError(404, "unknown_tile", f"archive tile {tile_id[:40]!r}: ids are whole numbers")
+        try:
+            data = await run_in_threadpool(service.archive_thumbnail, int(tile_id))
+        except KeyError:
+            raise ApiError(404, "unknown_tile", f"archive tile {tile_id}: the archive holds no such tile") from None
+        except SmseError as exc:  # the file or slide is gone or unreadable (named without its folders)
+            reason = exc.reason if isinstance(exc, ImageError) else str(exc).split(": ", 1)[-1]
+            raise ApiError(404, "archive_tile_unreadable", f"archive tile {tile_id}: {reason}") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
     @app.post(

@@ -23,11 +23,21 @@ from smse.api import Model, ReferenceIndex, load_model
 from smse.checkpoint import find_checkpoint
 from smse.data.breakhis import parse_name
 from smse.data.images import read_image
-from smse.errors import ConfigError, DataError, ImageError
+from smse.errors import CheckpointError, ConfigError, DataError, ImageError
 from smse.metrics import CONFIDENCE
 from smse.runfiles import RunFiles
 
 log = logging.getLogger(__name__)
+
+#: archive search (``smse serve --index``): the nearest index tiles of each uploaded image that vote for slides
+ARCHIVE_K = 10
+#: hit slides shown, and matching regions (thumbnails) shown per slide
+ARCHIVE_SLIDES = 5
+ARCHIVE_REGIONS = 4
+ARCHIVE_RULE = (
+    "each image's {k} nearest archive tiles vote for their slides, the one at rank r with weight 1/r; slides are "
+    "ranked by summed votes (ties: the nearer best tile)"
+)
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,41 @@ def _fits(index: ReferenceIndex, model: Model, path: Path) -> ReferenceIndex:
             "(smse embed RUN DATA), or give the images themselves as --reference"
         )
     return index
+
+
+def open_archive(index: str | Path, model: Model) -> Any:
+    """The archive index folder ``index`` (``smse.index.Index``) for the served model, refused unless that model's
+    checkpoint built it (the same fingerprint: embeddings of another model cannot be compared).
+
+    Raises:
+        DataError: ``index`` is not a readable index folder.
+        CheckpointError: the index was built by another model (or from embeddings of one).
+    """
+    from smse.index import Index
+    from smse.runfiles import file_fingerprint
+
+    archive = Index.open(index)
+    served = file_fingerprint(Path(model.source))
+    if archive.fingerprint != served:
+        built = archive.description.get("checkpoint") or "embeddings given directly"
+        archive.close()
+        raise CheckpointError(
+            f"--index {index}: built with the model of {built} (fingerprint {archive.fingerprint[:12]}), but the "
+            f"served checkpoint {model.source} has fingerprint {served[:12]}: embeddings of another model cannot be "
+            "compared; serve the run that built the index, or build the index with this run (smse index build)"
+        )
+    return archive
+
+
+def tile_name(path: str) -> str:
+    """How the page names an archive tile: the file name, or ``SLIDE.svs x1200 y800 100X`` for a slide's tile (no
+    folders: the client is never told where files lie)."""
+    from smse.index.slides import parse_tile_path
+
+    tile = parse_tile_path(path)
+    if tile is None:
+        return Path(path).name
+    return f"{Path(tile.file).name} x{tile.x} y{tile.y} {tile.magnification}X"
 
 
 def run_folder(model: Model) -> Path | None:
@@ -308,11 +353,18 @@ class Service:
         source: str = "",
         limits: Limits = Limits(),
         thumbnails_cached: int = 512,
+        archive: Any = None,
     ):
+        """``archive``: an ``smse.index.Index`` of the same model (``open_archive``), searched slide by slide for
+        every prediction; None: no archive search."""
         self.model = model
         self.index = index
         self.source = source
         self.limits = limits
+        self.archive = archive
+        self._archive_lock = threading.Lock()  # its SQLite connection and faiss index: one thread at a time
+        self._archive_thumbs: OrderedDict[int, bytes] = OrderedDict()
+        self.archive_slides = len(archive.store.counts("slide")) if archive is not None else 0
         self.label_key = "tumor_types" if model.class_map.task == "type" else "labels"
         self._lock = threading.Lock()
         self._thumbs: OrderedDict[int, bytes] = OrderedDict()
@@ -329,12 +381,20 @@ class Service:
 
     @classmethod
     def from_run(
-        cls, run: str | Path, reference: str | Path | None = None, limits: Limits = Limits(), device: str = "cpu"
+        cls,
+        run: str | Path,
+        reference: str | Path | None = None,
+        limits: Limits = Limits(),
+        device: str = "cpu",
+        index: str | Path | None = None,
     ) -> Service:
+        """The service of ``run``'s model; ``index``: an archive index folder built by the same checkpoint
+        (``smse index build RUN ...``), refused otherwise, before the reference set is embedded."""
         model = load_model(run, device=device)
-        index, source = reference_index(run, model, reference)
-        log.debug("serving %r with %d reference images (%s)", model, len(index), source)  # the CLI prints it
-        return cls(model, index, source, limits)
+        archive = open_archive(index, model) if index is not None else None
+        reference_set, source = reference_index(run, model, reference)
+        log.debug("serving %r with %d reference images (%s)", model, len(reference_set), source)  # the CLI prints it
+        return cls(model, reference_set, source, limits, archive=archive)
 
     def health(self) -> dict:
         mags = self.index.metadata["magnifications"]
@@ -356,6 +416,20 @@ class Service:
             "map": {"method": "PCA", "explained_variance": self.map.explained},
             "distance_guide": self.index.guide() if len(self.index) else None,
             "limits": asdict(self.limits),
+            "archive": self.archive_summary(),
+        }
+
+    def archive_summary(self) -> dict | None:
+        """What the archive holds (tiles, slides, kind, folder) and how it is searched; None without one."""
+        if self.archive is None:
+            return None
+        return {
+            "path": str(self.archive.root),
+            "tiles": len(self.archive),
+            "slides": self.archive_slides,
+            "kind": self.archive.kind,
+            "k": ARCHIVE_K,
+            "rule": ARCHIVE_RULE.format(k=ARCHIVE_K),
         }
 
     def about(self) -> dict:
@@ -465,7 +539,7 @@ class Service:
             "probabilities": {c: float(p) for c, p in zip(names, mean)},
             "neighbour_vote": vote,
         }
-        return {
+        out = {
             "classes": list(names),
             "task": self.model.class_map.task,
             "k": k,
@@ -473,6 +547,78 @@ class Service:
             "case": case,
             "calibration": self.calibration,
         }
+        if self.archive is not None:
+            out["archive"] = self.search_archive(emb, [i for i, item in enumerate(items) if "error" not in item])
+        return out
+
+    def search_archive(self, emb: np.ndarray, images: Sequence[int]) -> dict:
+        """The archive's slides most like the case (``emb``: the embeddings of its readable images, whose numbers
+        among the uploads are ``images``), ranked ``by="slide"`` (``ARCHIVE_RULE``), each with its matching regions
+        (nearest first; ``image``: the upload it matched), at most ``ARCHIVE_SLIDES`` and ``ARCHIVE_REGIONS``."""
+        archive = self.archive
+        assert archive is not None
+        with self._archive_lock:
+            found = archive.search(emb, k=ARCHIVE_K, by="slide")
+        slides = []
+        for hit in found.slides[:ARCHIVE_SLIDES]:
+            slides.append(
+                {
+                    "rank": hit.rank,
+                    "slide": hit.slide,
+                    "score": hit.score,
+                    "votes": hit.votes,
+                    "best_distance": hit.best_distance,
+                    "patient": hit.patient,
+                    "label": hit.label,
+                    "tumor_type": hit.tumor_type,
+                    "matching_regions": len(hit.regions),
+                    "regions": [
+                        {
+                            "id": r.id,
+                            "x": r.x,
+                            "y": r.y,
+                            "magnification": r.magnification,
+                            "distance": r.distance,
+                            "image": int(images[r.query]),
+                            "name": tile_name(r.path),
+                        }
+                        for r in hit.regions[:ARCHIVE_REGIONS]
+                    ],
+                }
+            )
+        return finite(
+            {
+                "tiles": len(archive),
+                "slides_in_index": self.archive_slides,
+                "k": ARCHIVE_K,
+                "rule": ARCHIVE_RULE.format(k=ARCHIVE_K),
+                "slides": slides,
+            }
+        )
+
+    def archive_thumbnail(self, tile_id: int) -> bytes:
+        """A JPEG of archive tile ``tile_id`` (longest side ``THUMBNAIL_SIDE``): an indexed image file is read, a
+        tile of a whole slide is cut again from the slide file its row records; paths come from the index only.
+
+        Raises:
+            KeyError: no archive, or no tile of this id.
+            ImageError: the tile's image file cannot be read any more.
+            SlideError: its slide file is gone or unreadable.
+        """
+        if self.archive is None:
+            raise KeyError(tile_id)
+        with self._archive_lock:
+            if tile_id in self._archive_thumbs:
+                self._archive_thumbs.move_to_end(tile_id)
+                return self._archive_thumbs[tile_id]
+            image = self.archive.tile_image(tile_id)
+            image.thumbnail((self.THUMBNAIL_SIDE, self.THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=88)
+            self._archive_thumbs[tile_id] = buffer.getvalue()
+            if len(self._archive_thumbs) > self._thumbs_cached:
+                self._archive_thumbs.popitem(last=False)
+            return self._archive_thumbs[tile_id]
 
     def _neighbours(self, hits, q: int, rows: np.ndarray | None, top: set[int]) -> list[dict]:
         out = []
@@ -519,6 +665,9 @@ class Service:
 
 
 __all__ = [
+    "ARCHIVE_K",
+    "ARCHIVE_REGIONS",
+    "ARCHIVE_SLIDES",
     "Limits",
     "ReferenceMap",
     "Service",
@@ -527,7 +676,9 @@ __all__ = [
     "evaluation_of",
     "finite",
     "magnification_from_name",
+    "open_archive",
     "parse_magnification",
     "reference_index",
     "run_folder",
+    "tile_name",
 ]

@@ -9,7 +9,7 @@ const MAGS = [40, 100, 200, 400];
 const CALIBRATED_COLOUR = "#3b2a55", UNCALIBRATED_COLOUR = "#8d8d8d";
 
 const state = {health: null, about: null, map: null, queue: [], result: null, token: sessionStorage.getItem("smse-token") || "",
-               thumbs: new Map(), colourBy: "class", seq: 0};
+               thumbs: new Map(), archiveThumbs: new Map(), colourBy: "class", seq: 0};
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs = {}, ...children) {
@@ -78,7 +78,12 @@ async function start() {
   $("token-box").hidden = true;
   const h = state.health;
   $("model-info").textContent = `${h.model.backbone} · ${h.model.classes.join(" / ")} · ` +
-    `${h.reference.size.toLocaleString()} reference images · smse ${h.version}`;
+    `${h.reference.size.toLocaleString()} reference images` +
+    (h.archive ? ` · archive of ${count(h.archive.slides, "slide")}` : "") + ` · smse ${h.version}`;
+  if (h.archive) {
+    $("archive").hidden = false;
+    $("archive-info").textContent = `(${count(h.archive.tiles, "tile")} of ${count(h.archive.slides, "slide")})`;
+  }
   $("limits-hint").textContent = `PNG, JPEG, TIFF or BMP, any magnification; up to ${h.limits.max_files} images of ` +
     `${Math.round(h.limits.max_file_bytes / 2 ** 20)} MiB. BreakHis-style names give the magnification.`;
   $("footer").textContent = `References: ${h.reference.source}. Distances are squared L2 in the embedding; ` +
@@ -129,6 +134,8 @@ function renderQueue() {
 function clearResults() {
   state.result = null;
   $("results").replaceChildren();
+  $("archive-body").replaceChildren("The archive's slides most like the case appear here.");
+  $("archive-body").className = "placeholder";
   $("case-body").replaceChildren("The mean over all images of the case appears here.");
   $("case-body").className = "placeholder";
   drawMap();
@@ -165,7 +172,7 @@ async function analyse() {
     `${Math.round(performance.now() - started)} ms` + (failed ? `; ${failed} unreadable` : ""), failed ? "warn" : "ok");
   renderCase(state.result);
   drawMap();
-  await renderResults(state.result);
+  await Promise.all([renderResults(state.result), renderArchive(state.result)]);
   document.body.dataset.state = "done";
 }
 
@@ -314,6 +321,64 @@ async function renderResults(result) {
           el("span", {class: "muted", text: `(#n: rank among the ${result.k} nearest overall)`})), rows));
   });
   $("results").replaceChildren(...cards);
+  await Promise.all(pending);
+}
+
+// ---------- the archive (smse serve --index): hit slides, thumbnails of their matching regions ----------
+
+async function archiveThumbURL(id) {
+  if (!state.archiveThumbs.has(id)) {
+    state.archiveThumbs.set(id, api(`/api/archive/${id}/thumbnail`).then((r) => r.blob())
+      .then((b) => URL.createObjectURL(b)));
+  }
+  return state.archiveThumbs.get(id);
+}
+
+function regionFigure(r) {
+  const img = el("img", {alt: `archive tile ${r.id}: ${r.name}`});
+  const loaded = archiveThumbURL(r.id).then((url) => new Promise((resolve) => {
+    img.onload = img.onerror = resolve;
+    img.src = url;
+  })).catch(() => img.classList.add("broken"));
+  const where = known(r.x) && known(r.y) ? `x ${Math.round(r.x)}, y ${Math.round(r.y)}` : "";
+  const figure = el("figure", {class: "region", title: r.name}, img,
+    el("figcaption", {},
+      el("div", {}, el("b", {text: magName(r.magnification)}), where ? ` · ${where}` : ""),
+      el("div", {class: "distance", text: `d = ${r.distance.toPrecision(3)} · image ${r.image + 1}`})));
+  return {figure, loaded};
+}
+
+async function renderArchive(result) {
+  const a = result.archive;
+  if (!a) return;
+  const body = $("archive-body");
+  body.className = "archive-body";
+  if (!a.slides.length) {
+    body.replaceChildren("No archive slide matched the case.");
+    return;
+  }
+  const pending = [];
+  const slides = a.slides.map((s) => el("article", {class: "archive-slide"},
+    el("div", {class: "archive-head"},
+      el("span", {class: "slide-rank", text: `#${s.rank}`}),
+      el("b", {class: "slide-name", text: s.slide}),
+      s.label ? el("span", {class: "chip", style: {background: classColour(s.label)}, text: s.label})
+        : el("span", {class: "muted", text: "label unknown"}),
+      s.tumor_type && s.tumor_type !== s.label ? el("span", {class: "type", text: s.tumor_type}) : null,
+      el("span", {class: "muted", text: `patient ${s.patient} · score ${s.score.toFixed(2)} from ` +
+        `${count(s.votes, "vote")} · nearest d = ${s.best_distance.toPrecision(3)}`})),
+    el("div", {class: "archive-regions"},
+      s.regions.map((r) => {
+        const f = regionFigure(r);
+        pending.push(f.loaded);
+        return f.figure;
+      }),
+      s.matching_regions > s.regions.length
+        ? el("span", {class: "muted more", text: `+ ${count(s.matching_regions - s.regions.length, "more region")}`})
+        : null)));
+  body.replaceChildren(el("p", {class: "muted small", text: `Ranked by votes: ${a.rule}. Searched ` +
+    `${count(a.tiles, "tile")} of ${count(a.slides_in_index, "slide")}; the nearest matching regions of each slide ` +
+    "are shown."}), ...slides);
   await Promise.all(pending);
 }
 
