@@ -83,6 +83,23 @@ def test_ivfpq_recall_at_10_against_exact_search(tmp_path):
     assert np.array_equal(reopened.search_vectors(queries, 10)[1], approx)
 
 
+def test_a_filtered_ivfpq_search_widens_its_probe_until_k_tiles_pass(tmp_path):
+    """Catches: a filter that keeps 1% of the tiles answered from the few probed lists only (fewer than k hits,
+    or the wrong ones): the filtered approximate search must return the exact filtered top 10."""
+    x = clustered(20_000, 32, seed=5)
+    meta = metadata(20_000, slides=50)
+    meta["magnification"] = np.where(np.arange(20_000) % 100 == 0, 40, 400)  # 200 tiles at 40X
+    index = Index.build_from_arrays(tmp_path / "ivf", x, meta, fingerprint="m", kind="ivfpq")
+    rng = np.random.default_rng(6)
+    queries = x[rng.choice(len(x), 20, replace=False)]
+    keep = np.flatnonzero(meta["magnification"] == 40)
+    _, exact = brute_force(queries, x[keep], 10)
+    _, approx = index.search_vectors(queries, 10, magnifications=[40])
+    assert (approx >= 0).all()
+    recall = np.mean([len(set(a) & set(keep[b])) / 10 for a, b in zip(approx, exact)])
+    assert recall >= 0.9, recall
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivfpq", "hnsw"])
 def test_add_and_remove_round_trip(tmp_path, kind):
     """Catches: added tiles not found, removed slides still returned, ids reused, a tile added twice, or changes

@@ -214,6 +214,7 @@ class Index:
         self._mmap = mmap
         self._full: np.ndarray | None = None
         self._selectors: dict[tuple, tuple[Any, np.ndarray]] = {}
+        self._passing_counts: dict[tuple, int] = {}
         self._model = None
 
     # ------------------------------------------------------------------------------------------------ properties
@@ -572,6 +573,7 @@ class Index:
             fresh._full,
         )
         self._selectors.clear()
+        self._passing_counts.clear()
 
     def tiling(self) -> TileSpec:
         """How whole slides are tiled for this index (``index.json``'s ``tiling``: the run's training tiling, else
@@ -691,6 +693,7 @@ class Index:
     def _after_change(self, vectors) -> None:
         self._faiss = vectors
         self._selectors.clear()
+        self._passing_counts.clear()
         if self.kind == "ivfpq" and self.params.get("rerank", 0):
             self._full = open_full_vectors(self.files.full_vectors, self.store.next_id, self.dim)
 
@@ -999,6 +1002,17 @@ class Index:
             sp.sel = selector
         with _threads(faiss, 1 if len(queries) < FEW_QUERIES else None):
             dist, ids = vectors.search(queries, fetch, params=sp)
+            if self.kind == "ivfpq" and selector is not None:
+                # a filter keeps few of the probed lists' tiles: widen the probe (x4 each time, up to every
+                # list) for the queries that came back short, while enough tiles pass the filter
+                passing = min(self._passing(magnifications, exclude_slides), fetch)
+                short = (ids[:, :passing] < 0).any(axis=1)
+                nlist = int(faiss.extract_index_ivf(vectors).nlist)
+                while short.any() and sp.nprobe < nlist:
+                    sp.nprobe = min(nlist, sp.nprobe * 4)
+                    d2, i2 = vectors.search(queries[short], fetch, params=sp)
+                    dist[short], ids[short] = d2, i2
+                    short = (ids[:, :passing] < 0).any(axis=1)
         if self.kind == "ivfpq" and rerank:
             dist, ids = self._rerank(queries, ids, kk)
         dist, ids = dist[:, :kk], ids[:, :kk]
@@ -1021,6 +1035,14 @@ class Index:
             out_d[q, : len(order)] = d[order]
             out_i[q, : len(order)] = cand[order]
         return out_d, out_i
+
+    def _passing(self, magnifications: Sequence[int] | None, exclude_slides: Sequence[str]) -> int:
+        """How many tiles pass the filter (the selector's bitmap, once it is built)."""
+        key = (None if magnifications is None else tuple(sorted(magnifications)), tuple(sorted(exclude_slides)))
+        if key not in self._passing_counts:
+            bitmap = self._selectors[key][1]
+            self._passing_counts[key] = int(np.unpackbits(bitmap, bitorder="little")[: max(self.store.next_id, 1)].sum())
+        return self._passing_counts[key]
 
     def _selector(self, magnifications: Sequence[int] | None, exclude_slides: Sequence[str]):
         """A faiss ``IDSelectorBitmap`` of the ids that pass the filter (None: every id passes); cached."""
