@@ -87,7 +87,9 @@ def real(args, work: Path) -> None:
     labels, types, patients = arrays["labels"], arrays["tumor_types"], arrays["patients"]
     rows = []
     for kind in ("flat", "ivfpq"):
-        index = Index.build_from_arrays(work / kind, vectors, meta, fingerprint="benchmark", kind=kind, skip_known=False)
+        index = Index.build_from_arrays(
+            work / kind, vectors, meta, fingerprint="benchmark", kind=kind, skip_known=False
+        )
         p5_type, p5_class, map_r = [], [], []
         for q in range(n_real):
             others = patients != patients[q]

@@ -1041,7 +1041,9 @@ class Index:
         key = (None if magnifications is None else tuple(sorted(magnifications)), tuple(sorted(exclude_slides)))
         if key not in self._passing_counts:
             bitmap = self._selectors[key][1]
-            self._passing_counts[key] = int(np.unpackbits(bitmap, bitorder="little")[: max(self.store.next_id, 1)].sum())
+            self._passing_counts[key] = int(
+                np.unpackbits(bitmap, bitorder="little")[: max(self.store.next_id, 1)].sum()
+            )
         return self._passing_counts[key]
 
     def _selector(self, magnifications: Sequence[int] | None, exclude_slides: Sequence[str]):
