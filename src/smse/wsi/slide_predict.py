@@ -209,7 +209,7 @@ def attention_map(plan: TilePlan, attention: np.ndarray, title: str, path: Path)
     panels: list[tuple[str, np.ndarray | None]] = [("attention per location, all magnifications", total)]
     panels += [(f"{mag_name(m)} tiles", relative[:, j]) for j, m in enumerate(mags)]
     vmax = float(np.quantile(total, 0.99)) if len(total) else 1.0
-    return _panels(plan, panels, max(vmax, 1e-9), "attention x locations (1 = uniform)", title, path, "magma")
+    return _panels(plan, panels, max(vmax, 1e-9), "attention x locations (1 = uniform)", title, path, "YlOrRd")
 
 
 def _png(image: np.ndarray, width: int) -> str:
