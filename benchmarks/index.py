@@ -91,23 +91,9 @@ class Clusters:
         rng = np.random.default_rng(args.seed)
         r = args.intrinsic
         if args.embeddings:
-            import faiss
-
             with np.load(args.embeddings) as npz:
                 emb = np.asarray(npz["embeddings"], dtype=np.float32)
-            c = min(64, max(1, len(emb) // 20))
-            km = faiss.Kmeans(emb.shape[1], c, niter=25, seed=args.seed)
-            km.train(emb)
-            _, assign = km.index.search(emb, 1)
-            axes = np.zeros((c, r, emb.shape[1]), np.float32)
-            for j in range(c):
-                members = emb[assign[:, 0] == j] - km.centroids[j]
-                if len(members) > 1:
-                    _, s, vt = np.linalg.svd(members, full_matrices=False)
-                    keep = min(r, len(s))
-                    axes[j, :keep] = vt[:keep] * (s[:keep] / np.sqrt(len(members)))[:, None]
-            how = f"{c} k-means centroids of {len(emb)} real embeddings ({args.embeddings}), their own {r} axes"
-            return cls(km.centroids, axes, args.noise, how)
+            return cls.of_embeddings(emb, args.seed, r, args.noise, str(args.embeddings))
         if args.centroids:
             centroids = np.load(args.centroids).astype(np.float32)
             how = f"{len(centroids)} centroids of {args.centroids}, random {r}-dimensional subspaces"
@@ -118,6 +104,25 @@ class Clusters:
         basis = np.linalg.qr(rng.normal(size=(len(centroids), centroids.shape[1], r)))[0]  # [c, d, r]
         axes = np.transpose(basis, (0, 2, 1)) * args.spread  # each axis with spread --spread
         return cls(centroids, axes, args.noise, how + f", spread {args.spread}, noise {args.noise}")
+
+    @classmethod
+    def of_embeddings(cls, emb: np.ndarray, seed: int, r: int, noise: float, source: str = "") -> Clusters:
+        """k-means centroids of real embeddings ``emb`` [n, d], each cluster with its own ``r`` principal axes."""
+        import faiss
+
+        c = min(64, max(1, len(emb) // 20))
+        km = faiss.Kmeans(emb.shape[1], c, niter=25, seed=seed)
+        km.train(emb)
+        _, assign = km.index.search(emb, 1)
+        axes = np.zeros((c, r, emb.shape[1]), np.float32)
+        for j in range(c):
+            members = emb[assign[:, 0] == j] - km.centroids[j]
+            if len(members) > 1:
+                _, s, vt = np.linalg.svd(members, full_matrices=False)
+                keep = min(r, len(s))
+                axes[j, :keep] = vt[:keep] * (s[:keep] / np.sqrt(len(members)))[:, None]
+        how = f"{c} k-means centroids of {len(emb)} real embeddings ({source}), their own {r} axes"
+        return cls(km.centroids, axes, noise, how)
 
     @property
     def dim(self) -> int:

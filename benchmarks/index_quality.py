@@ -40,25 +40,6 @@ REAL_MAGS = [40, 100, 200, 400]
 BACKGROUND_MAG = 1  # no real tile has it: the selector keeps the real images only
 
 
-def clusters_of(emb: np.ndarray, seed: int, intrinsic: int = 8):
-    """k-means centroids of ``emb`` with each cluster's principal axes: the background's generator."""
-    import faiss
-    from index import Clusters
-
-    c = min(64, max(1, len(emb) // 20))
-    km = faiss.Kmeans(emb.shape[1], c, niter=25, seed=seed)
-    km.train(emb)
-    _, assign = km.index.search(emb, 1)
-    axes = np.zeros((c, intrinsic, emb.shape[1]), np.float32)
-    for j in range(c):
-        members = emb[assign[:, 0] == j] - km.centroids[j]
-        if len(members) > 1:
-            _, s, vt = np.linalg.svd(members, full_matrices=False)
-            keep = min(intrinsic, len(s))
-            axes[j, :keep] = vt[:keep] * (s[:keep] / np.sqrt(len(members)))[:, None]
-    return Clusters(km.centroids, axes, 0.01, f"{c} k-means centroids of the real embeddings")
-
-
 def average_precision_at_r(relevant: np.ndarray, r: int) -> float:
     """mAP@R of one query: the mean over the first R ranks of precision@i at the ranks that are relevant."""
     hits, total = 0, 0.0
@@ -74,7 +55,9 @@ def real(args, work: Path) -> None:
     emb = arrays["embeddings"].astype(np.float32)
     n_real = len(emb)
     rng = np.random.default_rng(args.seed)
-    background = clusters_of(emb, args.seed).draw(args.background, rng)
+    from index import Clusters
+
+    background = Clusters.of_embeddings(emb, args.seed, 8, 0.01, str(args.embeddings)).draw(args.background, rng)
     vectors = np.concatenate([emb, background])
     meta = {
         "slide": np.concatenate([arrays["patients"], np.full(args.background, "background")]),
