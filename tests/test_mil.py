@@ -299,6 +299,9 @@ def test_a_slide_model_refuses_tiles_of_another_tile_model(slide_data, tmp_path)
 
     root, manifest, run, slides = slide_data
     train_slides(run, manifest, root / "labels.csv", tmp_path / "s", ["epochs=2", "folds=2"], show_progress=False)
+    embedded = (tmp_path / "s" / "embeddings.npz").stat().st_mtime_ns
+    train_slides(run, manifest, root / "labels.csv", tmp_path / "s", ["epochs=1", "folds=2"], show_progress=False)
+    assert (tmp_path / "s" / "embeddings.npz").stat().st_mtime_ns == embedded  # same run and tiles: reused
     other = tmp_path / "other-run"
     run_pipeline(tiny_tile_config(manifest, other, "train.epochs=1", "seed=5"), report=False, progress=False)
     with pytest.raises(CheckpointError, match="another tile model"):

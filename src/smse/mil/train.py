@@ -240,16 +240,25 @@ def _embed(run: Path, manifest: Path, files: SlideRunFiles, fingerprint: str, pr
     from smse.evaluate import embed_folder
 
     old = files.read_config() if files.config.is_file() else None
+    manifest_fingerprint = file_fingerprint(manifest)
     same = (
         old is not None
         and old.get("tile_model", {}).get("fingerprint") == fingerprint
-        and old.get("data", {}).get("manifest_fingerprint") == file_fingerprint(manifest)
+        and old.get("data", {}).get("manifest_fingerprint") == manifest_fingerprint
     )
     if same and files.embeddings.is_file():
         log.info("tile embeddings: reusing %s (same tile model, same manifest)", files.embeddings)
     else:
         log.info("tile embeddings: embedding every tile of %s with %s", manifest, run)
         embed_folder(run, manifest, files.embeddings, progress=progress_bar)
+        # recorded at once: a run stopped later (during the folds) reuses these embeddings
+        files.write_config(
+            {
+                "tile_model": {"run": str(run), "fingerprint": fingerprint},
+                "data": {"manifest": str(manifest), "manifest_fingerprint": manifest_fingerprint},
+                "state": "tiles embedded; slide models not trained yet",
+            }
+        )
     return load_embeddings(files.embeddings)
 
 
