@@ -413,3 +413,10 @@ def test_slides_to_tiles_to_run_to_index_to_search_by_slide(tmp_path):
     assert "removed 80 tiles of 1 slide(s); 240 tiles now" in invoke("index", "remove", archive, "--slide", new_slide)
     info = invoke("index", "info", archive, "--json", tmp_path / "info.json")
     assert "| all | 240 |" in info and json.loads((tmp_path / "info.json").read_text())["slides"] == 3
+
+
+def test_a_magnification_the_index_lacks_is_refused_naming_what_it_holds(small_index):
+    """Catches: --magnification 50X answered with an empty table and exit 0, as if nothing were similar."""
+    index = Index.open(small_index)
+    with pytest.raises(ConfigError, match="the index holds .*none at 50X"):
+        index.search(np.ones((1, index.dim), np.float32) / np.sqrt(index.dim), k=3, magnification=[50])

@@ -283,6 +283,9 @@ def test_train_slides_writes_a_slide_run_and_predict_slide_uses_it(slide_data, t
     result = predict_slide(run, slides[1], tmp_path / "pred", slide_model=out, progress=False)
     bag = result["slide_model"]
     assert bag["predicted"] in ("benign", "malignant") and 0 <= bag["probability"] <= 1
+    trust = bag["cross_validated"]  # how far to trust it: its own out-of-fold figures, shown beside it
+    assert trust["slides"] == 8 and trust["roc_auc"] == metrics["methods"]["attention"]["roc_auc"]
+    assert SlideRunFiles(files.model).root == out  # the model file given for its folder
     assert (tmp_path / "pred" / "attention.png").is_file()
     with open(tmp_path / "pred" / "tiles.csv", newline="") as handle:
         tiles = list(csv.DictReader(handle))
@@ -331,3 +334,45 @@ def test_labels_that_do_not_match_the_tiles_exit_2_naming_the_slides(slide_data,
     one_line_error(proc, "14-99999", "no tiles")
     proc = smse("train-slides", run, manifest, "--labels", root / "labels.csv", "--out", tmp_path / "o3", "pool=sum")
     one_line_error(proc, "mil.pool")
+
+
+@pytest.mark.slow
+def test_labels_in_two_cases_a_one_patient_class_and_a_tile_run_as_out_are_refused_first(slide_data, tmp_path):
+    """Catches: labels 'malignant' / 'Malignant' taken as two classes, a class of one patient found only after
+    minutes of embedding, and a slide run written over a tile run (its split, report and metrics lost)."""
+    from smse.errors import OutputError
+    from smse.mil.train import train_slides
+
+    root, manifest, run, _ = slide_data
+    with open(root / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+
+    def labels(name, change):
+        path = tmp_path / name
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(change([dict(r) for r in rows]))
+        return path
+
+    def recase(rs):
+        first = next(r for r in rs if r["label"] == "malignant")
+        first["label"] = "Malignant"
+        return rs
+
+    with pytest.raises(DataError, match="differ only in case: Malignant / malignant"):
+        train_slides(run, manifest, labels("case.csv", recase), tmp_path / "o1", show_progress=False)
+
+    def one_patient(rs):
+        for r in rs:
+            if r["label"] == "malignant":
+                r["patient"] = "P1"
+        return rs
+
+    with pytest.raises(DataError, match="every malignant slide is of one patient"):
+        train_slides(run, manifest, labels("one.csv", one_patient), tmp_path / "o2", show_progress=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(OutputError, match="a tile run folder"):
+        train_slides(run, manifest, root / "labels.csv", run, show_progress=False)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before

@@ -843,8 +843,16 @@ def predict_slide(
     )
     bag = result.get("slide_model")
     if bag is not None:
+        trust = bag.get("cross_validated") or {}
+        cv = (
+            f" (its cross-validated ROC-AUC {trust['roc_auc']:.2f} [{trust['roc_auc_interval'][0]:.2f}, "
+            f"{trust['roc_auc_interval'][1]:.2f}] on {trust['slides']} slides)"
+            if "roc_auc" in trust
+            else ""
+        )
         typer.echo(
-            f"slide model ({bag['pool']}): P({bag['positive']}) {bag['probability']:.3f}; prediction {bag['predicted']}"
+            f"slide model ({bag['pool']}): P({bag['positive']}) {bag['probability']:.3f}; prediction "
+            f"{bag['predicted']}{cv}"
         )
     for name, path in result["files"].items():
         typer.echo(f"{name}: {path}")

@@ -351,7 +351,10 @@ class SlideRunFiles:
     root: Path
 
     def __init__(self, root: str | os.PathLike):
-        object.__setattr__(self, "root", Path(root))
+        root = Path(root)
+        if root.name == "slide-model.pt" and root.is_file():  # the model file given for its folder
+            root = root.parent
+        object.__setattr__(self, "root", root)
 
     @property
     def config(self) -> Path:
@@ -440,8 +443,9 @@ class SlideRunFiles:
             raise CheckpointError(f"{self.model}: no slide model here (train one with smse train-slides)")
         try:
             state = torch.load(self.model, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a truncated or foreign file: torch raises several kinds
-            raise CheckpointError(f"{self.model}: not a readable slide model ({describe_error(exc)})") from None
+        except Exception as exc:  # a truncated or foreign file: torch raises several kinds, some over many lines
+            reason = describe_error(exc).strip().splitlines()[0][:160]
+            raise CheckpointError(f"{self.model}: not a readable slide model ({reason})") from None
         if not isinstance(state, dict) or state.get("format") != SLIDE_MODEL_FORMAT:
             raise CheckpointError(f"{self.model}: not a slide model of smse train-slides")
         return state

@@ -354,6 +354,8 @@ class Index:
         if not sources:
             raise DataError("sources: give at least one BreakHis folder, manifest CSV, tile folder or slide")
         resolved = [_resolve_source(s) for s in sources]  # every source checked before any work
+        if kind != "auto":
+            choose_kind(kind, 0)  # an unknown kind refused before minutes of embedding
         from smse.wsi.tiles import TileSpec
 
         slides = _check_slides(resolved, reading, labels)
@@ -826,6 +828,15 @@ class Index:
         mags = parse_magnification_filter(magnification)
         if len(self) == 0:
             raise DataError(f"{self.root}: the index holds no vectors (add sources with smse index add)")
+        if isinstance(mags, tuple):
+            held = sorted(int(m) for m in self.store.counts("magnification"))
+            if not set(mags) & set(held):
+                from smse.data.records import mag_name
+
+                raise ConfigError(
+                    f"magnification: the index holds {', '.join(mag_name(m) for m in held)} tiles, none at "
+                    f"{', '.join(mag_name(m) for m in mags)}"
+                )
         vectors, query_names, name_mags = self._queries(queries, fingerprint, reading, progress)
         if names is not None:
             if len(names) != len(vectors):

@@ -47,15 +47,32 @@ def check_tile_model(state: dict, checkpoint: str | os.PathLike, folder: str | o
     if file_fingerprint(checkpoint) != state["fingerprint"]:
         raise CheckpointError(
             f"--slide-model {folder}: it was trained on the embeddings of another tile model than {checkpoint} "
-            f"(checkpoint fingerprints differ); give the tile run it was trained with: {_tile_run(folder)}"
+            f"(checkpoint fingerprints differ); give the tile checkpoint it was trained with: {_tile_run(folder)}"
         )
 
 
 def _tile_run(folder: str | os.PathLike) -> str:
     try:
-        return str(((SlideRunFiles(folder).read_config() or {}).get("tile_model") or {}).get("run", "unknown"))
+        tile = (SlideRunFiles(folder).read_config() or {}).get("tile_model") or {}
+        return str(tile.get("checkpoint") or tile.get("run") or "unknown")
     except (CheckpointError, ValueError):
         return "unknown"
+
+
+def cross_validated(folder: str | os.PathLike, pool: str) -> dict | None:
+    """The slide model's own out-of-fold figures (``eval/metrics.json``): how far to trust its probability."""
+    import json
+
+    files = SlideRunFiles(folder)
+    try:
+        metrics = json.loads(files.metrics.read_text())
+        r = metrics["methods"][pool]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    out = {"slides": r["slides"], "patients": r["patients"], "accuracy": r["accuracy"], "folds": metrics["folds"]}
+    if "roc_auc" in r:
+        out["roc_auc"], out["roc_auc_interval"] = r["roc_auc"], r["intervals"]["roc_auc"]
+    return out
 
 
 def score_slide(
@@ -102,4 +119,4 @@ def score_slide(
     }
 
 
-__all__ = ["load_slide_model", "check_tile_model", "score_slide"]
+__all__ = ["load_slide_model", "check_tile_model", "cross_validated", "score_slide"]

@@ -215,6 +215,24 @@ def _rule_probs(scores: np.ndarray, positive: int) -> np.ndarray:
     return probs
 
 
+def _check_out(out: Path) -> None:
+    """``--out`` is new, empty, or a slide run folder: never a tile run (its split, report and metrics would go).
+
+    Raises:
+        OutputError: naming the folder and what it holds.
+    """
+    from smse.errors import OutputError
+    from smse.runfiles import RunFiles
+
+    if not out.is_dir():
+        return
+    tile_run = RunFiles(out)
+    if tile_run.checkpoint("best").exists() or tile_run.state.exists() or tile_run.config.exists():
+        raise OutputError(f"--out {out}: a tile run folder (smse train); give a folder of its own for the slide run")
+    if any(out.iterdir()) and not SlideRunFiles(out).config.exists():
+        raise OutputError(f"--out {out}: holds files of something else than a slide run; give a new or empty folder")
+
+
 def _check_before_embedding(manifest: Path, labels: dict, where: str) -> None:
     """The labels against the manifest's slides, before minutes of embedding: missing or unknown slides, one class.
 
@@ -231,6 +249,19 @@ def _check_before_embedding(manifest: Path, labels: dict, where: str) -> None:
         )
     matched = match_labels(slides, labels, where)
     classes = {v.label for v in matched.values()}
+    by_case: dict[str, set[str]] = {}
+    for c in classes:
+        by_case.setdefault(c.casefold(), set()).add(c)
+    clash = [sorted(v) for v in by_case.values() if len(v) > 1]
+    if clash:
+        raise DataError(f"{where}: labels that differ only in case: {' / '.join(clash[0])}; write them one way")
+    for c in sorted(classes):
+        patients = {v.patient for v in matched.values() if v.label == c}
+        if len(patients) < 2:
+            raise DataError(
+                f"{where}: every {c} slide is of one patient ({patients.pop()}); cross-validation needs at least 2 "
+                "patients per class"
+            )
     if len(classes) < 2:
         raise DataError(f"{where}: every slide has the same label ({classes.pop()}); slide learning needs two classes")
 
@@ -294,6 +325,7 @@ def train_slides(
         raise DataError(f"{manifest}: tile manifest not found")
     slide_labels = read_labels(labels)
     _check_before_embedding(manifest, slide_labels, str(labels))
+    _check_out(Path(out))
     files = SlideRunFiles(writable_folder(out, "--out"))
     fingerprint = file_fingerprint(checkpoint)
     t0 = time.perf_counter()

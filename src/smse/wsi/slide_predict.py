@@ -18,7 +18,7 @@ from smse.data.records import mag_name
 from smse.errors import CheckpointError, ConfigError, SlideError
 from smse.io import atomic_path, writable_folder, write_csv, write_json, write_text
 from smse.report.pages import png_uri, render
-from smse.runfiles import RunFiles, tiles_json
+from smse.runfiles import RunFiles, SlideRunFiles, tiles_json
 from smse.runtime import resolve_device
 from smse.wsi.reader import open_slide
 from smse.wsi.tiles import TilePlan, TileSpec, plan_tiles
@@ -232,9 +232,17 @@ def _page(result: dict, plan: TilePlan, location_prob: np.ndarray, heat: Path, a
     ]
     bag = result.get("slide_model")
     if bag is not None:
+        trust = bag.get("cross_validated")
+        auc = (
+            f"{trust['roc_auc']:.2f} [{trust['roc_auc_interval'][0]:.2f}, {trust['roc_auc_interval'][1]:.2f}] on "
+            f"{trust['slides']} slides"
+            if trust and "roc_auc" in trust
+            else "not recorded"
+        )
         kpis = [
             (f"slide model ({bag['pool']}): P({bag['positive']})", f"{bag['probability']:.3f}"),
             ("slide prediction (slide model)", bag["predicted"]),
+            ("slide model's cross-validated ROC-AUC", auc),
             *kpis,
         ]
     mags = list(plan.sources)
@@ -345,8 +353,9 @@ def predict_slide(
         from smse.checkpoint import find_checkpoint
         from smse.mil.predict import check_tile_model, load_slide_model
 
-        bag_model = load_slide_model(slide_model)
-        check_tile_model(bag_model[1], find_checkpoint(Path(run), which), slide_model)
+        bag_folder = SlideRunFiles(slide_model).root  # the folder, also where its slide-model.pt was given
+        bag_model = load_slide_model(bag_folder)
+        check_tile_model(bag_model[1], find_checkpoint(Path(run), which), bag_folder)
     with open_slide(slide_path, backend, mpp) as slide:
         out = writable_folder(out if out is not None else f"{slide.name}-prediction", "--out")
         plan = plan_tiles(slide, spec)
@@ -389,7 +398,19 @@ def predict_slide(
             xs, ys = np.array([k[0] for k in keys], float), np.array([k[1] for k in keys], float)
             scored = score_slide(bag_model[0], bag_model[1], slide.name, embs, xs, ys, mags)
             tile_attention = scored.pop("attention")
-            result["slide_model"] = {"folder": str(slide_model), **scored}
+            from smse.mil.predict import cross_validated
+
+            trust = cross_validated(bag_folder, scored["pool"])
+            result["slide_model"] = {"folder": str(slide_model), **scored, "cross_validated": trust}
+            if trust is not None and "roc_auc" in trust and trust["roc_auc_interval"][0] <= 0.5:
+                log.warning(
+                    "--slide-model %s: its cross-validated ROC-AUC is %.2f [%.2f, %.2f] on %d slides, not above "
+                    "chance: its probability says little",
+                    slide_model,
+                    trust["roc_auc"],
+                    *trust["roc_auc_interval"],
+                    trust["slides"],
+                )
             location_att = tile_attention.reshape(len(plan), len(plan.sources))
             attention_map(
                 plan,
