@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from smse.mil.bags import Bag, bags_from_embeddings, collate, describe, match_la
 from smse.mil.models import POOLS, Pool, SlideModel
 from smse.progress import progress
 from smse.runfiles import SLIDE_MODEL_FORMAT, SlideRunFiles, file_fingerprint, load_embeddings
+from smse.runtime import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +65,6 @@ def slide_config(overrides: Sequence[str] = (), base: dict | None = None) -> Sli
     return build_checked(SlideConfig, apply_overrides(dict(base or {}), overrides), "mil.")
 
 
-@contextmanager
-def _one_thread():
-    """Tiny kernels: one CPU thread is faster than several fighting over two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def fit(
     bags: Sequence[Bag],
     targets: np.ndarray,
@@ -105,7 +94,7 @@ def fit(
     loss_fn = make_classification_loss(cfg.loss, np.maximum(counts, 1).tolist(), cfg.alpha, cfg.gamma)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     y_all = torch.as_tensor(targets, dtype=torch.long)
-    with _one_thread():
+    with torch_threads(1):  # tiny kernels: one CPU thread is faster than several
         for epoch in range(cfg.epochs):
             model.train()
             order = rng.permutation(len(bags))
@@ -129,7 +118,7 @@ def predict_bags(model: SlideModel, bags: Sequence[Bag], batch: int = 16) -> tup
     """Class probabilities [N, C] and each bag's tile attention [S, M] (zeros where a tile is absent)."""
     model.eval()
     probs, atts = [], []
-    with _one_thread():
+    with torch_threads(1):  # tiny kernels: one CPU thread is faster than several
         for start in range(0, len(bags), batch):
             part = bags[start : start + batch]
             x, mask = collate(part)
