@@ -376,3 +376,14 @@ def test_labels_in_two_cases_a_one_patient_class_and_a_tile_run_as_out_are_refus
     with pytest.raises(OutputError, match="a tile run folder"):
         train_slides(run, manifest, root / "labels.csv", run, show_progress=False)
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_the_help_states_every_setting_with_its_default():
+    """Catches: a default changed in SlideConfig and not in train-slides --help (or a setting left out)."""
+    import dataclasses
+
+    from smse.cli import SLIDE_SETTINGS_HELP
+    from smse.mil.train import SlideConfig
+
+    for f in dataclasses.fields(SlideConfig):
+        assert f"{f.name}={f.default}" in SLIDE_SETTINGS_HELP, f.name

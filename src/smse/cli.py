@@ -758,6 +758,15 @@ def tiles(
         typer.echo(f"warning: {line}")
 
 
+#: train-slides' settings with their defaults (tests/test_mil.py holds them equal to smse.mil.train.SlideConfig)
+SLIDE_SETTINGS_HELP = (
+    "Settings as field=value, defaults: pool=attention (or multimag, mean, max), epochs=40, lr=0.0005, "
+    "weight_decay=0.0001, hidden=128, attention_hidden=64, dropout=0.25, batch_slides=8, folds=5, seed=0, "
+    "loss=rfl, alpha=2.0, gamma=1.2, positive=None (the class scored: malignant where it is a label, else the "
+    "last label in sorted order)."
+)
+
+
 @app.command("train-slides", context_settings={"allow_extra_args": True})
 def train_slides(
     run: Path = typer.Argument(..., help="Tile run whose model embeds the tiles (folder or checkpoint)."),
@@ -766,8 +775,7 @@ def train_slides(
     out: Path = typer.Option(..., help="Slide run folder to write."),
     overrides: list[str] | None = typer.Argument(
         None,
-        help="Settings as field=value: pool=attention|multimag|mean|max, epochs, lr, weight_decay, hidden, "
-        "attention_hidden, dropout, batch_slides, folds, seed, loss, alpha, gamma, positive.",
+        help=SLIDE_SETTINGS_HELP,
     ),
     which: str = typer.Option("best", help="best or last checkpoint of the tile run."),
 ) -> None:

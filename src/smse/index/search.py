@@ -127,7 +127,7 @@ class SearchResult:
             head = {
                 "slide_rank": s.rank,
                 "slide": s.slide,
-                "score": s.score,
+                "score": round(s.score, 6),  # a sum of 1 / rank votes: 6 decimals say all it holds
                 "votes": s.votes,
                 "best_distance": s.best_distance,
                 "patient": s.patient,
