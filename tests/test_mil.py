@@ -309,6 +309,16 @@ def test_a_slide_model_refuses_tiles_of_another_tile_model(slide_data, tmp_path)
     run_pipeline(tiny_tile_config(manifest, other, "train.epochs=1", "seed=5"), report=False, progress=False)
     with pytest.raises(CheckpointError, match="another tile model"):
         predict_slide(other, slides[0], tmp_path / "p", slide_model=tmp_path / "s", progress=False)
+    with pytest.raises(ConfigError, match="the slide model learnt from 40X, 100X tiles, not 400X"):
+        predict_slide(
+            run,
+            slides[0],
+            tmp_path / "p4",
+            overrides={"magnifications": (100, 400)},
+            slide_model=tmp_path / "s",
+            progress=False,
+        )
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p4").exists()  # nothing made before the refusal
 
 
 @pytest.mark.slow

@@ -356,6 +356,13 @@ def predict_slide(
         bag_folder = SlideRunFiles(slide_model).root  # the folder, also where its slide-model.pt was given
         bag_model = load_slide_model(bag_folder)
         check_tile_model(bag_model[1], find_checkpoint(Path(run), which), bag_folder)
+        unseen = sorted(set(spec.magnifications) - {int(m) for m in bag_model[1]["magnifications"]})
+        if unseen:  # refused before the slide is tiled and before --out is made
+            raise ConfigError(
+                f"--magnifications: the slide model learnt from "
+                f"{', '.join(mag_name(int(m)) for m in bag_model[1]['magnifications'])} tiles, not "
+                f"{', '.join(mag_name(m) for m in unseen)}"
+            )
     with open_slide(slide_path, backend, mpp) as slide:
         out = writable_folder(out if out is not None else f"{slide.name}-prediction", "--out")
         plan = plan_tiles(slide, spec)
