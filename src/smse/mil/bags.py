@@ -129,11 +129,14 @@ def bags_from_embeddings(
         names = [str(c) for c in arrays["class_names"]]
         if positive_class in names:
             positive = arrays["probabilities"][:, names.index(positive_class)]
-    names_in_order = list(dict.fromkeys(slides.tolist()))
+    slide_names, first, inverse = np.unique(slides, return_index=True, return_inverse=True)
+    by_slide = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])  # one pass
+    rows_of = {str(slide_names[k]): by_slide[k] for k in np.argsort(first)}  # in the order the slides first appear
+    names_in_order = list(rows_of)
     matched = match_labels(names_in_order, labels, labels_where) if labels is not None else {}
     bags = []
     for name in names_in_order:
-        rows = np.flatnonzero(slides == name)
+        rows = rows_of[name]
         label = matched.get(name)
         bags.append(
             bag_of(

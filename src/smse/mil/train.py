@@ -255,8 +255,9 @@ def _check_before_embedding(manifest: Path, labels: dict, where: str) -> None:
         raise DataError(f"{where}: every slide has the same label ({classes.pop()}); slide learning needs two classes")
 
 
-def _embed(run: Path, manifest: Path, files: SlideRunFiles, fingerprint: str, progress_bar: bool) -> dict:
-    """The tiles' embeddings under the run's model: reused from the slide run folder when made by that very model."""
+def _embed(run: Path, manifest: Path, files: SlideRunFiles, fingerprint: str, progress_bar: bool) -> tuple[dict, str]:
+    """The tiles' embeddings under the run's model (reused from the slide run folder when made by that very model
+    from the same manifest), and the manifest's fingerprint."""
     from smse.evaluate import embed_folder
 
     old = files.read_config() if files.config.is_file() else None
@@ -279,7 +280,7 @@ def _embed(run: Path, manifest: Path, files: SlideRunFiles, fingerprint: str, pr
                 "state": "tiles embedded; slide models not trained yet",
             }
         )
-    return load_embeddings(files.embeddings)
+    return load_embeddings(files.embeddings), manifest_fingerprint
 
 
 def train_slides(
@@ -318,7 +319,7 @@ def train_slides(
     files = SlideRunFiles(writable_folder(out, "--out"))
     fingerprint = file_fingerprint(checkpoint)
     t0 = time.perf_counter()
-    arrays = _embed(Path(run), manifest, files, fingerprint, show_progress)
+    arrays, manifest_fingerprint = _embed(Path(run), manifest, files, fingerprint, show_progress)
     embed_seconds = time.perf_counter() - t0
     class_names = sorted({v.label for v in slide_labels.values()})
     positive_name = cfg.positive or ("malignant" if "malignant" in class_names else class_names[-1])
@@ -370,7 +371,7 @@ def train_slides(
         "tile_model": {"run": str(run), "checkpoint": str(checkpoint), "fingerprint": fingerprint},
         "data": {
             "manifest": str(manifest),
-            "manifest_fingerprint": file_fingerprint(manifest),
+            "manifest_fingerprint": manifest_fingerprint,
             "labels": str(labels),
             "magnifications": list(bags[0].magnifications),
             "dimension": int(bags[0].features.shape[2]),
