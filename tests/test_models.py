@@ -1,8 +1,11 @@
+import json
+
 import pytest
 import torch
 
 from smse.errors import CheckpointError, ConfigError
 from smse.models import BACKBONES, Embedder, Heads, create_backbone
+from smse.models.backbones import Preprocessing
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -316,3 +319,150 @@ def test_knn_classifier_matches_a_loop_and_survives_a_checkpoint_round_trip(dtyp
     assert len(empty.ref_targets) == 0
     empty.eval()
     assert torch.allclose(empty(feats)[1], empty.classify(empty(feats)[0]))  # no references: the linear head
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zoom_crop_takes_the_centre_and_enlarges_it(dtype):
+    """Catches: an off-centre crop, a crop of the wrong side, or a zoom that resizes what it should not."""
+    from smse.models.embedder import zoom_crop
+
+    x = torch.arange(2 * 3 * 8 * 12, dtype=dtype).view(2, 3, 8, 12)
+    assert zoom_crop(x, 1) is x
+    got = zoom_crop(x, 2, "nearest")
+    assert got.shape == x.shape and got.dtype == dtype
+    for b in range(2):
+        for c in range(3):
+            for i in range(8):
+                for j in range(12):  # the centre 4 x 6 (rows 2-5, columns 3-8), each pixel repeated 2 x 2
+                    assert got[b, c, i, j] == x[b, c, 2 + i // 2, 3 + j // 2]
+    ramp = torch.linspace(0, 1, 16, dtype=dtype).view(1, 1, 1, 16).expand(1, 1, 16, 16)
+    smooth = zoom_crop(ramp, 4, "bilinear")  # a 4 x 4 centre of a ramp, enlarged: the same ramp, 4 times flatter
+    assert float(smooth.mean()) == pytest.approx(float(ramp[..., 6:10].mean()), abs=1e-6)
+    slope = float(smooth[0, 0, 0, 8] - smooth[0, 0, 0, 7])
+    assert slope == pytest.approx(1 / 15 / 4, rel=1e-4)  # the ramp rises 1/15 a pixel; enlarged 4x, 1/60
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zoomed_features_are_the_mean_over_centre_crops_and_survive_a_checkpoint(dtype, tmp_path):
+    """Catches: zooms ignored, summed instead of averaged, taken before normalisation, or lost in a checkpoint."""
+    from smse.checkpoint import build_model, load_checkpoint, save_checkpoint
+    from smse.config import load_config
+    from smse.data.records import ClassMap
+    from smse.models.backbones import Preprocessing
+    from smse.models.embedder import zoom_crop
+
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    backbone = backbone.to(dtype)
+    prep = Preprocessing(mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    model = Embedder(backbone, Heads(5, 4, 2).to(dtype), prep, zooms=(1, 2, 4)).to(dtype)
+    images = torch.rand(3, 3, 16, 16, dtype=dtype)
+    expected = []
+    for image in images:  # a plain loop: normalise, crop the centre 1/z, enlarge, run, average
+        x = (image - torch.tensor(prep.mean, dtype=dtype).view(3, 1, 1)) / torch.tensor(prep.std, dtype=dtype).view(
+            3, 1, 1
+        )
+        fs = []
+        for z in (1, 2, 4):
+            side, top = 16 // z, (16 - 16 // z) // 2
+            crop = x[:, top : top + side, top : top + side][None]
+            fs.append(backbone(torch.nn.functional.interpolate(crop, size=(16, 16), mode="bilinear"))[0])
+        expected.append(torch.stack(fs).mean(0))
+    with torch.no_grad():
+        got = model.features(images)
+        assert torch.allclose(got, torch.stack(expected), atol=1e-6)
+        plain = Embedder(backbone, Heads(5, 4, 2).to(dtype), prep).features(images)
+        assert not torch.allclose(got, plain, atol=1e-3)
+        assert torch.allclose(zoom_crop(images, 1), images)
+    overrides = ["model.backbone=paper-cnn", "model.pretrained=false", "model.zooms=[1, 2]", "data.image_size=[32, 32]"]
+    cfg = load_config("breakhis", overrides)
+    built, _ = build_model(cfg, 2)
+    assert built.zooms == (1, 2)
+    save_checkpoint(tmp_path / "c.pt", built, cfg, ClassMap("binary", ("benign", "malignant")), epoch=1)
+    loaded, loaded_cfg, _, _ = load_checkpoint(tmp_path / "c.pt")
+    assert loaded.zooms == (1, 2) and loaded_cfg.model.zooms == [1, 2]
+    probe = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.features(probe), built.eval().features(probe), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "value, field",
+    [("[0]", "model.zooms"), ("[2, 2]", "model.zooms"), ("[]", "model.zooms"), ("[1.5]", "model.zooms[0]")],
+)
+def test_a_bad_zoom_is_refused_naming_the_field(value, field):
+    from smse.config import load_config
+
+    with pytest.raises(ConfigError, match=rf"^{field.replace('[', '.').replace(']', '.')}"):
+        load_config("breakhis", [f"model.zooms={value}"])
+    with pytest.raises(ConfigError, match="model.zooms: a zoom of 16 leaves a crop under 8 px"):
+        load_config("breakhis", ["model.zooms=[1, 16]", "data.image_size=[64, 64]"])
+    with pytest.raises(ConfigError, match=r"model.zooms: a zoom of 4 \(auto: \[1, 2, 4\] with sampler.positives=same"):
+        load_config("breakhis", ["sampler.positives=same-spot", "data.image_size=[16, 16]"])
+    with pytest.raises(ConfigError, match="model.zooms: auto, or one to eight"):
+        load_config("breakhis", ["model.zooms=[0]"])
+
+
+def test_auto_zooms_follow_the_positives_and_a_checkpoint_keeps_what_it_was_trained_with(tmp_path):
+    """Catches: spot positives without the zoom pyramid, class positives paying for it, or a checkpoint whose
+    zooms change when ``auto`` is resolved again (or one written before zooms, loaded with them)."""
+    from smse.checkpoint import build_model, load_checkpoint, save_checkpoint
+    from smse.config import load_config, zooms_of
+    from smse.data.records import ClassMap
+
+    assert zooms_of(load_config("breakhis", ["sampler.positives=same-spot"])) == (1, 2, 4)
+    assert zooms_of(load_config("breakhis", ["sampler.positives=both"])) == (1, 2, 4)
+    assert zooms_of(load_config("breakhis")) == (1,)
+    assert zooms_of(load_config("breakhis", ["sampler.positives=same-spot", "model.zooms=[1]"])) == (1,)
+    cfg = load_config("breakhis", ["model.backbone=paper-cnn", "model.pretrained=false", "data.image_size=[32, 32]"])
+    cfg.sampler.positives = "same-spot"
+    model, _ = build_model(cfg, 2)
+    assert model.zooms == (1, 2, 4)
+    save_checkpoint(tmp_path / "c.pt", model, cfg, ClassMap("binary", ("benign", "malignant")), epoch=1)
+    assert load_checkpoint(tmp_path / "c.pt")[0].zooms == (1, 2, 4)
+    model.zooms = (2,)  # whatever auto resolves to, the checkpoint says what the weights were trained with
+    save_checkpoint(tmp_path / "c.pt", model, cfg, ClassMap("binary", ("benign", "malignant")), epoch=1)
+    loaded, loaded_cfg, _, _ = load_checkpoint(tmp_path / "c.pt")
+    assert loaded_cfg.model.zooms == "auto" and loaded.zooms == (2,)
+    # a checkpoint written before zooms existed: its preprocessing has none, and it was trained on plain images
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tmp_path / "c.pt"), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    prep = json.loads(meta["preprocessing"])
+    del prep["zooms"]
+    save_file(state, str(tmp_path / "old.pt"), metadata={**meta, "preprocessing": json.dumps(prep)})
+    assert load_checkpoint(tmp_path / "old.pt")[0].zooms == (1,)
+
+
+def test_zoom_pooling_lets_frozen_features_find_a_spot_across_magnifications():
+    """Catches: zooms that crop off-centre or the wrong share of the tile, so that a tile zoomed 2x or 4x no
+    longer shows what its spot's tile at 2x or 4x the magnification shows (the shared terms do not line up).
+
+    Concentric tiles of a smooth random texture (each 32 px; 100X spans 128 source px, 200X 64, 400X 32) and a
+    fixed random CNN: the plain features rarely match a 100X tile to its own 400X tile; averaged over zooms
+    1, 2, 4 they must, most of the time."""
+    from smse.spots import localisation
+
+    torch.manual_seed(0)
+    source = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 12), size=(640, 640), mode="bicubic")[0]
+    centres = [(int(x), int(y)) for x, y in torch.randint(80, 560, (24, 2)).tolist()]
+    tiles, xs, ys, mags = [], [], [], []
+    for cx, cy in centres:
+        for mag, span in ((100, 128), (200, 64), (400, 32)):
+            crop = source[:, cy - span // 2 : cy + span // 2, cx - span // 2 : cx + span // 2][None]
+            tiles.append(torch.nn.functional.interpolate(crop, size=(32, 32), mode="bilinear", antialias=True)[0])
+            xs.append(cx), ys.append(cy), mags.append(mag)
+    images = torch.stack(tiles).clamp(0, 1)
+    cnn = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+    )  # fmt: skip
+    top1 = {}
+    for zooms in ((1,), (1, 2, 4)):
+        model = Embedder(cnn, Heads(64, 8, 2), Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3), zooms=zooms)
+        with torch.no_grad():
+            feats = model.features(images).double().numpy()
+        top1[zooms] = localisation(feats, ["s"] * len(xs), xs, ys, mags)["pairs"]["100X->400X"]["slide"]["top_1"]
+    assert top1[(1, 2, 4)] >= 0.5 and top1[(1, 2, 4)] > top1[(1,)] + 0.25, top1

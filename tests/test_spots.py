@@ -55,17 +55,21 @@ def test_localisation_matches_a_plain_loop(dtype):
     assert perfect["pooled"]["slide"]["top_1"] == 1.0  # an embedding that is the location finds every spot
 
 
-def test_overlapping_spots_of_one_slide_are_neither_positive_nor_negative():
-    """Catches: a spot one grid cell away (sharing most of its 100X tile) mined as a negative."""
+def test_spots_sharing_their_highest_magnification_tissue_are_neither_positive_nor_negative():
+    """Catches: a spot whose 400X tile overlaps the anchor's (the same cells) mined as a negative, or a spot
+    one 400X field away (overlapping only at 100X) left out of the negatives that localisation needs."""
     records = grid_records(slides=("s1", "s2"), step=100, cells=6, mags=(100, 400))
-    spots = Spots.of(records, grid=400)  # the 100X tile spans 4 cells of the 400X grid
+    dense = Spots.of(records, grid=800)  # cells of an 800X field: the 400X tile spans 2 cells
     idx = np.arange(len(records))
-    ignore = spots.ignore(idx).numpy()
+    ignore = dense.ignore(idx).numpy()
     for i in range(0, len(records), 7):
         for j in range(len(records)):
             a, b = records[i], records[j]
-            expected = a.slide == b.slide and a.spot != b.spot and abs(a.x - b.x) < 400 and abs(a.y - b.y) < 400
+            expected = a.slide == b.slide and a.spot != b.spot and abs(a.x - b.x) < 200 and abs(a.y - b.y) < 200
             assert ignore[i, j] == expected, (a, b)
+    assert ignore.any()
+    # on a grid of the highest magnification's own field, neighbouring 400X tiles touch: every other spot is a negative
+    assert not Spots.of(records, grid=400).ignore(idx).numpy().any()
 
 
 def test_the_spot_sampler_keeps_every_spot_whole_and_is_deterministic():

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from smse import __version__
-from smse.config import Config, from_dict, to_dict
+from smse.config import Config, from_dict, to_dict, zooms_of
 from smse.data.records import ClassMap
 from smse.errors import CheckpointError, ConfigError, OutputError
 from smse.io import atomic_path, describe_error
@@ -47,6 +47,7 @@ def save_checkpoint(
                 "image_size": cfg.data.image_size,
                 "interpolation": model.interpolation,
                 "crop_pct": model.crop_pct,
+                "zooms": list(model.zooms),
             }
         ),
         "epoch": str(epoch),
@@ -90,7 +91,7 @@ def build_model(cfg: Config, num_classes: int, pretrained: bool | None = None) -
     preprocessing = backbone.preprocessing
     if cfg.data.interpolation != "auto":
         preprocessing = dataclasses.replace(preprocessing, interpolation=cfg.data.interpolation)
-    return Embedder(backbone.module, heads, preprocessing), backbone.weights
+    return Embedder(backbone.module, heads, preprocessing, zooms_of(cfg)), backbone.weights
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[Embedder, Config, ClassMap, dict]:
@@ -125,6 +126,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     model.std.copy_(torch.tensor(prep["std"]).view(1, 3, 1, 1))
     model.interpolation = prep.get("interpolation", "bilinear")  # checkpoints before it was recorded: bilinear
     model.crop_pct = prep.get("crop_pct", 1.0)
+    model.zooms = tuple(prep.get("zooms", [1]))  # as trained, whatever model.zooms=auto would resolve to now
     return model.to(device).eval(), cfg, class_map, meta
 
 

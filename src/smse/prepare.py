@@ -90,6 +90,8 @@ def prepare(
     )
     if cfg.model.freeze_backbone:
         scaling = f"{model.mean.flatten().tolist()}|{model.std.flatten().tolist()}|{model.interpolation}"
+        if model.zooms != (1,):
+            scaling += f"|zooms={list(model.zooms)}"
         key = feature_key(data.records, f"{cfg.model.backbone}|{weights}|{scaling}", size, cfg.model.views, cfg.seed)
         if not dist.main:
             dist.barrier()  # the main process fills the cache first; the others then read it

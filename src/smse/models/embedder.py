@@ -120,13 +120,32 @@ class Heads(nn.Module):
         return torch.log((votes + KNN_PRIOR_VOTES) / (k + self.num_classes * KNN_PRIOR_VOTES))
 
 
+def zoom_crop(images: torch.Tensor, zoom: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """The centre 1/``zoom`` of each side of ``images`` [B, C, H, W], enlarged back to H x W (``zoom`` 1: as is).
+
+    A tile at magnification m and the same spot's tile at 2m (or 4m) show the same tissue once the first
+    is zoomed 2x (4x): the mean of a backbone's features over zooms 1, 2, 4 shares terms across a tile's
+    magnifications that plain features do not (``model.zooms``).
+    """
+    if zoom == 1:
+        return images
+    h, w = images.shape[-2:]
+    ch, cw = max(1, round(h / zoom)), max(1, round(w / zoom))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    mode = {"lanczos": "bicubic"}.get(interpolation, interpolation)
+    crop = images[..., top : top + ch, left : left + cw]
+    if mode == "nearest":
+        return F.interpolate(crop, size=(h, w), mode="nearest")
+    return F.interpolate(crop, size=(h, w), mode=mode, align_corners=False)
+
+
 class Embedder(nn.Module):
     """Images in [0, 1] -> (embedding, logits). Preprocessing lives inside, so checkpoints carry it."""
 
     mean: torch.Tensor  # buffers, registered in __init__; declared so that type checkers know they are Tensors
     std: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, heads: Heads, preprocessing: Preprocessing):
+    def __init__(self, backbone: nn.Module, heads: Heads, preprocessing: Preprocessing, zooms: tuple[int, ...] = (1,)):
         super().__init__()
         self.backbone = backbone
         self.heads = heads
@@ -134,12 +153,23 @@ class Embedder(nn.Module):
         self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1), persistent=False)
         self.interpolation = preprocessing.interpolation  # how its images are resized, in training and inference
         self.crop_pct = preprocessing.crop_pct  # timm's evaluation crop, recorded for timm users (smse does not crop)
+        self.zooms = tuple(zooms)  # model.zooms: the features are their mean over these centre zooms
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone((images - self.mean) / self.std)
+        """The backbone's features of ``images`` [B, 3, H, W] in [0, 1]; with ``zooms`` other than (1,), their
+        mean over the image's centre crops of 1/z of each side, resized back to H x W (see ``zoom_crop``)."""
+        x = (images - self.mean) / self.std
+        if self.zooms == (1,):
+            return self.backbone(x)
+        total = None
+        for z in self.zooms:
+            f = self.backbone(zoom_crop(x, z, self.interpolation))
+            total = f if total is None else total + f
+        assert total is not None
+        return total / len(self.zooms)
 
     def forward(self, images: torch.Tensor, return_inputs: bool = False):
         return self.heads(self.features(images), return_inputs)
 
 
-__all__ = ["Embedder", "Heads", "KNN_PRIOR_VOTES"]
+__all__ = ["KNN_PRIOR_VOTES", "Embedder", "Heads", "zoom_crop"]
