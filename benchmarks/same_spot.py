@@ -132,7 +132,8 @@ def real(work: Path, epochs: int, seeds: int, finetune: int = 0) -> None:
             print(
                 f"| same-spot, label-free ({metric}), zooms {zooms} | {100 * top1.mean():.1f} ± {100 * top1.std():.1f} "
                 f"({100 * g['chance_top_1']:.1f}) | {100 * top5.mean():.1f} ± {100 * top5.std():.1f} "
-                f"({100 * g['chance_top_5']:.1f}) | {median.mean():g} ({g['chance_median_rank']:g}) | {g['queries']} |",
+                f"({100 * g['chance_top_5']:.1f}) | {median.mean():.1f} ({g['chance_median_rank']:g}) | "
+                f"{g['queries']} |",
                 flush=True,
             )
     if finetune:  # the backbone trained too: minutes a epoch on a CPU
@@ -193,14 +194,14 @@ def synthetic(work: Path, seeds: int, epochs: int) -> None:
         "magnification probe |"
     )
     print("|---|---|---|---|---|")
-    for name, overrides in variants.items():
+    for v, (name, overrides) in enumerate(variants.items()):
         rows = []
         for seed in range(seeds):
             cfg = load_config(
                 "breakhis",
                 [
                     f"data.root={manifest}",
-                    f"out={work / f'synth-{len(rows)}-{name[:5]}-{seed}'}",
+                    f"out={work / f'synth-{v}-{seed}'}",
                     "data.image_size=[64, 64]",
                     f"data.split.seed={seed}",
                     f"seed={seed}",

@@ -229,6 +229,8 @@ def test_label_free_same_spot_training_finds_its_own_spot(unlabelled_tiles, tmp_
     assert ours["median_rank"] < frozen["median_rank"] / 2 and ours["top_5"] > frozen["top_5"]
     files = RunFiles(run)
     assert "own slide" in files.results.read_text() and files.report.exists()
+    # spot positives zoom by default, and the baseline the table compares with is said to share the zooms
+    assert "averaged over the model's centre zooms 1, 2, 4" in files.results.read_text()
     from smse.predict import predict
 
     tile = next(unlabelled_tiles.parent.rglob("*_100X.jpg"))

@@ -110,7 +110,7 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
         + "\n\n"
         + table_note([p["images"] for p in out["patients"]])
         + "\n"
-        + ("\n" + localisation_table(located, len(test)) if located else "")
+        + ("\n" + localisation_table(located, len(test), prep.model.zooms) if located else "")
     )
     files.write_predictions(
         class_map.names,
@@ -179,7 +179,9 @@ def _write_label_free(
     files = RunFiles(run)
     files.eval.mkdir(parents=True, exist_ok=True)
     files.write_metrics(out)
-    files.write_results(localisation_table(located, len(test_recs)) if located else "(no test tiles with slide,x,y)\n")
+    files.write_results(
+        localisation_table(located, len(test_recs), prep.model.zooms) if located else "(no test tiles with slide,x,y)\n"
+    )
     files.write_test_embeddings(emb, test_recs, prep.class_map, np.ones((len(test_recs), 1), dtype=np.float32))
     files.write_reference(ref_emb, train_recs, prep.class_map)
     return out

@@ -216,15 +216,26 @@ def localisation_grid(located: dict | None, pairs: bool = True) -> tuple[list[st
     return head, rows
 
 
-def localisation_table(located: dict, images: int) -> str:
-    """Markdown: ``localisation_grid`` with every pair of magnifications, and what it measures."""
+def localisation_table(located: dict, images: int, zooms: Sequence[int] = (1,)) -> str:
+    """Markdown: ``localisation_grid`` with every pair of magnifications, and what it measures (``zooms``: the
+    model's ``model.zooms``, which its frozen baseline shares)."""
     head, rows = localisation_grid(located)
+    if "frozen_features" not in located:
+        baseline = ""
+    elif tuple(zooms) == (1,):
+        baseline = " The baseline is the backbone's plain features, not standardised."
+    else:
+        shown = ", ".join(str(z) for z in zooms)
+        baseline = (
+            f" The baseline is the backbone's features averaged over the model's centre zooms {shown} "
+            "(model.zooms), not standardised."
+        )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     return (
         "\n".join(lines)
         + f"\n\nCross-magnification localisation on {images} test tiles: each tile at one magnification ranks the "
         "tiles at another by distance; top-k is the share whose own spot ranks within the first k (chance: k over "
-        "the candidates).\n"
+        f"the candidates).{baseline}\n"
     )
 
 
