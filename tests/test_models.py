@@ -401,6 +401,11 @@ def test_a_bad_zoom_is_refused_naming_the_field(value, field):
         load_config("breakhis", ["sampler.positives=same-spot", "data.image_size=[16, 16]"])
     with pytest.raises(ConfigError, match="model.zooms: auto, or one to eight"):
         load_config("breakhis", ["model.zooms=[0]"])
+    with pytest.raises(ConfigError, match=r"^model.zooms: expected a list or auto, got 'AUTO'$"):
+        load_config("breakhis", ["model.zooms=AUTO"])
+    with pytest.raises(ConfigError) as long:  # a long list is named, not echoed
+        load_config("breakhis", [f"model.zooms=[{', '.join(['1'] * 5000)}]"])
+    assert len(str(long.value)) < 250 and str(long.value).endswith("...]")
 
 
 def test_auto_zooms_follow_the_positives_and_a_checkpoint_keeps_what_it_was_trained_with(tmp_path):

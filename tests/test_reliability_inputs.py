@@ -307,6 +307,24 @@ def test_a_refused_resume_names_the_fields_that_differ(short_run, synth_data, tm
         )
 
 
+def test_a_run_from_before_zooms_resumes_with_the_plain_features_it_had(short_run, synth_data, tmp_path):
+    """Catches: a state saved before ``model.zooms`` existed refused whatever the zooms ("unset there"), or an
+    ``auto`` run refused when resumed with the list auto stands for."""
+    from smse.runfiles import RunFiles
+
+    run = shutil.copytree(short_run, tmp_path / "run")
+    files = RunFiles(run)
+    state = files.read_state()
+    assert state["config"]["model"]["zooms"] == [1]  # saved resolved: auto with class positives
+    del state["config"]["model"]["zooms"]
+    files.write_state(state)
+    train(tiny_config(synth_data, run, "train.epochs=2", "model.zooms=[1]"), progress=False)  # auto, said as a list
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
+    other = shutil.copytree(short_run, tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"model.zooms \(\[1\] there, \[1, 2\] now\)"):
+        train(tiny_config(synth_data, other, "train.epochs=2", "model.zooms=[1, 2]"), progress=False)
+
+
 def test_a_renamed_run_folder_resumes(short_run, synth_data, tmp_path):
     """Catches: the run folder's own path (``out``) in the resume key, so a moved or renamed run could never be
     extended ("holds a run with another config")."""

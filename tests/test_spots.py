@@ -218,6 +218,9 @@ def test_label_free_same_spot_training_finds_its_own_spot(unlabelled_tiles, tmp_
             "loss.structure_weight=0",
         ],
     )
+    from smse.spots import grid_magnification
+
+    assert grid_magnification(unlabelled_tiles) == 400  # the grid that `smse tiles` wrote in tiles.json
     run, metrics = run_pipeline(cfg, progress=False)
     assert metrics["label_free"] and metrics["classes"] == ["unlabelled"]
     ours, frozen = (

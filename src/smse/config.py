@@ -236,6 +236,12 @@ def _choices(cls: type | None = None, prefix: str = "") -> dict[str, tuple[str, 
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
+def _short(value: Any, most: int = 80) -> str:
+    """``repr(value)``, cut to ``most`` characters: an error line names a value, it does not echo a long one."""
+    text = repr(value)
+    return text if len(text) <= most else f"{text[: most - 5]}...{text[-1]}"
+
+
 def _convert(value: Any, hint: Any, name: str) -> Any:
     """Check ``value`` against a type hint, converting int -> float; raise naming ``name``."""
     origin = typing.get_origin(hint)
@@ -250,7 +256,13 @@ def _convert(value: Any, hint: Any, name: str) -> Any:
             try:
                 return _convert(value, arg, name)
             except ConfigError as exc:
+                if isinstance(value, (list, tuple)) and typing.get_origin(arg) is list:
+                    raise  # a list that fails the list's rule: that rule's own message (e.g. naming the item)
                 errors.append(str(exc))
+        words = [w for arg in args if typing.get_origin(arg) is Literal for w in typing.get_args(arg)]
+        if words and len(errors) > 1:  # e.g. a list or auto: say both, not only the first
+            lists = ["a list"] if any(typing.get_origin(arg) is list for arg in args) else []
+            raise ConfigError(f"{name}: expected {' or '.join(lists + list(words))}, got {_short(value)}")
         raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -327,7 +339,8 @@ def validate(cfg: Config) -> Config:
         or not all(isinstance(z, int) and not isinstance(z, bool) and 1 <= z <= 16 for z in zooms)
     ):
         raise ConfigError(
-            f"model.zooms: auto, or one to eight different whole numbers from 1 to 16 such as [1, 2, 4], got {zooms}"
+            f"model.zooms: auto, or one to eight different whole numbers from 1 to 16 such as [1, 2, 4], "
+            f"got {_short(zooms)}"
         )
     if min(cfg.data.image_size) / max(zooms) < 8:
         auto = cfg.model.zooms == "auto"
@@ -357,9 +370,14 @@ SPOT_ZOOMS = (1, 2, 4)
 
 def zooms_of(cfg: Config) -> tuple[int, ...]:
     """The centre zooms whose features the model averages: ``model.zooms``, with ``auto`` resolved."""
-    if cfg.model.zooms == "auto":
-        return SPOT_ZOOMS if cfg.sampler.positives in ("same-spot", "both") else (1,)
-    return tuple(cfg.model.zooms)
+    return resolve_zooms(cfg.model.zooms, cfg.sampler.positives)
+
+
+def resolve_zooms(zooms: list[int] | str, positives: str) -> tuple[int, ...]:
+    """``model.zooms`` given ``sampler.positives``: ``auto`` is ``SPOT_ZOOMS`` with spot positives, else (1,)."""
+    if zooms == "auto":
+        return SPOT_ZOOMS if positives in ("same-spot", "both") else (1,)
+    return tuple(int(z) for z in zooms)
 
 
 def _ranged_fields(obj: Any, prefix: str = "") -> list[tuple[str, Range, Any]]:
@@ -483,5 +501,6 @@ __all__ = [
     "save_config",
     "CHOICES",
     "SPOT_ZOOMS",
+    "resolve_zooms",
     "zooms_of",
 ]

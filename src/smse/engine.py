@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from smse.checkpoint import save_checkpoint
-from smse.config import Config, to_dict
+from smse.config import Config, resolve_zooms, to_dict, zooms_of
 from smse.data.loading import LoadedData, load_data
 from smse.data.records import ClassMap
 from smse.data.samplers import Batch, MagnificationBalancedSampler, OfflineTupleSampler, SpotSampler
@@ -166,6 +166,7 @@ def _resume_key(cfg: Config) -> dict:
     ``out``, the run folder's own path, is not part of it: a moved or renamed run folder resumes.
     """
     d = to_dict(cfg)
+    d["model"]["zooms"] = list(zooms_of(cfg))  # what the features are, however they were asked for (auto or a list)
     for k in ("epochs", "device", "num_workers"):
         d["train"].pop(k)
     d.pop("log", None)  # tracking may be switched on or off between sessions
@@ -186,6 +187,9 @@ def _load_resume_state(cfg: Config, run: Path, dist: Dist) -> dict | None:
     saved, now = dict(state["config"]), _resume_key(cfg)
     saved.pop("out", None)  # states written before the run folder's path left the key
     saved.pop("log", None)
+    if isinstance(saved.get("model"), dict):  # states written before zooms existed had plain features: [1]
+        model, positives = saved["model"], saved.get("sampler", {}).get("positives", "class")
+        saved["model"] = {**model, "zooms": list(resolve_zooms(model.get("zooms", [1]), positives))}
     if saved != now:
 
         def flat(d: dict, prefix: str = "") -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from smse.progress import batch_sizes
 from smse.progress import progress as report_progress
 from smse.runtime import Dist, resolve_device
 from smse.spots import Spots, grid_magnification
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +76,14 @@ def prepare(
     else:
         class_map = ClassMap.from_records(data.records, cfg.data.task)
         model, weights = build_model(cfg, len(class_map))
+    if model.zooms != (1,):
+        how = f"model.zooms={cfg.model.zooms}" if trained is None else "as the run was trained"
+        log.info(
+            "features: the backbone's mean over centre zooms %s (%s): %d backbone passes an image",
+            list(model.zooms),
+            how,
+            len(model.zooms),
+        )
     height, width = cfg.data.image_size  # validate() checks it is [height, width]
     size = (height, width)
     cache = ImageCache(cache_dir_of(cfg.data), size, model.interpolation)

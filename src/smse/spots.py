@@ -36,7 +36,7 @@ def grid_magnification(manifest: str | Path) -> int | None:
     """The grid magnification of ``smse tiles`` output (``tiles.json`` beside the manifest), or None."""
     meta = Path(manifest).parent / "tiles.json"
     try:
-        return int(json.loads(meta.read_text())["tiling"]["grid_magnification"])
+        return int(json.loads(meta.read_text())["tiling"]["grid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -179,7 +179,10 @@ def _ranks_summary(rank: np.ndarray, candidates: np.ndarray, ks: tuple[int, ...]
     return rows
 
 
-NAMES = {"embedding": "SMSE embedding", "frozen_features": "frozen backbone features (baseline)"}
+NAMES = {
+    "embedding": "SMSE embedding",
+    "frozen_features": "frozen backbone features with the model's zooms, not standardised (baseline)",
+}
 
 
 def localisation_grid(located: dict | None, pairs: bool = True) -> tuple[list[str], list[list[str]]]:
