@@ -406,6 +406,9 @@ def test_a_bad_zoom_is_refused_naming_the_field(value, field):
     with pytest.raises(ConfigError) as long:  # a long list is named, not echoed
         load_config("breakhis", [f"model.zooms=[{', '.join(['1'] * 5000)}]"])
     assert len(str(long.value)) < 250 and str(long.value).endswith("...]")
+    with pytest.raises(ConfigError, match=r"^model.zooms: cannot parse '\[1,2,4' \(") as unclosed:
+        load_config("breakhis", ["model.zooms=[1,2,4"])
+    assert "\n" not in str(unclosed.value)  # one line, though YAML's own message spans several
 
 
 def test_auto_zooms_follow_the_positives_and_a_checkpoint_keeps_what_it_was_trained_with(tmp_path):

@@ -1,5 +1,7 @@
 """Same-spot positives: the spots of tiles, their overlap rule, the sampler, InfoNCE, and localisation."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -234,6 +236,8 @@ def test_label_free_same_spot_training_finds_its_own_spot(unlabelled_tiles, tmp_
     assert "own slide" in files.results.read_text() and files.report.exists()
     # spot positives zoom by default, and the baseline the table compares with is said to share the zooms
     assert "averaged over the model's centre zooms 1, 2, 4" in files.results.read_text()
+    assert "averaged over the model's centre zooms 1, 2, 4" in files.report.read_text()
+    assert json.loads(files.metrics.read_text())["zooms"] == [1, 2, 4]
     from smse.predict import predict
 
     tile = next(unlabelled_tiles.parent.rglob("*_100X.jpg"))

@@ -438,7 +438,8 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         try:
             node[parts[-1]] = yaml.safe_load(text) if text != "" else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{key}: cannot parse {text!r} ({exc})") from None
+            reason = " ".join(str(exc).split())  # one line: YAML's message spans several
+            raise ConfigError(f"{key}: cannot parse {text!r} ({reason})") from None
     return data
 
 

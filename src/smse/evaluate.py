@@ -90,6 +90,7 @@ def evaluate_run(run: str | Path, which: str = "best", progress: bool = True, ba
         out["probe"] = probe_baseline(x_test, x_train, t_test, targets[train], test_recs, train_recs, len(class_map))
     if located:
         out["localisation"] = located
+    out["zooms"] = list(prep.model.zooms)  # the features' centre zooms: the embedding's and every frozen baseline's
     pred = probs.argmax(1)
     scores = patient_scores(t_test, pred, pats)
     out["patients"] = [
@@ -173,6 +174,7 @@ def _write_label_free(
         "images": len(test_recs),
         "slides": len({r.slide for r in test_recs}),
         "localisation": located,
+        "zooms": list(prep.model.zooms),
         "spread": embedding_spread(emb),
         "magnification_probe": magnification_probe(emb, mags, pats, seed=prep.cfg.seed),
     }

@@ -200,6 +200,7 @@ def _write_label_free_report(
         subtitle=f"label-free (same-spot positives); {m['images']} test tiles of {m['slides']} slides; checkpoint "
         f"{m['checkpoint']} (epoch {m['epoch']})",
         localisation=localisation_grid(m.get("localisation"), pairs=False),
+        zooms=m.get("zooms", [1]),
         figs={k: _uri(v) for k, v in figs.items()},
         spread=[f"{pct(spread['first_axis_share'])}%", f"{spread['effective_rank']:.1f}"],
         probe=_probe_card(m["magnification_probe"]),
@@ -324,6 +325,7 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
         data_note=files.read_json(files.data, {}).get("summary", ""),
         figs={k: _uri(v) for k, v in figs.items()},
         localisation=localisation_grid(m.get("localisation"), pairs=False),
+        zooms=m.get("zooms", [1]),
         calibration=m.get("calibration"),
         similarity=_similarity(m),
         patients=patients,
