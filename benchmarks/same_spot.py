@@ -81,6 +81,23 @@ def halves(tiles: Path) -> Path:
     return out
 
 
+def train_on(manifest: Path, out: Path, side: int, epochs: int, *overrides: str) -> dict:
+    """The shipped ``breakhis`` config on ``manifest`` (square tiles of ``side`` px), trained and evaluated."""
+    cfg = load_config(
+        "breakhis",
+        [
+            f"data.root={manifest}",
+            f"out={out}",
+            f"data.image_size=[{side}, {side}]",
+            f"train.epochs={epochs}",
+            *overrides,
+        ],
+    )
+    _, m = run_pipeline(cfg, report=False, progress=False)
+    assert m is not None
+    return m
+
+
 def pooled(loc: dict, scope: str = "slide") -> str:
     r = loc["pooled"][scope]
     return (
@@ -106,22 +123,17 @@ def real(work: Path, epochs: int, seeds: int, finetune: int = 0) -> None:
         for metric in ("pair", "triplet", "infonce"):
             got = []
             for seed in range(seeds):
-                cfg = load_config(
-                    "breakhis",
-                    [
-                        f"data.root={manifest}",
-                        f"out={work / f'real-{metric}-{len(zooms)}-{seed}'}",
-                        "data.image_size=[224, 224]",
-                        "sampler.positives=same-spot",
-                        f"loss.metric={metric}",
-                        f"train.epochs={epochs}",
-                        f"model.zooms={zooms}",
-                        f"seed={seed}",
-                        *FROZEN,
-                    ],
+                m = train_on(
+                    manifest,
+                    work / f"real-{metric}-{len(zooms)}-{seed}",
+                    224,
+                    epochs,
+                    "sampler.positives=same-spot",
+                    f"loss.metric={metric}",
+                    f"model.zooms={zooms}",
+                    f"seed={seed}",
+                    *FROZEN,
                 )
-                _, m = run_pipeline(cfg, report=False, progress=False)
-                assert m is not None
                 loc = m["localisation"]
                 if metric == "pair" and seed == 0:  # the frozen features do not depend on the loss or the seed
                     frozen = pooled(loc["frozen_features"])
@@ -138,24 +150,19 @@ def real(work: Path, epochs: int, seeds: int, finetune: int = 0) -> None:
             )
     if finetune:  # the backbone trained too: minutes a epoch on a CPU
         for metric in ("pair", "infonce"):
-            cfg = load_config(
-                "breakhis",
-                [
-                    f"data.root={manifest}",
-                    f"out={work / f'real-finetune-{metric}'}",
-                    "data.image_size=[224, 224]",
-                    "sampler.positives=same-spot",
-                    f"loss.metric={metric}",
-                    f"train.epochs={finetune}",
-                    "model.freeze_backbone=false",
-                    "model.views=1",
-                    "data.split.val_fraction=0",
-                    "train.lr=0.0001",
-                    "sampler.batch_size=48",
-                ],
+            m = train_on(
+                manifest,
+                work / f"real-finetune-{metric}",
+                224,
+                finetune,
+                "sampler.positives=same-spot",
+                f"loss.metric={metric}",
+                "model.freeze_backbone=false",
+                "model.views=1",
+                "data.split.val_fraction=0",
+                "train.lr=0.0001",
+                "sampler.batch_size=48",
             )
-            _, m = run_pipeline(cfg, report=False, progress=False)
-            assert m is not None
             print(
                 f"| same-spot, label-free, fine-tuned backbone ({metric}, {finetune} epochs) | "
                 f"{pooled(m['localisation']['embedding'])} |",
@@ -197,22 +204,17 @@ def synthetic(work: Path, seeds: int, epochs: int) -> None:
     for v, (name, overrides) in enumerate(variants.items()):
         rows = []
         for seed in range(seeds):
-            cfg = load_config(
-                "breakhis",
-                [
-                    f"data.root={manifest}",
-                    f"out={work / f'synth-{v}-{seed}'}",
-                    "data.image_size=[64, 64]",
-                    f"data.split.seed={seed}",
-                    f"seed={seed}",
-                    "data.split.test_fraction=0.34",
-                    f"train.epochs={epochs}",
-                    *FROZEN,
-                    *overrides,
-                ],
+            m = train_on(
+                manifest,
+                work / f"synth-{v}-{seed}",
+                64,
+                epochs,
+                f"data.split.seed={seed}",
+                f"seed={seed}",
+                "data.split.test_fraction=0.34",
+                *FROZEN,
+                *overrides,
             )
-            _, m = run_pipeline(cfg, report=False, progress=False)
-            assert m is not None
             loc = m["localisation"]
             rows.append(
                 [

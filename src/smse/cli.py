@@ -269,20 +269,9 @@ def index_build(
     """Embed sources with a run's model into an index folder (resumes a killed build; runs under torchrun)."""
     from smse.index import Index
     from smse.index.slides import SlideReading
-    from smse.wsi.tiles import parse_magnifications
 
     params = _index_params(nlist=nlist, m=pq_m, nprobe=nprobe, rerank=rerank)
-    tiling = {
-        k: v
-        for k, v in {
-            "magnifications": parse_magnifications(magnifications) if magnifications else None,
-            "size": _size(tile, "--tile") if tile else None,
-            "grid": _grid(grid),
-            "min_tissue": min_tissue,
-            "max_locations": max_tiles,
-        }.items()
-        if v is not None
-    }
+    tiling = _tiling_options(magnifications, tile, grid, min_tissue, max_locations=max_tiles)
     reading = SlideReading(mpp=mpp, backend=backend)
     index = Index.build(
         run, sources, out, kind=kind, params=params, which=which, tiling=tiling, reading=reading, labels=labels
@@ -602,6 +591,23 @@ def _size(text: str, option: str = "--size") -> tuple[int, int]:
     return w, h
 
 
+def _tiling_options(
+    magnifications: str | None, tile: str | None, grid: str | None, min_tissue: float | None, **more: object
+) -> dict:
+    """The ``TileSpec`` fields a command's tiling options set (``--magnifications``, ``--tile``, ``--grid``,
+    ``--min-tissue`` and ``more``), parsed; the ones left out are not in the dict."""
+    from smse.wsi.tiles import parse_magnifications
+
+    fields = {
+        "magnifications": parse_magnifications(magnifications) if magnifications else None,
+        "size": _size(tile, "--tile") if tile else None,
+        "grid": _grid(grid),
+        "min_tissue": min_tissue,
+        **more,
+    }
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 @app.command()
 def synth(
     out: Path | None = typer.Option(
@@ -819,18 +825,8 @@ def predict_slide(
 ) -> None:
     """Classify every tile of a slide: heat map PNG, per-tile CSV, slide score and an HTML page."""
     from smse.wsi.slide_predict import predict_slide as run_predict_slide
-    from smse.wsi.tiles import parse_magnifications
 
-    overrides = {
-        k: v
-        for k, v in {
-            "magnifications": parse_magnifications(magnifications) if magnifications else None,
-            "size": _size(tile, "--tile") if tile else None,
-            "grid": _grid(grid),
-            "min_tissue": min_tissue,
-        }.items()
-        if v is not None
-    }
+    overrides = _tiling_options(magnifications, tile, grid, min_tissue)
     result = run_predict_slide(
         run,
         slide,

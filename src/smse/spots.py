@@ -219,20 +219,22 @@ def localisation_grid(located: dict | None, pairs: bool = True) -> tuple[list[st
     return head, rows
 
 
+def baseline_note(zooms: Sequence[int]) -> str:
+    """What localisation's frozen baseline is, for the results table and the reports (``zooms``: the model's)."""
+    if tuple(zooms) == (1,):
+        return "The baseline is the backbone's plain features, not standardised."
+    shown = ", ".join(str(int(z)) for z in zooms)  # whole numbers only: the reports show this text as is
+    return (
+        f"The baseline is the backbone's features averaged over the model's centre zooms {shown} (model.zooms), "
+        "not standardised."
+    )
+
+
 def localisation_table(located: dict, images: int, zooms: Sequence[int] = (1,)) -> str:
     """Markdown: ``localisation_grid`` with every pair of magnifications, and what it measures (``zooms``: the
     model's ``model.zooms``, which its frozen baseline shares)."""
     head, rows = localisation_grid(located)
-    if "frozen_features" not in located:
-        baseline = ""
-    elif tuple(zooms) == (1,):
-        baseline = " The baseline is the backbone's plain features, not standardised."
-    else:
-        shown = ", ".join(str(z) for z in zooms)
-        baseline = (
-            f" The baseline is the backbone's features averaged over the model's centre zooms {shown} "
-            "(model.zooms), not standardised."
-        )
+    baseline = f" {baseline_note(zooms)}" if "frozen_features" in located else ""
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     return (
         "\n".join(lines)
@@ -242,4 +244,12 @@ def localisation_table(located: dict, images: int, zooms: Sequence[int] = (1,)) 
     )
 
 
-__all__ = ["Spots", "check_positives", "grid_magnification", "localisation", "localisation_grid", "localisation_table"]
+__all__ = [
+    "Spots",
+    "baseline_note",
+    "check_positives",
+    "grid_magnification",
+    "localisation",
+    "localisation_grid",
+    "localisation_table",
+]

@@ -37,7 +37,6 @@ from smse.index.slides import (
     parse_slide_query,
     parse_tile_path,
     read_tile,
-    run_tiling,
     slide_labels,
     tiling_from_dict,
     write_slide_part,
@@ -213,8 +212,7 @@ class Index:
         self._faiss = vectors
         self._mmap = mmap
         self._full: np.ndarray | None = None
-        self._selectors: dict[tuple, tuple[Any, np.ndarray]] = {}
-        self._passing_counts: dict[tuple, int] = {}
+        self._selectors: dict[tuple, tuple[Any, np.ndarray, int]] = {}  # filter: selector, its bitmap, ids passing
         self._model = None
 
     # ------------------------------------------------------------------------------------------------ properties
@@ -360,7 +358,7 @@ class Index:
 
         slides = _check_slides(resolved, reading, labels)
         model = load_model(checkpoint)
-        spec = tiling if isinstance(tiling, TileSpec) else run_tiling(model, tiling)
+        spec = tiling if isinstance(tiling, TileSpec) else _resolve_tiling(model, tiling)
         with _processes() as dist, _locked(files, dist):
             parts = _embed_sources(files, checkpoint, fingerprint, resolved, progress, spec, reading, slides, dist)
             if dist.main:
@@ -575,7 +573,6 @@ class Index:
             fresh._full,
         )
         self._selectors.clear()
-        self._passing_counts.clear()
 
     def tiling(self) -> TileSpec:
         """How whole slides are tiled for this index (``index.json``'s ``tiling``: the run's training tiling, else
@@ -584,7 +581,7 @@ class Index:
         found = self.description.get("tiling")
         if isinstance(found, Mapping):
             return tiling_from_dict(found, str(self.files.description))
-        return run_tiling(self.model())
+        return _resolve_tiling(self.model())
 
     def add_arrays(
         self,
@@ -695,7 +692,6 @@ class Index:
     def _after_change(self, vectors) -> None:
         self._faiss = vectors
         self._selectors.clear()
-        self._passing_counts.clear()
         if self.kind == "ivfpq" and self.params.get("rerank", 0):
             self._full = open_full_vectors(self.files.full_vectors, self.store.next_id, self.dim)
 
@@ -758,11 +754,15 @@ class Index:
             ImageError: the image file cannot be read any more.
             SlideError: the slide file is gone or cannot be read.
         """
-        from smse.data.images import read_image
-
         row = self.store.rows([int(tile_id)]).get(int(tile_id))
         if row is None:
             raise KeyError(tile_id)
+        return self.row_image(row)
+
+    def row_image(self, row: Mapping):
+        """``tile_image`` of a metadata row already looked up (reads files only: no query of the store)."""
+        from smse.data.images import read_image
+
         tile = parse_tile_path(row["path"])
         if tile is None:
             return read_image(row["path"])
@@ -1048,14 +1048,9 @@ class Index:
         return out_d, out_i
 
     def _passing(self, magnifications: Sequence[int] | None, exclude_slides: Sequence[str]) -> int:
-        """How many tiles pass the filter (the selector's bitmap, once it is built)."""
+        """How many tiles pass the filter (counted when its selector was built)."""
         key = (None if magnifications is None else tuple(sorted(magnifications)), tuple(sorted(exclude_slides)))
-        if key not in self._passing_counts:
-            bitmap = self._selectors[key][1]
-            self._passing_counts[key] = int(
-                np.unpackbits(bitmap, bitorder="little")[: max(self.store.next_id, 1)].sum()
-            )
-        return self._passing_counts[key]
+        return self._selectors[key][2]
 
     def _selector(self, magnifications: Sequence[int] | None, exclude_slides: Sequence[str]):
         """A faiss ``IDSelectorBitmap`` of the ids that pass the filter (None: every id passes); cached."""
@@ -1073,7 +1068,8 @@ class Index:
             if exclude_slides:
                 allowed[self.store.ids_where("slide", list(exclude_slides))] = False
             bitmap = np.packbits(allowed, bitorder="little")
-            self._selectors[key] = (faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap)), bitmap)
+            passing = int(allowed.sum())
+            self._selectors[key] = (faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap)), bitmap, passing)
         return self._selectors[key][0]
 
     # ------------------------------------------------------------------------------------------------ info
@@ -1322,12 +1318,13 @@ def _check_slides(sources: Sequence[Path], reading: SlideReading, labels: Any) -
     return slide_labels(labels, slides)
 
 
-def _stamp(source: Path) -> str:
-    """What identifies a source's current contents: a file's size and time; a folder's files' names, sizes, times."""
+def _survey(source: Path) -> tuple[str, int]:
+    """What identifies a source's current contents (a file's size and time; a folder's files' names, sizes and
+    times) and its bytes (a manifest's own: its listed images are not counted), in one walk of a folder."""
     if source.is_file():
         st = source.stat()
-        return f"{st.st_size}:{st.st_mtime_ns}"
-    digest = hashlib.sha1()
+        return f"{st.st_size}:{st.st_mtime_ns}", st.st_size
+    digest, total = hashlib.sha1(), 0
     for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
         dirnames.sort()
         for name in sorted(filenames):
@@ -1337,21 +1334,8 @@ def _stamp(source: Path) -> str:
             except OSError:
                 continue
             digest.update(f"{os.path.relpath(full, source)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def _size(source: Path) -> int:
-    """The bytes of a source: a file's size (a manifest's: its listed images are not counted), a folder's files'."""
-    if source.is_file():
-        return source.stat().st_size
-    total = 0
-    for dirpath, _, filenames in os.walk(source, followlinks=True):
-        for name in filenames:
-            try:
-                total += os.stat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                continue
-    return total
+            total += st.st_size
+    return digest.hexdigest(), total
 
 
 def share(sizes: Sequence[int], world: int) -> list[int]:
@@ -1392,8 +1376,10 @@ def _embed_sources(
             continue
     taken = {int(p.stem) for p in files.parts.glob("*.npz") if p.stem.isdigit()} | set(notes)
     plan: list[tuple[Path, int, dict, bool]] = []  # source, part, its note, to embed
+    sizes: dict[Path, int] = {}
     for source in sources:
-        wanted: dict[str, Any] = {"source": str(source), "stamp": _stamp(source), "fingerprint": fingerprint}
+        stamp, sizes[source] = _survey(source)
+        wanted: dict[str, Any] = {"source": str(source), "stamp": stamp, "fingerprint": fingerprint}
         if source in slides:
             label, patient, tumor_type = slides[source]
             wanted.update(
@@ -1415,10 +1401,10 @@ def _embed_sources(
         plan.append((source, n, wanted, True))
     dist.barrier()  # every process has read the notes before any writes a part
     todo = [item for item in plan if item[3]]
-    owners = share([_size(source) for source, *_ in todo], dist.world)
+    owners = share([sizes[source] for source, *_ in todo], dist.world)
     mine = [item for item, owner in zip(todo, owners) if owner == dist.rank]
-    for j, (source, n, _, _) in enumerate(plan, start=1):
-        if not any(source == item[0] for item in todo):
+    for j, (source, n, _, to_embed) in enumerate(plan, start=1):
+        if not to_embed:
             log.info("source %d of %d, %s: embedded before (%s), reused", j, len(plan), source, files.part(n))
     model = None
     for j, (source, n, wanted, _) in enumerate(mine, start=1):
@@ -1488,6 +1474,13 @@ def _read_parts(files: IndexFiles, parts: Sequence[int]) -> tuple[np.ndarray, di
     emb = np.concatenate(embs) if embs else np.zeros((0, 1), np.float32)
     columns = {name: np.concatenate([c[name] for c in cols]) for name in COLUMNS} if cols else {}
     return emb, columns
+
+
+def _resolve_tiling(model: Any, overrides: Mapping[str, Any] | None = None) -> Any:
+    """``smse.wsi.slide_predict.resolve_tiling``, imported when slides are cut (``smse.index`` imports no torch)."""
+    from smse.wsi.slide_predict import resolve_tiling
+
+    return resolve_tiling(model, overrides)
 
 
 __all__ = ["Index", "IndexLockedError", "LOCK_TIMEOUT", "PROCESS_WAIT", "info_lines", "share"]

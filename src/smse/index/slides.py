@@ -168,11 +168,6 @@ class SlideReading:
             raise ConfigError(f"--mpp: microns per pixel must be positive, got {self.mpp}")
 
 
-def tiling_to_dict(spec: Any) -> dict:
-    """A ``TileSpec`` as ``index.json`` keeps it."""
-    return spec.to_dict()
-
-
 def tiling_from_dict(data: Mapping[str, Any], where: str = "index.json") -> Any:
     """The ``TileSpec`` of an ``index.json`` ``tiling`` entry.
 
@@ -182,26 +177,9 @@ def tiling_from_dict(data: Mapping[str, Any], where: str = "index.json") -> Any:
     from smse.wsi.tiles import TileSpec
 
     try:
-        return TileSpec(
-            magnifications=tuple(int(m) for m in data["magnifications"]),
-            size=(int(data["size"][0]), int(data["size"][1])),
-            grid=data.get("grid"),
-            min_tissue=float(data.get("min_tissue", 0.5)),
-            max_locations=data.get("max_locations"),
-            seed=int(data.get("seed", 0)),
-        )
+        return TileSpec.from_dict(data)
     except (ConfigError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise DataError(f"{where}: field 'tiling' is not a tiling ({exc})") from None
-
-
-def run_tiling(model: Any, overrides: Mapping[str, Any] | None = None) -> Any:
-    """The tiling of whole slides for ``model``'s index: the run's training tiling, else ``TileSpec``'s defaults,
-    with ``overrides`` (TileSpec fields) replacing its fields."""
-    from smse.wsi.slide_predict import tiling_of_run
-    from smse.wsi.tiles import TileSpec
-
-    spec = tiling_of_run(model) or TileSpec()
-    return dataclasses.replace(spec, **dict(overrides or {}))
 
 
 @dataclass
@@ -399,9 +377,7 @@ __all__ = [
     "SlideQuery",
     "parse_slide_query",
     "SlideReading",
-    "tiling_to_dict",
     "tiling_from_dict",
-    "run_tiling",
     "SlideTiles",
     "check_slide",
     "embed_slide",

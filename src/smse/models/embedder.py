@@ -132,11 +132,9 @@ def zoom_crop(images: torch.Tensor, zoom: int, interpolation: str = "bilinear") 
     h, w = images.shape[-2:]
     ch, cw = max(1, round(h / zoom)), max(1, round(w / zoom))
     top, left = (h - ch) // 2, (w - cw) // 2
-    mode = {"lanczos": "bicubic"}.get(interpolation, interpolation)
+    mode = {"lanczos": "bicubic"}.get(interpolation, interpolation)  # torch has no Lanczos
     crop = images[..., top : top + ch, left : left + cw]
-    if mode == "nearest":
-        return F.interpolate(crop, size=(h, w), mode="nearest")
-    return F.interpolate(crop, size=(h, w), mode=mode, align_corners=False)
+    return F.interpolate(crop, size=(h, w), mode=mode, align_corners=None if mode == "nearest" else False)
 
 
 class Embedder(nn.Module):
@@ -161,12 +159,7 @@ class Embedder(nn.Module):
         x = (images - self.mean) / self.std
         if self.zooms == (1,):
             return self.backbone(x)
-        total = None
-        for z in self.zooms:
-            f = self.backbone(zoom_crop(x, z, self.interpolation))
-            total = f if total is None else total + f
-        assert total is not None
-        return total / len(self.zooms)
+        return torch.stack([self.backbone(zoom_crop(x, z, self.interpolation)) for z in self.zooms]).mean(0)
 
     def forward(self, images: torch.Tensor, return_inputs: bool = False):
         return self.heads(self.features(images), return_inputs)

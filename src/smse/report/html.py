@@ -15,7 +15,7 @@ from smse.report import plots
 from smse.report.pages import png_uri, render
 from smse.retrieval import search
 from smse.runfiles import RunFiles
-from smse.spots import localisation_grid
+from smse.spots import baseline_note, localisation_grid
 from smse.tables import pct, result_rows, results_grid, table_note
 
 logger = logging.getLogger(__name__)
@@ -201,6 +201,7 @@ def _write_label_free_report(
         f"{m['checkpoint']} (epoch {m['epoch']})",
         localisation=localisation_grid(m.get("localisation"), pairs=False),
         zooms=m.get("zooms", [1]),
+        baseline_note=baseline_note(m.get("zooms", [1])),  # our words and whole numbers only: shown as is
         figs={k: _uri(v) for k, v in figs.items()},
         spread=[f"{pct(spread['first_axis_share'])}%", f"{spread['effective_rank']:.1f}"],
         probe=_probe_card(m["magnification_probe"]),
@@ -326,6 +327,7 @@ def write_report(run: str | Path, projection_seed: int = 0) -> Path:
         figs={k: _uri(v) for k, v in figs.items()},
         localisation=localisation_grid(m.get("localisation"), pairs=False),
         zooms=m.get("zooms", [1]),
+        baseline_note=baseline_note(m.get("zooms", [1])),
         calibration=m.get("calibration"),
         similarity=_similarity(m),
         patients=patients,

@@ -9,7 +9,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -605,20 +605,37 @@ class Service:
             ImageError: the tile's image file cannot be read any more.
             SlideError: its slide file is gone or unreadable.
         """
-        if self.archive is None:
+        archive = self.archive
+        if archive is None:
             raise KeyError(tile_id)
-        with self._archive_lock:
-            if tile_id in self._archive_thumbs:
-                self._archive_thumbs.move_to_end(tile_id)
-                return self._archive_thumbs[tile_id]
-            image = self.archive.tile_image(tile_id)
-            image.thumbnail((self.THUMBNAIL_SIDE, self.THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
-            buffer = io.BytesIO()
-            image.save(buffer, "JPEG", quality=88)
-            self._archive_thumbs[tile_id] = buffer.getvalue()
-            if len(self._archive_thumbs) > self._thumbs_cached:
-                self._archive_thumbs.popitem(last=False)
-            return self._archive_thumbs[tile_id]
+
+        def load() -> Image.Image:
+            with self._archive_lock:  # the store's lookup only: the slide is read and cut outside the lock
+                row = archive.store.rows([int(tile_id)]).get(int(tile_id))
+            if row is None:
+                raise KeyError(tile_id)
+            return archive.row_image(row)
+
+        return self._cached_jpeg(self._archive_thumbs, self._archive_lock, tile_id, load)
+
+    def _cached_jpeg(
+        self, cache: OrderedDict, lock: threading.Lock, key: int, load: Callable[[], Image.Image]
+    ) -> bytes:
+        """``load()`` as a JPEG of longest side ``THUMBNAIL_SIDE``, kept in the LRU ``cache`` (``lock`` guards it;
+        the image is read and encoded outside the lock, so that one slow file holds up no other request)."""
+        with lock:
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+        image = load()
+        image.thumbnail((self.THUMBNAIL_SIDE, self.THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=88)
+        with lock:
+            cache[key] = buffer.getvalue()
+            if len(cache) > self._thumbs_cached:
+                cache.popitem(last=False)
+            return cache[key]
 
     def _neighbours(self, hits, q: int, rows: np.ndarray | None, top: set[int]) -> list[dict]:
         out = []
@@ -650,18 +667,8 @@ class Service:
         """
         if not 0 <= ref_id < len(self.index):
             raise KeyError(ref_id)
-        with self._lock:
-            if ref_id in self._thumbs:
-                self._thumbs.move_to_end(ref_id)
-                return self._thumbs[ref_id]
-            image = read_image(str(self.index.metadata["paths"][ref_id]))
-            image.thumbnail((self.THUMBNAIL_SIDE, self.THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
-            buffer = io.BytesIO()
-            image.save(buffer, "JPEG", quality=88)
-            self._thumbs[ref_id] = buffer.getvalue()
-            if len(self._thumbs) > self._thumbs_cached:
-                self._thumbs.popitem(last=False)
-            return self._thumbs[ref_id]
+        path = str(self.index.metadata["paths"][ref_id])
+        return self._cached_jpeg(self._thumbs, self._lock, ref_id, lambda: read_image(path))
 
 
 __all__ = [

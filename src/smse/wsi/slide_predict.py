@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,20 @@ def tiling_of_run(model: Model) -> TileSpec | None:
                 f"{meta}: not the tiles.json of smse tiles ({exc!r}); give --tile and --magnifications"
             ) from None
         source = meta
-    try:
-        return TileSpec(
-            magnifications=tuple(int(m) for m in tiling["magnifications"]),
-            size=(int(tiling["size"][0]), int(tiling["size"][1])),
-            grid=tiling["grid"],
-            min_tissue=tiling["min_tissue"],
-        )
+    try:  # the kind of tile, not how many the training cut: no cap on the locations
+        return dataclasses.replace(TileSpec.from_dict(tiling), max_locations=None, seed=0)
     except (ConfigError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise CheckpointError(f"{source}: not a valid tiling ({exc}); give --tile and --magnifications") from None
+
+
+def resolve_tiling(model: Model, overrides: Mapping[str, Any] | None = None, spec: TileSpec | None = None) -> TileSpec:
+    """How to cut slides for ``model``: ``spec``, else the run's training tiling (``tiling_of_run``), else
+    ``TileSpec``'s defaults, with ``overrides`` (TileSpec fields) replacing fields; a warning where the tiles are
+    not the kind the model was trained on (predict-slide, index build/add and search all come through here)."""
+    trained = tiling_of_run(model)
+    chosen = dataclasses.replace(spec or trained or TileSpec(), **dict(overrides or {}))
+    _check_against_training(chosen, trained)
+    return chosen
 
 
 def _check_against_training(spec: TileSpec, trained: TileSpec | None) -> None:
@@ -345,9 +351,7 @@ def predict_slide(
         raise ConfigError(f"--threshold: a probability in [0, 1], got {threshold}")
     model = load_model(run, which, resolve_device(device))
     positive = _positive_class(model, positive)
-    trained = tiling_of_run(model)
-    spec = dataclasses.replace(spec or trained or TileSpec(), **(overrides or {}))
-    _check_against_training(spec, trained)
+    spec = resolve_tiling(model, overrides, spec)
     bag_model = None
     if slide_model is not None:
         from smse.checkpoint import find_checkpoint

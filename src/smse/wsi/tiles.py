@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -72,6 +73,22 @@ class TileSpec:
     @property
     def grid_magnification(self) -> int:
         return self.grid or min(self.magnifications)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TileSpec:
+        """The spec of ``to_dict`` (``tiles.json``'s ``tiling``); fields it lacks take their defaults.
+
+        Raises:
+            ConfigError, KeyError, TypeError, ValueError, IndexError: not a tiling (callers name the file).
+        """
+        return cls(
+            magnifications=tuple(int(m) for m in data["magnifications"]),
+            size=(int(data["size"][0]), int(data["size"][1])),
+            grid=data.get("grid"),
+            min_tissue=float(data.get("min_tissue", 0.5)),
+            max_locations=data.get("max_locations"),
+            seed=int(data.get("seed", 0)),
+        )
 
     def to_dict(self) -> dict:
         return {
